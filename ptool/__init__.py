@@ -1,0 +1,48 @@
+"""ptool: trace a PyTorch model, rewrite it with verified passes, lower it to ONNX Runtime or TVM.
+
+    import ptool
+    m2 = ptool.transform(model, passes=["fold-bn"], example_inputs=(x,))
+    print(m2.report)
+
+Importing ptool is cheap: torch, ONNX Runtime, TVM and transformers load only when used.
+"""
+
+from __future__ import annotations
+
+from ptool.errors import (
+    BackendError,
+    InputError,
+    ModelLoadError,
+    PassError,
+    PtoolError,
+    TraceError,
+    UsageError,
+    VerificationError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "transform": "ptool.api",
+    "export_onnx": "ptool.api",
+    "compile": "ptool.api",
+    "list_passes": "ptool.api",
+    "passes": "ptool.passes",
+    "verify": "ptool.verify",
+}
+
+__all__ = [
+    "BackendError", "InputError", "ModelLoadError", "PassError", "PtoolError", "TraceError",
+    "UsageError", "VerificationError", "transform", "export_onnx", "compile", "list_passes",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        value = module if module.__name__ == f"ptool.{name}" else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ptool' has no attribute '{name}'")

@@ -1,0 +1,179 @@
+"""The public Python API: ``transform``, ``export_onnx``, ``compile``, ``list_passes``."""
+
+from __future__ import annotations
+
+import itertools
+import pathlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ptool.errors import InputError, UsageError
+from ptool.passes.base import Pass
+
+#: How many calibration batches the pass manager verifies numerics on (besides the example).
+VERIFY_BATCHES = 4
+
+
+def _as_call(item: Any) -> tuple[tuple, dict]:
+    """One calibration item -> (args, kwargs). Tensors, tuples/lists and dicts (kwargs) are accepted."""
+    import torch
+
+    if isinstance(item, torch.Tensor):
+        return (item,), {}
+    if isinstance(item, dict):
+        return (), dict(item)
+    if isinstance(item, (tuple, list)):
+        return tuple(item), {}
+    raise InputError(
+        f"calibration items must be tensors, tuples of tensors or dicts of keyword inputs, not {type(item).__name__}"
+    )
+
+
+def _materialize_calibration(calibration: Iterable | None) -> list[tuple[tuple, dict]] | None:
+    if calibration is None:
+        return None
+    try:
+        items = list(calibration)
+    except TypeError:
+        raise InputError("calibration= must be an iterable of input tuples or a DataLoader") from None
+    if not items:
+        raise InputError("calibration= is empty: give at least one input tuple")
+    return [_as_call(i) for i in items]
+
+
+def transform(
+    model: Any,
+    passes: Sequence[str | Pass] | str | None = None,
+    example_inputs: Any = None,
+    *,
+    example_kwargs: dict | None = None,
+    calibration: Iterable | None = None,
+    dynamic_shapes: Any = None,
+    verify: bool = True,
+    instruments: Sequence[Any] = (),
+):
+    """Trace ``model``, run ``passes`` in order, verify after each, return a drop-in module.
+
+    Args:
+        model: an ``nn.Module``, ``ExportedProgram``, ONNX ``ModelProto``, or a path (``.onnx``,
+            ``.pt2``, a Hugging Face model folder).
+        passes: registry names (``"fold-bn"``), names with options
+            (``"linear-attention:feature_map=elu"``) or pass objects. Default: none (capture only).
+        example_inputs: a tuple of positional inputs for one call (a single tensor is accepted).
+            Optional when the model source provides them (HF folder, .pt2 with examples).
+        example_kwargs: keyword inputs for that call.
+        calibration: an iterable of input tuples (or dicts of keyword inputs), or a DataLoader;
+            used by passes that need data and, for the first few items, for verification.
+        dynamic_shapes: as in ``torch.export.export``.
+        verify: compare outputs after every pass (recommended; exact passes must stay exact).
+        instruments: objects called around each pass (``ptool.passes.instruments``).
+
+    Returns:
+        A :class:`ptool.transformed.TransformedModule` with ``.report`` (an ONNX input returns an
+        ONNX-backed module with the same interface).
+
+    Raises:
+        PassError: unknown pass or option. InputError: bad example inputs. ModelLoadError: bad
+        model path. TraceError: the model cannot be captured. VerificationError: an exact pass
+        changed the outputs.
+    """
+    from ptool.frontends.loaders import ModelKind, load_model
+    from ptool.passes.registry import parse_pipeline
+
+    pipeline = parse_pipeline(passes)  # fail fast on bad pass specs, before any tracing
+    loaded = load_model(model)
+    if example_inputs is None and loaded.example_inputs is not None:
+        example_inputs, example_kwargs = loaded.example_inputs, {**loaded.example_kwargs, **(example_kwargs or {})}
+    elif example_inputs is None and loaded.example_kwargs and example_kwargs is None:
+        example_inputs, example_kwargs = (), loaded.example_kwargs
+    calib = _materialize_calibration(calibration)
+
+    if loaded.kind is ModelKind.ONNX:
+        from ptool.frontends.onnx_import import transform_onnx
+
+        return transform_onnx(loaded.obj, pipeline, example_inputs, example_kwargs or {}, calib, verify=verify)
+    return _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes, verify, instruments)
+
+
+def _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes, verify, instruments):
+    from ptool.frontends.loaders import ModelKind
+    from ptool.frontends.torch_export import capture, check_inputs, from_exported_program
+    from ptool.passes.base import PassContext
+    from ptool.passes.manager import run_pipeline, run_reference
+    from ptool.report import Report
+    from ptool.transformed import TransformedModule
+    from ptool.verify import compare_many
+
+    if loaded.kind is ModelKind.EXPORTED:
+        captured = from_exported_program(loaded.obj)
+        args, kwargs = check_inputs(example_inputs, example_kwargs)
+    else:
+        args, kwargs = check_inputs(example_inputs, example_kwargs)
+        captured = capture(loaded.obj, args, kwargs, dynamic_shapes=dynamic_shapes)
+    gm = captured.graph_module
+
+    reference = [(args, kwargs)] + (list(itertools.islice(calib, VERIFY_BATCHES)) if calib else [])
+    reference = reference if verify else []
+    ctx = PassContext(example_inputs=args, example_kwargs=kwargs, calibration=[a for a, _ in calib] if calib else None,
+                      instruments=instruments)
+    ctx.calibration_calls = calib
+    start_outputs = run_reference(gm, reference) if reference else None
+    records = run_pipeline(gm, pipeline, ctx, reference_inputs=reference)
+    report = Report(records=records, capture=captured.method.value, verified_on=len(reference))
+    if start_outputs is not None:
+        report.total = compare_many(start_outputs, run_reference(gm, reference))
+    return TransformedModule(gm, report, args, kwargs)
+
+
+def _unwrap(model: Any) -> tuple[Any, tuple | None, dict]:
+    """The torch module to lower and the example call recorded with it, if any."""
+    from ptool.transformed import TransformedModule
+
+    if isinstance(model, TransformedModule):
+        return model.graph_module, model.example_inputs, model.example_kwargs
+    return model, None, {}
+
+
+def export_onnx(model: Any, path: str | pathlib.Path, example_inputs: Any = None, *, example_kwargs: dict | None = None,
+                dynamic_shapes: Any = None, opset: int | None = None) -> pathlib.Path:
+    """Write an optimized ONNX file that ``onnx.checker`` and ONNX Runtime accept.
+
+    The file appears atomically: on any failure no (partial) file is left at ``path``.
+
+    Returns:
+        The path written.
+    """
+    from ptool.backends.onnx_export import export_onnx as _export
+    from ptool.frontends.torch_export import check_inputs
+
+    module, ex_args, ex_kwargs = _unwrap(model)
+    if example_inputs is None and ex_args is not None:
+        example_inputs, example_kwargs = ex_args, {**ex_kwargs, **(example_kwargs or {})}
+    args, kwargs = check_inputs(example_inputs, example_kwargs)
+    return _export(module, path, args, kwargs, dynamic_shapes=dynamic_shapes, opset=opset)
+
+
+def compile(model: Any, backend: str = "torch", example_inputs: Any = None, *, example_kwargs: dict | None = None,
+            device: str = "cpu", **options: Any):
+    """Lower ``model`` to ``backend`` (``torch``, ``onnxruntime`` or ``tvm``) and return a callable.
+
+    The callable takes the model's own arguments and returns torch tensors in the model's output
+    structure. ``options`` are backend options (e.g. ``intra_op_threads=2`` for ONNX Runtime).
+    """
+    from ptool.backends import compile_module
+    from ptool.frontends.torch_export import check_inputs
+
+    if device != "cpu":
+        raise UsageError(f"device '{device}' is not available on this machine (allowed: cpu)")
+    module, ex_args, ex_kwargs = _unwrap(model)
+    if example_inputs is None and ex_args is not None:
+        example_inputs, example_kwargs = ex_args, {**ex_kwargs, **(example_kwargs or {})}
+    args, kwargs = check_inputs(example_inputs, example_kwargs)
+    return compile_module(module, backend, args, kwargs, device=device, **options)
+
+
+def list_passes():
+    """Registered passes: name, family, exact/approximate, options, one-line doc."""
+    from ptool.passes.registry import list_passes as _list
+
+    return _list()

@@ -1,0 +1,152 @@
+"""Capture a torch model as ptool's IR: an unlifted, trainable ``torch.fx.GraphModule``.
+
+Order of attempts (the first that works wins; the report records which one):
+
+1. ``torch.export.export(model, args, kwargs, strict=False)`` then ``ep.module()``: pre-dispatch
+   ATen ops, parameters and buffers as ``get_attr`` of the original module hierarchy, the
+   original call signature and output structure (pytree specs), FakeTensor metadata on every node.
+2. ``torch.export.export(..., strict=True)`` (TorchDynamo): takes some Python that non-strict
+   tracing cannot.
+3. Fallback for models neither can take (data-dependent Python control flow, unsupported
+   Python features): ``make_fx(..., pre_dispatch=True)`` traces the model *on the example
+   inputs*. Control flow is specialized to those inputs — the graph is only valid for inputs that
+   take the same branches — so ptool warns when it uses this path.
+
+If all fail, :class:`~ptool.errors.TraceError` carries the first line of torch.export's error.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+
+from ptool.errors import InputError, TraceError
+
+
+class CaptureMethod(str, enum.Enum):
+    EXPORT = "torch.export"
+    EXPORT_STRICT = "torch.export(strict)"
+    MAKE_FX = "make_fx (specialized to the example inputs)"
+
+
+@dataclass
+class Captured:
+    """A captured graph and how it was obtained."""
+
+    graph_module: torch.fx.GraphModule
+    method: CaptureMethod
+    exported_program: torch.export.ExportedProgram | None = None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
+
+
+def check_inputs(example_inputs: object, example_kwargs: object) -> tuple[tuple, dict]:
+    """Normalize example inputs to ``(tuple, dict)``; InputError for anything else."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if example_inputs is None:
+        example_inputs = ()
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise InputError(
+            f"example_inputs must be a tuple of tensors (e.g. (x,)), not {type(example_inputs).__name__}"
+        )
+    example_kwargs = dict(example_kwargs or {})
+    if not example_inputs and not example_kwargs:
+        raise InputError("example inputs are required to trace a torch model: pass example_inputs=(x,)")
+    return example_inputs, example_kwargs
+
+
+def export_program(
+    model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: object = None, *, strict: bool = False
+) -> torch.export.ExportedProgram:
+    """``torch.export.export`` with ptool's defaults (non-strict, no grad)."""
+    with torch.no_grad():
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+
+
+def _validate_call(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run the model once so that wrong example inputs fail with a clear message, not mid-trace."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:  # the user's model rejected the inputs: say so in one line
+        shapes = ", ".join(
+            f"{tuple(a.shape)}:{str(a.dtype).removeprefix('torch.')}" if isinstance(a, torch.Tensor) else type(a).__name__
+            for a in (*args, *kwargs.values())
+        )
+        raise InputError(
+            f"the model fails on the example inputs ({shapes}): {type(e).__name__}: {_first_line(e)}"
+        ) from None
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: tuple,
+    example_kwargs: dict | None = None,
+    *,
+    dynamic_shapes: object = None,
+    copy_model: bool = True,
+) -> Captured:
+    """Capture ``model`` as an unlifted GraphModule (see module docstring for the fallbacks).
+
+    Args:
+        model: the user's module; it is deep-copied first (``copy_model``) and put in eval mode,
+            so the user's object is never mutated.
+        example_inputs / example_kwargs: one example call.
+        dynamic_shapes: as in ``torch.export.export``.
+
+    Raises:
+        InputError: the model does not run on the example inputs.
+        TraceError: no capture method worked.
+    """
+    args, kwargs = check_inputs(example_inputs, example_kwargs)
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if copy_model:
+        model = copy.deepcopy(model)
+    model.eval()
+    _validate_call(model, args, kwargs)
+
+    errors = []
+    for strict, method in ((False, CaptureMethod.EXPORT), (True, CaptureMethod.EXPORT_STRICT)):
+        try:
+            ep = export_program(model, args, kwargs, dynamic_shapes, strict=strict)
+            return Captured(ep.module(), method, ep)
+        except Exception as e:  # torch raises many types here; we report the first one
+            errors.append(e)
+            if dynamic_shapes is not None and "constraint" in str(e).lower():
+                raise TraceError(f"torch.export rejected dynamic_shapes: {_first_line(e)}") from None
+
+    try:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        with torch.no_grad():
+            gm = make_fx(lambda *a: model(*a, **kwargs), pre_dispatch=True)(*args)
+        warnings.warn(
+            "torch.export could not capture the model "
+            f"({_first_line(errors[0])}); traced with make_fx, which specializes Python control flow "
+            "to the example inputs",
+            stacklevel=2,
+        )
+        return Captured(gm, CaptureMethod.MAKE_FX)
+    except Exception:
+        raise TraceError(
+            f"torch.export cannot trace this model: {_first_line(errors[0])} — make the forward "
+            "export-friendly (no data-dependent Python control flow) or pass an ExportedProgram"
+        ) from None
+
+
+def from_exported_program(ep: torch.export.ExportedProgram) -> Captured:
+    """Use an ExportedProgram (e.g. a loaded ``.pt2``) as the IR."""
+    return Captured(ep.module(), CaptureMethod.EXPORT, ep)
