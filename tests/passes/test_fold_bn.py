@@ -1,0 +1,108 @@
+"""fold-bn: every conv/linear + BN form, the sites it must refuse (with reasons), real CNNs."""
+
+import pytest
+import torch
+
+import ptool
+from ptool.ir.graph import op_histogram
+from ptool.passes.base import PassContext
+from ptool.frontends.torch_export import capture
+from tests.models import zoo
+
+BN_OPS = ("aten.batch_norm", "aten._native_batch_norm_legit_no_training")
+
+
+def _bn_count(gm) -> int:
+    hist = op_histogram(gm)
+    return sum(hist[k] for k in BN_OPS)
+
+
+def _max_rel(fixture, m2, seed) -> float:
+    args, kwargs = fixture.inputs(seed)
+    return ptool.verify.compare(fixture.run((args, kwargs)), m2(*args, **kwargs)).max_rel_error
+
+
+@pytest.mark.parametrize("fixture", zoo.bn_zoo(), ids=lambda f: f.name)
+def test_fold_bn_cases(fixture):
+    m2 = ptool.transform(fixture.model, ["fold-bn"], fixture.example_inputs, example_kwargs=fixture.example_kwargs)
+    rec = m2.report["fold-bn"]
+    assert rec.rewritten == fixture.folds, fixture.note
+    assert len(rec.skipped) == fixture.keeps, fixture.note
+    assert _bn_count(m2.graph_module) == fixture.keeps
+    # exact on the example and on a held-out batch (not just the inputs it was verified on)
+    assert rec.fidelity.max_rel_error <= 1e-5
+    assert _max_rel(fixture, m2, seed=7) <= 1e-5
+
+
+def test_padding_after_bn_is_skipped_with_the_reason():
+    case = next(f for f in zoo.bn_zoo() if f.name == "bn_conv_pad1")
+    m2 = ptool.transform(case.model, ["fold-bn"], case.example_inputs)
+    (skip,) = m2.report["fold-bn"].skipped
+    assert "zero-pads its input" in skip.reason and "not exact" in skip.reason
+    assert "skipped sites" in str(m2.report) and "zero-pads" in str(m2.report)
+
+
+def test_shared_conv_output_is_skipped_with_the_reason():
+    case = next(f for f in zoo.bn_zoo() if f.name == "conv_bn_shared")
+    m2 = ptool.transform(case.model, ["fold-bn"], case.example_inputs)
+    (skip,) = m2.report["fold-bn"].skipped
+    assert "also used elsewhere" in skip.reason
+
+
+def test_batch_statistics_bn_is_skipped():
+    case = next(f for f in zoo.bn_zoo() if f.name == "conv2d_bn_batchstats")
+    m2 = ptool.transform(case.model, ["fold-bn"], case.example_inputs)
+    (skip,) = m2.report["fold-bn"].skipped
+    assert "training mode" in skip.reason or "running statistics" in skip.reason
+
+
+def test_fold_into_next_can_be_turned_off():
+    case = next(f for f in zoo.bn_zoo() if f.name == "bn_conv_pad0")
+    m2 = ptool.transform(case.model, ["fold-bn:fold_into_next=false"], case.example_inputs)
+    assert m2.report["fold-bn"].rewritten == 0
+    assert "fold_into_next=false" in m2.report["fold-bn"].skipped[0].reason
+
+
+@pytest.mark.parametrize("builder", [zoo.resnet, zoo.mobilenet_v2], ids=["resnet", "mobilenet_v2"])
+def test_fold_bn_is_exact_on_real_cnns_and_removes_every_bn(builder):
+    fixture = builder()
+    before = _bn_count(capture(fixture.model, fixture.example_inputs, fixture.example_kwargs).graph_module)
+    assert before > 5
+    m2 = ptool.transform(fixture.model, ["fold-bn"], fixture.example_inputs, example_kwargs=fixture.example_kwargs)
+    rec = m2.report["fold-bn"]
+    assert rec.rewritten == before  # every BN the report counts is gone
+    assert rec.skipped == []
+    assert _bn_count(m2.graph_module) == 0
+    assert rec.params_after < rec.params_before
+    assert rec.nodes_after == rec.nodes_before - before
+    assert rec.fidelity.max_rel_error <= 1e-5
+    assert _max_rel(fixture, m2, seed=3) <= 1e-5
+
+
+def test_fold_bn_is_idempotent():
+    fixture = zoo.resnet()
+    gm = capture(fixture.model, fixture.example_inputs, fixture.example_kwargs).graph_module
+    p = ptool.passes.FoldBatchNorm()
+    assert p.run(gm, PassContext()).changed
+    gm.recompile()
+    assert p.run(gm, PassContext()).changed is False
+
+
+def test_tied_conv_weight_is_not_overwritten_for_its_other_user():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 1)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            a = self.bn(self.conv(x))
+            b = torch.nn.functional.conv2d(x, self.conv.weight)  # reads the same weight, no BN
+            return a + b
+
+    model = Tied()
+    zoo.randomize_batchnorm(model, 0)
+    x = torch.randn(2, 4, 5, 5)
+    m2 = ptool.transform(model.eval(), ["fold-bn"], (x,))
+    assert m2.report["fold-bn"].rewritten == 1
+    assert ptool.verify.compare(model(x), m2(x)).max_rel_error <= 1e-5
