@@ -43,6 +43,13 @@ class TransformedModule(nn.Module):
                     "re-run ptool.transform with dynamic_shapes= to allow others"
                 ) from None
             raise
+        except RuntimeError as e:
+            if "Runtime assertion failed" in str(e):
+                raise InputError(
+                    "this input takes a different path through the model than the example inputs did "
+                    f"({str(e).splitlines()[0]}); the model was captured specialized to them"
+                ) from None
+            raise
         except (TypeError, ValueError) as e:
             if "tree_flatten_spec" in repr(e.__traceback__) or "spec" in str(e).lower() or "argument" in str(e).lower():
                 raise InputError(f"the model was traced with a different call signature: {str(e).splitlines()[0]}") from None

@@ -7,10 +7,11 @@ Order of attempts (the first that works wins; the report records which one):
    original call signature and output structure (pytree specs), FakeTensor metadata on every node.
 2. ``torch.export.export(..., strict=True)`` (TorchDynamo): takes some Python that non-strict
    tracing cannot.
-3. Fallback for models neither can take (data-dependent Python control flow, unsupported
-   Python features): ``make_fx(..., pre_dispatch=True)`` traces the model *on the example
-   inputs*. Control flow is specialized to those inputs — the graph is only valid for inputs that
-   take the same branches — so ptool warns when it uses this path.
+3. Fallback for models neither can take (data-dependent Python control flow such as
+   ``if x.sum() > 0``): ``torch.export.draft_export`` traces the model *on the example inputs*,
+   using their real values where export would need a guess. Control flow is specialized to those
+   inputs and a runtime assertion guards the choice, so an input that would take another branch
+   fails loudly instead of computing the wrong thing. ptool warns when it uses this path.
 
 If all fail, :class:`~ptool.errors.TraceError` carries the first line of torch.export's error.
 """
@@ -32,7 +33,7 @@ from ptool.errors import InputError, TraceError
 class CaptureMethod(str, enum.Enum):
     EXPORT = "torch.export"
     EXPORT_STRICT = "torch.export(strict)"
-    MAKE_FX = "make_fx (specialized to the example inputs)"
+    DRAFT_EXPORT = "torch.export.draft_export (specialized to the example inputs)"
 
 
 @dataclass
@@ -129,17 +130,15 @@ def capture(
                 raise TraceError(f"torch.export rejected dynamic_shapes: {_first_line(e)}") from None
 
     try:
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         with torch.no_grad():
-            gm = make_fx(lambda *a: model(*a, **kwargs), pre_dispatch=True)(*args)
+            ep = torch.export.draft_export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
         warnings.warn(
             "torch.export could not capture the model "
-            f"({_first_line(errors[0])}); traced with make_fx, which specializes Python control flow "
-            "to the example inputs",
-            stacklevel=2,
+            f"({_first_line(errors[0])}); traced with draft_export, which specializes Python control "
+            "flow to the example inputs (other branches raise at run time)",
+            stacklevel=3,
         )
-        return Captured(gm, CaptureMethod.MAKE_FX)
+        return Captured(ep.module(), CaptureMethod.DRAFT_EXPORT, ep)
     except Exception:
         raise TraceError(
             f"torch.export cannot trace this model: {_first_line(errors[0])} — make the forward "
