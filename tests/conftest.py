@@ -1,0 +1,33 @@
+"""Shared pytest set-up.
+
+- Puts the repository root on ``sys.path`` so tests import fixtures as ``tests.models.zoo``
+  whichever way pytest was launched (``pytest`` or ``python -m pytest``).
+- Skips ``gpu`` tests without CUDA and ``tvm`` tests without apache-tvm, each with a reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_tvm = importlib.util.find_spec("tvm") is not None
+    has_gpu = None  # import torch.cuda only if some test asks
+    for item in items:
+        if item.get_closest_marker("tvm") and not has_tvm:
+            item.add_marker(pytest.mark.skip(reason="apache-tvm is not installed (pip install 'ptool[tvm]')"))
+        if item.get_closest_marker("gpu"):
+            if has_gpu is None:
+                import torch
+
+                has_gpu = torch.cuda.is_available()
+            if not has_gpu:
+                item.add_marker(pytest.mark.skip(reason="no CUDA GPU on this machine"))
