@@ -1,0 +1,328 @@
+"""The ONNX frontend: load ``.onnx`` files safely and transform ONNX models *as ONNX*.
+
+Design: an ONNX model handed to ptool stays ONNX. Converting it back to torch would lose what the
+ONNX file is (its opset, its exact graph) and is not possible in general, so ptool runs the passes
+that make sense at ONNX level on an ONNX IR (``onnx_ir.Model``) instead — the pass's ONNX
+implementation is looked up in :data:`ptool.passes.onnx.ONNX_IMPLEMENTATIONS`. A pass that only
+exists for torch graphs raises :class:`~ptool.errors.PassError` naming it and saying to give ptool
+the torch model or an ExportedProgram instead. Verification runs real ONNX Runtime sessions before
+and after every pass (``ptool/passes/onnx/manager.py``), and the result is an
+:class:`ptool.onnx_module.OnnxTransformedModule`: an ``nn.Module`` that runs ONNX Runtime.
+
+Loading (:func:`load_onnx`) is defensive: external-data locations that are absolute or leave the
+model's folder are refused *before* any data is read, the file must pass ``onnx.checker`` (run on
+the path, so models over 2 GiB work), and every failure is a one-line
+:class:`~ptool.errors.ModelLoadError`.
+
+Inputs: when the user gives no example inputs, :func:`example_inputs_for` synthesizes them from the
+graph's input types (see its docstring for the rules).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ptool.errors import InputError, ModelLoadError
+from ptool.passes.base import Pass
+
+#: How many calibration batches are used for verification besides the example (as for torch).
+VERIFY_BATCHES = 4
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
+
+
+def _graphs(graph: Any) -> Iterator[Any]:
+    """``graph`` and every subgraph (If/Loop/Scan bodies) inside it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def _all_tensors(proto: Any) -> Iterator[Any]:
+    """Every TensorProto of the model that may carry external data: initializers (dense and
+    sparse) and tensor attributes, in the main graph, subgraphs and functions."""
+
+    def from_nodes(nodes: Any) -> Iterator[Any]:
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    yield attr.sparse_tensor.values
+                    yield attr.sparse_tensor.indices
+                for sparse in attr.sparse_tensors:
+                    yield sparse.values
+                    yield sparse.indices
+
+    for graph in _graphs(proto.graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        yield from from_nodes(graph.node)
+    for function in proto.functions:
+        yield from from_nodes(function.node)
+
+
+def _check_external_locations(proto: Any, path: pathlib.Path) -> None:
+    """Refuse external-data locations that are absolute or resolve outside the model's folder."""
+    import onnx
+
+    folder = path.resolve().parent
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if not location:
+            raise ModelLoadError(f"ONNX file '{path.name}': tensor '{tensor.name}' has external data without a location")
+        parts = re.split(r"[\\/]", location)
+        absolute = location.startswith(("/", "\\")) or bool(re.match(r"^[A-Za-z]:", location)) or os.path.isabs(location)
+        if absolute or ".." in parts:
+            raise ModelLoadError(
+                f"ONNX file '{path.name}': tensor '{tensor.name}' points at external data '{location}' outside "
+                "the model's folder; ptool only reads external data stored beside the model"
+            )
+        target = (folder / location).resolve()  # also catches symlinks leading out of the folder
+        if not target.is_relative_to(folder):
+            raise ModelLoadError(
+                f"ONNX file '{path.name}': external data '{location}' of tensor '{tensor.name}' resolves outside "
+                "the model's folder; ptool only reads external data stored beside the model"
+            )
+
+
+def load_onnx(path: str | os.PathLike) -> Any:
+    """Load an ``.onnx`` file, with its external data, after checking it.
+
+    Order matters: the protobuf is read without external data, the external-data locations are
+    checked (no absolute paths, nothing outside the model's folder), ``onnx.checker`` runs on the
+    path (which works for models over 2 GiB), and only then is the external data read.
+
+    Args:
+        path: the ``.onnx`` file.
+
+    Returns:
+        The ``onnx.ModelProto`` with all weights in memory.
+
+    Raises:
+        ModelLoadError: the file is missing, is not an ONNX protobuf, refers to external data
+            outside its folder, fails ``onnx.checker``, or its external data cannot be read.
+    """
+    import onnx
+    import onnx.external_data_helper
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"ONNX file '{path}' does not exist or is not a file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ModelLoadError(f"'{path.name}' is not a readable ONNX protobuf file: {_first_line(e)}") from None
+    if not proto.HasField("graph") or not proto.opset_import:
+        raise ModelLoadError(f"'{path.name}' is not an ONNX model (no graph or no opset imports)")
+    _check_external_locations(proto, path)
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"ONNX file '{path.name}' fails onnx.checker: {_first_line(e)}") from None
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(path.resolve().parent))
+    except Exception as e:
+        raise ModelLoadError(f"ONNX file '{path.name}': cannot read its external data: {_first_line(e)}") from None
+    return proto
+
+
+# --- example inputs -------------------------------------------------------------------------
+
+_BATCH_NAMES = {"n", "b", "bs", "batch", "batch_size", "batchsize", "num_batches"}
+#: Token ids are drawn from [0, _ID_HIGH) — or fewer if an embedding table says the vocab is smaller.
+_ID_HIGH = 100
+#: Symbolic non-batch dims (sequence length, spatial size, ...) are set to this.
+_OTHER_DIM = 16
+
+
+def _is_batch_dim(dim: str | None, axis: int, rank: int) -> bool:
+    if dim is not None and ("batch" in dim.lower() or dim.lower() in _BATCH_NAMES):
+        return True
+    return axis == 0 and rank >= 2
+
+
+def _vocab_size(proto: Any, input_name: str) -> int | None:
+    """The row count of an initializer table that ``Gather`` indexes with this input, if any."""
+    tables = {t.name: t for t in proto.graph.initializer}
+    sizes = [
+        tables[node.input[0]].dims[0]
+        for node in proto.graph.node
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == input_name
+        and node.input[0] in tables and tables[node.input[0]].dims
+    ]
+    return min(sizes) if sizes else None
+
+
+def example_inputs_for(proto: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """Synthesize one input per runtime graph input, from the graph's declared types.
+
+    Shapes: static dims are kept; a symbolic or unknown dim is 1 if it is a batch dim (its name
+    contains "batch" or is N/B/bs, or it is axis 0 of an input of rank >= 2) and 16 otherwise.
+
+    Values (seeded, so reruns agree):
+
+    - integer inputs whose name mentions ``mask``: ones; ``token_type``: zeros; ``position_ids``:
+      ``0..L-1`` along the last axis; other ``*ids*``: random ints in ``[0, 100)`` (fewer if a
+      ``Gather`` on an embedding table shows a smaller vocabulary); any other integer input: zeros.
+    - boolean inputs: True.
+    - floating-point inputs: standard normal.
+
+    Args:
+        proto: the ``onnx.ModelProto``.
+        seed: the random seed.
+
+    Returns:
+        ``{input name: numpy array}`` in graph-input order.
+
+    Raises:
+        InputError: an input that is not a tensor (sequence, map, optional) or has an unsupported
+            element type — such models need explicit ``example_inputs``.
+    """
+    from ptool.onnx_module import input_specs
+
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in input_specs(proto):
+        if spec.dtype is None or spec.dims is None:
+            raise InputError(
+                f"cannot synthesize a value for ONNX input '{spec.name}' (not a tensor of known rank); "
+                "pass example_inputs="
+            )
+        rank = len(spec.dims)
+        shape = tuple(
+            d if isinstance(d, int) and d > 0
+            else 1 if _is_batch_dim(d if isinstance(d, str) else None, axis, rank)
+            else _OTHER_DIM
+            for axis, d in enumerate(spec.dims)
+        )
+        name = spec.name.lower()
+        dtype = spec.dtype
+        if dtype.kind in "iu":
+            if "mask" in name:
+                value = np.ones(shape, dtype)
+            elif "token_type" in name:
+                value = np.zeros(shape, dtype)
+            elif "position" in name and rank >= 1:
+                value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+            elif "ids" in name:
+                vocab = _vocab_size(proto, spec.name)
+                high = min(_ID_HIGH, vocab) if vocab else _ID_HIGH
+                value = rng.integers(0, high, size=shape).astype(dtype)
+            else:
+                value = np.zeros(shape, dtype)
+        elif dtype.kind == "b":
+            value = np.ones(shape, dtype)
+        elif dtype.kind in "fc":
+            value = rng.standard_normal(shape).astype(dtype)
+        else:
+            raise InputError(f"cannot synthesize a value for ONNX input '{spec.name}' of dtype {dtype}; pass example_inputs=")
+        feeds[spec.name] = value
+    return feeds
+
+
+# --- transform -----------------------------------------------------------------------------
+
+def _as_args(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, dict):
+        raise InputError("example_inputs must be a tuple of inputs; pass named inputs as example_kwargs=")
+    return (example_inputs,)
+
+
+def _torch_inputs(feeds: dict[str, np.ndarray]) -> tuple:
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
+
+
+def transform_onnx(
+    proto: Any,
+    pipeline: Sequence[Pass],
+    example_inputs: Any,
+    example_kwargs: dict | None,
+    calibration: list[tuple[tuple, dict]] | None,
+    *,
+    verify: bool = True,
+    instruments: Sequence[Any] = (),
+) -> Any:
+    """Run ``pipeline`` on an ONNX model at ONNX level and return an ONNX-backed module.
+
+    Args:
+        proto: the ``onnx.ModelProto`` (not modified: passes work on an ``onnx_ir`` copy).
+        pipeline: configured passes; each must have an ONNX implementation.
+        example_inputs: positional inputs (graph-input order), or None to synthesize them
+            (:func:`example_inputs_for`) when ``example_kwargs`` is empty too.
+        example_kwargs: inputs by graph-input name.
+        calibration: ``(args, kwargs)`` pairs; the first few are verification inputs too.
+        verify: run ONNX Runtime before and after every pass and compare.
+        instruments: objects with ``before_pass`` / ``after_pass`` hooks (given the ``onnx_ir.Model``).
+
+    Returns:
+        A :class:`ptool.onnx_module.OnnxTransformedModule` with ``.report`` (``capture="onnx"``).
+
+    Raises:
+        PassError: a pass has no ONNX implementation. InputError: inputs do not fit the graph.
+        VerificationError: an exact pass changed the outputs.
+    """
+    import onnx_ir as ir
+
+    from ptool.onnx_module import OnnxTransformedModule, feeds_from_call, input_specs, ort_session, run_session
+    from ptool.passes.base import PassContext
+    from ptool.passes.onnx import onnx_implementation
+    from ptool.passes.onnx.manager import run_onnx_pipeline
+    from ptool.report import Report
+    from ptool.verify import compare_many
+
+    for pass_ in pipeline:  # fail fast, before any work
+        onnx_implementation(pass_)
+
+    specs = input_specs(proto)
+    args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
+    feeds = example_inputs_for(proto) if not args and not kwargs and specs else feeds_from_call(specs, args, kwargs)
+    calib = list(calibration or [])
+    calib_feeds = [feeds_from_call(specs, a, k) for a, k in itertools.islice(calib, VERIFY_BATCHES)]
+    reference = [feeds, *calib_feeds] if verify else []
+
+    example_args = _torch_inputs(feeds)
+    ctx = PassContext(example_inputs=example_args, example_kwargs={},
+                      calibration=[a for a, _ in calib] if calib else None, instruments=instruments)
+    ctx.calibration_calls = calib
+
+    model_ir = ir.from_proto(proto)
+    start_outputs = None
+    if reference:
+        session = ort_session(proto, optimize=False)
+        start_outputs = [run_session(session, f) for f in reference]
+    records = run_onnx_pipeline(model_ir, pipeline, ctx, reference, reference_outputs=start_outputs)
+
+    module = OnnxTransformedModule(ir.to_proto(model_ir), Report(records=records, capture="onnx",
+                                                                 verified_on=len(reference)), example_args, {})
+    if start_outputs is not None:
+        # The whole model as the user will run it: ORT with its own graph optimizations on.
+        final = [run_session(module.session, f) for f in reference]
+        module.report.total = compare_many(start_outputs, final)
+    return module
+

@@ -1,0 +1,310 @@
+"""The ONNX-backed result of ``ptool.transform``: an ``nn.Module`` that runs ONNX Runtime.
+
+An ONNX model handed to ptool stays ONNX (see ``ptool/frontends/onnx_import.py``), so what
+``transform`` returns for it is not an FX graph but an ONNX ``ModelProto`` behind an ONNX Runtime
+``InferenceSession``. :class:`OnnxTransformedModule` wraps that session in the same interface as
+:class:`ptool.transformed.TransformedModule`: call it with torch tensors (or numpy arrays), get
+torch tensors back, read ``.report``.
+
+This module also holds the small runtime helpers the ONNX pass manager shares with it: the graph's
+input signature (:func:`input_specs`), turning a call into an ORT feed dict (:func:`feeds_from_call`)
+and opening a session (:func:`ort_session`). onnxruntime is imported lazily, only when a session
+is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptool.errors import BackendError, InputError, did_you_mean
+from ptool.report import Report
+
+#: Models whose weights exceed this many bytes are handed to ONNX Runtime and written to disk with
+#: external data: a single protobuf message cannot exceed 2 GiB.
+LARGE_MODEL_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: its name, numpy dtype and dims (an int, a symbolic name, or None)."""
+
+    name: str
+    elem_type: int
+    dtype: np.dtype | None
+    dims: tuple[int | str | None, ...] | None  # None: rank unknown
+
+    def describe(self) -> str:
+        dims = "?" if self.dims is None else "(" + ", ".join("?" if d is None else str(d) for d in self.dims) + ")"
+        return f"{self.name}: {self.dtype or 'non-tensor'} {dims}"
+
+
+def input_specs(proto: Any) -> list[InputSpec]:
+    """The runtime inputs of an ONNX model, in graph order (initializers listed as inputs excluded).
+
+    Args:
+        proto: an ``onnx.ModelProto``.
+    """
+    import onnx
+
+    initializers = {t.name for t in proto.graph.initializer} | {t.values.name for t in proto.graph.sparse_initializer}
+    specs = []
+    for value_info in proto.graph.input:
+        if value_info.name in initializers:
+            continue
+        tensor_type = value_info.type.tensor_type if value_info.type.HasField("tensor_type") else None
+        if tensor_type is None:
+            specs.append(InputSpec(value_info.name, 0, None, None))
+            continue
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError):
+            dtype = None
+        dims = None
+        if tensor_type.HasField("shape"):
+            dims = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+            )
+        specs.append(InputSpec(value_info.name, tensor_type.elem_type, dtype, dims))
+    return specs
+
+
+_FAMILY = {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex"}
+
+
+def _to_numpy(name: str, value: Any, spec: InputSpec) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            raise InputError(f"input '{name}' is bfloat16, which numpy (and so ONNX Runtime's Python API) cannot carry")
+        array = value.numpy()
+    elif isinstance(value, np.ndarray):
+        array = value
+    elif isinstance(value, (int, float, bool, list, tuple, np.generic)):
+        array = np.asarray(value, dtype=spec.dtype)
+    else:
+        raise InputError(f"input '{name}' must be a torch tensor or numpy array, not {type(value).__name__}")
+    if spec.dtype is not None and array.dtype != spec.dtype:
+        # Cast within a family (float64 -> float32, int32 -> int64), never across (int -> float).
+        if _FAMILY.get(array.dtype.kind) != _FAMILY.get(spec.dtype.kind):
+            raise InputError(f"input '{name}' has dtype {array.dtype}; the ONNX model expects {spec.dtype}")
+        array = array.astype(spec.dtype)
+    if spec.dims is not None:
+        if array.ndim != len(spec.dims):
+            raise InputError(
+                f"input '{name}' has shape {tuple(array.shape)}; the ONNX model expects rank {len(spec.dims)} "
+                f"({spec.describe()})"
+            )
+        for axis, (got, want) in enumerate(zip(array.shape, spec.dims)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise InputError(
+                    f"input '{name}' has size {got} on axis {axis}; the ONNX model fixes it to {want} ({spec.describe()})"
+                )
+    return np.ascontiguousarray(array)
+
+
+def feeds_from_call(
+    specs: Sequence[InputSpec], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
+    """Map one call (positional in graph-input order, and/or by name) to an ORT feed dict.
+
+    Raises:
+        InputError: too many inputs, unknown or duplicate names, missing inputs, a dtype that cannot
+            be cast safely, or a shape that contradicts the model's static dims.
+    """
+    kwargs = dict(kwargs or {})
+    names = [s.name for s in specs]
+    if len(args) > len(specs):
+        raise InputError(f"the ONNX model takes {len(specs)} input(s) ({', '.join(names)}), got {len(args)} positional")
+    given: dict[str, Any] = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise InputError(f"the ONNX model has no input '{key}'{did_you_mean(key, names)} (inputs: {', '.join(names)})")
+        if key in given:
+            raise InputError(f"input '{key}' given both positionally and by name")
+        given[key] = value
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise InputError(
+            f"missing ONNX input(s) {', '.join(missing)}; the model takes: {'; '.join(s.describe() for s in specs)}"
+        )
+    return {s.name: _to_numpy(s.name, given[s.name], s) for s in specs}
+
+
+def weight_bytes(proto: Any) -> int:
+    """Bytes of tensor data held by the model's initializers (loaded or external)."""
+    total = 0
+    for t in proto.graph.initializer:
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            for entry in t.external_data:
+                if entry.key == "length":
+                    total += int(entry.value)
+    return total
+
+
+def _session_options(*, optimize: bool) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # Spinning threads burn CPU between calls; ptool runs many short sessions (verification).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only; ORT warns about every unused initializer
+    if not optimize:
+        # Verification compares the pass's rewrite, not ORT's own fusions (which may differ
+        # between the two graphs and move float rounding around).
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+def ort_session(model: Any, *, optimize: bool = True) -> Any:
+    """Open a CPU ``InferenceSession`` on an ``onnx.ModelProto`` or ``onnx_ir.Model``.
+
+    Large models (over :data:`LARGE_MODEL_BYTES` of weights) go through a temporary folder with
+    external data, since a single protobuf cannot exceed 2 GiB.
+
+    Args:
+        model: the model to run.
+        optimize: let ORT apply its graph optimizations (off for verification runs).
+
+    Raises:
+        BackendError: ONNX Runtime cannot load the model.
+    """
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    options = _session_options(optimize=optimize)
+    providers = ["CPUExecutionProvider"]
+    try:
+        if isinstance(model, ir.Model):
+            size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+            if size <= LARGE_MODEL_BYTES:
+                return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=providers)
+            ir_model = model
+        else:
+            assert isinstance(model, onnx.ModelProto)
+            if weight_bytes(model) <= LARGE_MODEL_BYTES:
+                return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            ir_model = ir.from_proto(model)
+        with tempfile.TemporaryDirectory(prefix="ptool-ort-") as folder:
+            path = pathlib.Path(folder) / "model.onnx"
+            ir.save(ir_model, path, external_data="model.onnx.data")
+            return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:
+        raise BackendError(f"ONNX Runtime cannot load the model: {_first_line(e)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
+
+
+def run_session(session: Any, feeds: dict[str, np.ndarray]) -> list[torch.Tensor | Any]:
+    """Run ``session`` on ``feeds``; outputs as torch tensors, in graph-output order."""
+    outputs = session.run(None, feeds)
+    return [torch.from_numpy(np.ascontiguousarray(o)) if isinstance(o, np.ndarray) else o for o in outputs]
+
+
+class OnnxTransformedModule(nn.Module):
+    """A transformed ONNX model behind ONNX Runtime, callable like a torch module.
+
+    ``forward(*args, **kwargs)`` takes torch tensors or numpy arrays — positionally in graph-input
+    order, or by input name — and returns torch tensors: a single tensor if the model has one
+    output, else a tuple in graph-output order. The session (CPU, ORT graph optimizations on, no
+    thread spinning) opens on the first call.
+
+    Attributes:
+        onnx_model: the transformed ``onnx.ModelProto`` (weights in memory).
+        report: what each pass did (:class:`ptool.report.Report`, ``capture="onnx"``).
+        example_inputs / example_kwargs: the example call used to verify (torch tensors).
+        input_names / output_names: the graph's runtime inputs and outputs.
+    """
+
+    def __init__(self, onnx_model: Any, report: Report, example_inputs: tuple = (), example_kwargs: dict | None = None):
+        super().__init__()
+        self.onnx_model = onnx_model
+        self.report = report
+        self.example_inputs = tuple(example_inputs)
+        self.example_kwargs = dict(example_kwargs or {})
+        self._specs = input_specs(onnx_model)
+        self.input_names = [s.name for s in self._specs]
+        self.output_names = [o.name for o in onnx_model.graph.output]
+        self._session = None
+
+    @property
+    def session(self) -> Any:
+        """The ONNX Runtime ``InferenceSession`` (opened on first use)."""
+        if self._session is None:
+            self._session = ort_session(self.onnx_model, optimize=True)
+        return self._session
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple:
+        feeds = feeds_from_call(self._specs, args, kwargs)
+        try:
+            outputs = run_session(self.session, feeds)
+        except Exception as e:
+            raise BackendError(f"ONNX Runtime failed to run the model: {_first_line(e)}") from None
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> pathlib.Path:
+        """Write the model to ``path`` atomically and check it with ``onnx.checker``.
+
+        The file is written into a temporary folder beside ``path``, checked, then moved into
+        place with ``os.replace``; on any failure nothing is left at ``path``. Large models (or
+        ``external_data=True``) get their weights in ``<name>.data`` beside the ``.onnx`` file
+        (moved into place first, so the ``.onnx`` never points at a missing file).
+
+        Args:
+            path: the ``.onnx`` file to write (its folder is created if needed).
+            external_data: force (True) or forbid (False) external weights; default: only when
+                the weights exceed :data:`LARGE_MODEL_BYTES`.
+
+        Returns:
+            The path written.
+
+        Raises:
+            BackendError: the model could not be written or fails the checker.
+        """
+        import onnx
+        import onnx_ir as ir
+
+        path = pathlib.Path(path)
+        if external_data is None:
+            external_data = weight_bytes(self.onnx_model) > LARGE_MODEL_BYTES
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        except OSError as e:
+            raise BackendError(f"cannot write ONNX model to '{path}': {e.strerror or e}") from None
+        data_name = path.name + ".data" if external_data else None
+        try:
+            staged = staging / path.name
+            ir.save(ir.from_proto(self.onnx_model), staged, external_data=data_name)
+            onnx.checker.check_model(str(staged))
+            if data_name:
+                os.replace(staging / data_name, path.parent / data_name)
+            os.replace(staged, path)
+        except Exception as e:
+            raise BackendError(f"could not save the ONNX model to '{path}': {_first_line(e)}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return path
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_session"] = None  # sessions do not pickle or deepcopy; reopened on demand
+        return state
+
+    def __repr__(self) -> str:
+        return f"OnnxTransformedModule(passes=[{', '.join(r.spec for r in self.report)}])"

@@ -1,0 +1,56 @@
+"""ONNX-level implementations of ptool passes.
+
+An ONNX model given to ptool stays ONNX (``ptool/frontends/onnx_import.py``): the passes that make
+sense at ONNX level run on an ``onnx_ir.Model``. Each one is a plain function
+``(pass_, model, ctx) -> PassResult`` that mutates ``model`` in place and is configured by the same
+pass object (dataclass) as its torch-graph twin, so ``"fold-bn:fold_into_next=false"`` means the same
+thing for both.
+
+:data:`ONNX_IMPLEMENTATIONS` is the one explicit table, keyed by pass class. A pass without an entry
+works on torch graphs only; :func:`onnx_implementation` raises a :class:`~ptool.errors.PassError`
+for it that says to give ptool the torch model or an ExportedProgram instead.
+
+Importing this package imports torch, onnx_ir and onnxscript; only the ONNX frontend does that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from ptool.errors import PassError
+from ptool.passes.base import Pass, PassContext, PassResult
+from ptool.passes.cleanup import CommonSubexpressionElimination, ConstantFold, DeadCodeElimination
+from ptool.passes.fold_bn import FoldBatchNorm
+from ptool.passes.onnx.cleanup import eliminate_common_subexpressions, eliminate_dead_nodes, fold_constants
+from ptool.passes.onnx.fold_bn import fold_batch_norms
+
+OnnxImplementation = Callable[[Pass, ir.Model, PassContext], PassResult]
+
+#: Pass class -> its ONNX-level implementation. Exact class match: a subclass may change ``run``.
+ONNX_IMPLEMENTATIONS: dict[type[Pass], OnnxImplementation] = {
+    DeadCodeElimination: eliminate_dead_nodes,
+    CommonSubexpressionElimination: eliminate_common_subexpressions,
+    ConstantFold: fold_constants,
+    FoldBatchNorm: fold_batch_norms,
+}
+
+
+def onnx_implementation(pass_: Pass) -> OnnxImplementation:
+    """The ONNX implementation of ``pass_``.
+
+    Raises:
+        PassError: the pass works on torch graphs only.
+    """
+    impl = ONNX_IMPLEMENTATIONS.get(type(pass_))
+    if impl is None:
+        available = ", ".join(sorted(cls.name for cls in ONNX_IMPLEMENTATIONS))
+        raise PassError(
+            f"pass '{pass_.spec()}' works on torch graphs only and cannot run on an ONNX model; give ptool the "
+            f"torch model (nn.Module) or an ExportedProgram (.pt2) instead (passes available for ONNX: {available})"
+        )
+    return impl
+
+
+__all__ = ["ONNX_IMPLEMENTATIONS", "OnnxImplementation", "onnx_implementation"]
