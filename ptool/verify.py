@@ -30,6 +30,7 @@ class Fidelity:
     sqnr_db: float
     ref_scale: float
     mismatched_leaves: int = 0
+    eps: float = 0.0  # machine epsilon of the coarsest float dtype among the outputs
 
     @classmethod
     def perfect(cls) -> Fidelity:
@@ -44,6 +45,7 @@ class Fidelity:
             min(self.sqnr_db, other.sqnr_db),
             max(self.ref_scale, other.ref_scale),
             self.mismatched_leaves + other.mismatched_leaves,
+            max(self.eps, other.eps),
         )
 
     def __str__(self) -> str:
@@ -70,9 +72,16 @@ class Exact:
         return "exact"
 
 
+EPS_FACTOR = 8.0
+
+
 @dataclass(frozen=True)
 class Close:
-    """Equal in real arithmetic; float rounding allowed: ``max_abs <= atol + rtol * max|ref|``."""
+    """Equal in real arithmetic; float rounding allowed: ``max_abs <= atol + rtol * max|ref|``.
+
+    ``rtol`` is never tighter than the outputs' dtype can resolve: it is raised to
+    ``EPS_FACTOR * eps(dtype)`` for half-precision models (a no-op for float32).
+    """
 
     atol: float = 0.0
     rtol: float = 1e-5
@@ -81,7 +90,7 @@ class Close:
     def violation(self, fid: Fidelity) -> str | None:
         if fid.mismatched_leaves:
             return f"{fid.mismatched_leaves} output leaves changed structure, dtype or integer value"
-        bound = self.atol + self.rtol * fid.ref_scale
+        bound = self.atol + max(self.rtol, EPS_FACTOR * fid.eps) * fid.ref_scale
         if not fid.max_abs_error <= bound:
             return (
                 f"max abs error {fid.max_abs_error:.3g} exceeds {bound:.3g} "
@@ -131,6 +140,7 @@ def compare(reference: Any, outputs: Any) -> Fidelity:
     if len(ref_leaves) != len(out_leaves):
         return Fidelity(math.inf, math.inf, 0.0, -math.inf, 0.0, abs(len(ref_leaves) - len(out_leaves)) or 1)
     mismatched = 0
+    eps = 0.0
     refs, outs = [], []
     for r, o in zip(ref_leaves, out_leaves):
         if not isinstance(r, torch.Tensor) or not isinstance(o, torch.Tensor):
@@ -140,6 +150,7 @@ def compare(reference: Any, outputs: Any) -> Fidelity:
             mismatched += 1
             continue
         if r.is_floating_point() or r.is_complex():
+            eps = max(eps, torch.finfo(r.dtype).eps) if r.is_floating_point() else eps
             refs.append(r.detach().reshape(-1).to(torch.float64))
             outs.append(o.detach().reshape(-1).to(torch.float64))
         elif not torch.equal(r, o.to(r.dtype)):
@@ -169,7 +180,7 @@ def compare(reference: Any, outputs: Any) -> Fidelity:
         cosine = float(torch.dot(ref, out) / (ref_norm * out_norm))
     noise = float(diff.norm())
     sqnr = math.inf if noise == 0 else (20 * math.log10(ref_norm / noise) if ref_norm > 0 else -math.inf)
-    return Fidelity(max_abs, rel, cosine, sqnr, scale, mismatched)
+    return Fidelity(max_abs, rel, cosine, sqnr, scale, mismatched, eps)
 
 
 def compare_many(references: list, outputs: list) -> Fidelity:

@@ -214,8 +214,9 @@ def test_fold_bn_float16_layer_with_float32_statistics():
     b.nodes[-1].output[0] = "y"
     proto = b.model([("x", TensorProto.FLOAT16, [1, 3, 8, 8])], [("y", TensorProto.FLOAT16)])
     assert y
-    # verify=False: fold-bn's Close(rtol=1e-5) contract is below float16 resolution (~1e-3).
-    m = ptool.transform(proto, ["fold-bn"], verify=False)
+    # verified: Close's rtol is raised to what float16 can resolve (verify.EPS_FACTOR x eps)
+    m = ptool.transform(proto, ["fold-bn"])
+    assert m.report["fold-bn"].fidelity.eps == np.finfo(np.float16).eps
     assert "BatchNormalization" not in _ops(m.onnx_model)
     assert {t.data_type for t in m.onnx_model.graph.initializer} == {TensorProto.FLOAT16}
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float16)
