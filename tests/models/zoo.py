@@ -40,6 +40,7 @@ BATCH = 2
 SEQ_LEN = 16
 VOCAB = 128
 IMAGE = 32
+VAR_FLOOR = 0.05
 
 __all__ = [
     "FIXTURES",
@@ -170,6 +171,15 @@ def _measure_batchnorm_stats(model: nn.Module, bns: list[nn.Module], data: Itera
         for bn, momentum in zip(bns, momenta, strict=True):
             bn.momentum = momentum
         model.train(was_training)
+    # A channel that is constant on the random measurement images (dead after ReLU6) gets var 0,
+    # so s = gamma / sqrt(eps) ~ 30x: the model then amplifies float32 rounding ~100x between
+    # input and logits (its own fp32 output is 1e-5 off its fp64 output). Floor the variance so
+    # that float32 comparisons measure the pass, not the fixture's conditioning; exactness itself
+    # is also checked in float64 (tests/passes/test_fold_bn.py).
+    with torch.no_grad():
+        for bn in bns:
+            if bn.running_var is not None:
+                bn.running_var.clamp_(min=VAR_FLOOR)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> int:

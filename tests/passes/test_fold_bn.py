@@ -106,3 +106,16 @@ def test_tied_conv_weight_is_not_overwritten_for_its_other_user():
     m2 = ptool.transform(model.eval(), ["fold-bn"], (x,))
     assert m2.report["fold-bn"].rewritten == 1
     assert ptool.verify.compare(model(x), m2(x)).max_rel_error <= 1e-5
+
+
+@pytest.mark.parametrize("builder", [zoo.resnet, zoo.mobilenet_v2], ids=["resnet", "mobilenet_v2"])
+def test_fold_bn_is_exact_in_float64(builder):
+    """In float64 the fold is exact to rounding (METHODS.md 7.2: <= 1e-10 relative)."""
+    fixture = builder()
+    model = fixture.model.double()
+    x = fixture.example_inputs[0].double()
+    m2 = ptool.transform(model, ["fold-bn"], (x,))
+    assert m2.report["fold-bn"].fidelity.max_rel_error <= 1e-10
+    y = fixture.inputs(4)[0][0].double()
+    with torch.no_grad():
+        assert ptool.verify.compare(model(y), m2(y)).max_rel_error <= 1e-10
