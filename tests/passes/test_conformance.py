@@ -1,0 +1,68 @@
+"""Conformance over the whole registry: every pass, every fixture model.
+
+For each registered pass: its spec round-trips; a second run changes nothing (idempotence); on
+every fixture model it keeps its numerics contract (exact passes within their tolerance on a
+held-out batch too); and the transformed model still lowers to ONNX Runtime with matching outputs.
+"""
+
+import pytest
+import torch
+
+import ptool
+from ptool.frontends.torch_export import capture
+from ptool.passes.base import PassContext
+from ptool.passes.registry import parse_pass, registry
+from tests.models import zoo
+
+PASSES = sorted(registry())
+MODELS = ["bert", "vit", "gpt2", "llama", "resnet", "mobilenet_v2"]
+
+
+@pytest.mark.parametrize("name", PASSES)
+def test_spec_round_trip(name):
+    p = parse_pass(name)
+    assert parse_pass(p.spec()) == p
+    assert p.summary(), f"{name} has no one-line doc"
+    assert p.family.value and p.numerics is not None
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("name", PASSES)
+def test_idempotent_and_within_contract(name, model):
+    fixture = zoo.FIXTURES[model]()
+    p = parse_pass(name)
+    if p.needs_calibration:
+        pytest.fail(f"{name} needs calibration: give the conformance test calibration data for it")
+    m2 = ptool.transform(fixture.model, [p, p], fixture.example_inputs, example_kwargs=fixture.example_kwargs)
+    first, second = m2.report[0], m2.report[1]
+    assert second.rewritten == 0 and second.nodes_after == second.nodes_before, "second run changed the graph"
+    assert first.within_contract, first.fidelity
+    if p.exact:
+        args, kwargs = fixture.inputs(9)
+        with torch.no_grad():
+            fid = ptool.verify.compare(fixture.model(*args, **kwargs), m2(*args, **kwargs))
+        assert p.numerics.violation(fid) is None, fid
+
+
+@pytest.mark.parametrize("name", PASSES)
+def test_onnxruntime_agrees_after_the_pass(name, tmp_path):
+    fixture = zoo.resnet() if name == "fold-bn" else zoo.bert()
+    m2 = ptool.transform(fixture.model, [name], fixture.example_inputs, example_kwargs=fixture.example_kwargs)
+    run = ptool.compile(m2, backend="onnxruntime")
+    args, kwargs = fixture.inputs(3)
+    with torch.no_grad():
+        fid = ptool.verify.compare(m2(*args, **kwargs), run(*args, **kwargs))
+    assert fid.max_rel_error <= 1e-4, fid
+
+
+def test_passes_leave_graph_valid_and_metadata_fresh():
+    fixture = zoo.mobilenet_v2()
+    gm = capture(fixture.model, fixture.example_inputs, fixture.example_kwargs).graph_module
+    for name in PASSES:
+        parse_pass(name).run(gm, PassContext())
+        gm.graph.lint()
+        gm.recompile()
+    from ptool.ir.graph import refresh_meta
+
+    refresh_meta(gm)
+    assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
