@@ -1,0 +1,373 @@
+"""TVM backend (Relax, TVM 0.27): import, build for the host CPU, run on the Relax VM.
+
+Frontends (option ``frontend``):
+
+- ``exported_program``: ``torch.export.export(module, ..., strict=False)`` then
+  ``tvm.relax.frontend.torch.from_exported_program``, which runs ``run_decompositions()`` itself
+  (core ATen) before translating. Works for plain modules and for the unlifted GraphModules of
+  ``ExportedProgram.module()`` (re-exported; the ``_guards_fn`` call traces away). Measured on a
+  tiny BERT: exact to ~2e-7 relative, and the faster of the two at run time (0.10 vs 0.18 ms).
+- ``onnx``: :func:`ptool.backends.onnx_export.export_onnx` then ``tvm.relax.frontend.onnx.from_onnx``.
+- ``auto`` (default): ``exported_program``, falling back to ``onnx`` if import, build or the
+  first run fails; ``CompiledModel.info["frontend"]`` says which one was used.
+
+Build: ``tvm.compile`` with target ``{"kind": "llvm", "mcpu": <host cpu>, "num-cores": <n>}``,
+the host CPU name coming from LLVM (``tvm.target.codegen.llvm_get_system_cpu()``, e.g.
+``znver4``). The default Relax CPU pipeline is used: legalize, fold constants, fuse, lower. There
+is no BLAS/DNNL in the pip build and no tuning here, so matmul-heavy models run far slower than
+torch (tens of times on BERT-sized layers); correctness is the point of this backend for now.
+``dlight=True`` additionally applies ``tvm.s_tir.dlight`` CPU rules (GEMV, Reduction) per
+function, skipping functions they cannot schedule; it made no measurable difference on BERT-like
+models, so it is off by default.
+
+Weights are bound as constants (``keep_params_as_input=False``): constant folding then
+pre-transposes linear weights at build time, and the VM owns one copy of the weights (the torch
+module keeps its own; nothing else is duplicated once the build returns).
+
+Out-of-range gather indices: Relax's ``take`` defaults to ``mode="fast"`` (no bounds check; an
+out-of-range token id segfaults the process). With ``safe_indexing=True`` (default) every
+``take`` is rewritten to ``mode="nan"`` (float data: NaN rows) or ``"clip"`` (other dtypes),
+which costs one compare per gathered element.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ptool.backends._common import CompiledModel, ExampleCall, cast_input, check_shape, first_line, options_dict
+from ptool.errors import BackendError
+
+NAME = "tvm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """TVM options.
+
+    Attributes:
+        frontend: how the model enters Relax (see the module docstring).
+        mcpu: LLVM CPU name (None: the host's, as LLVM detects it).
+        num_cores: cores the target may use (None: this machine's).
+        dlight: apply the ``tvm.s_tir.dlight`` CPU schedule rules (GEMV, Reduction).
+        safe_indexing: bounds-checked gathers instead of a segfault on out-of-range indices.
+        opset: ONNX opset for the ``onnx`` frontend's export.
+        dynamic_shapes: as in ``torch.export.export`` (only for modules not yet captured).
+    """
+
+    frontend: Literal["auto", "exported_program", "onnx"] = "auto"
+    mcpu: str | None = None
+    num_cores: int | None = None
+    dlight: bool = False
+    safe_indexing: bool = True
+    opset: int | None = None
+    dynamic_shapes: Any = field(default=None, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.num_cores is not None and self.num_cores < 1:
+            raise ValueError(f"option 'num_cores' must be >= 1, got {self.num_cores}")
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (``znver4``, ``skylake-avx512``...)."""
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def host_target(mcpu: str | None = None, num_cores: int | None = None) -> Any:
+    """The LLVM target for this CPU, as a TVM 0.27 JSON-style target."""
+    import tvm
+
+    return tvm.target.Target(
+        {"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": int(num_cores or os.cpu_count() or 1)}
+    )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# Frontends
+
+
+def _from_exported_program(example: ExampleCall, opts: Options) -> Any:
+    from tvm.relax.frontend.torch import from_exported_program
+
+    if example.inputs.constants:
+        # The importer takes tensor inputs only: bake the non-tensor ones in via a flat wrapper
+        # (whose signature no longer matches a user's dynamic_shapes spec).
+        if opts.dynamic_shapes is not None:
+            raise BackendError(
+                "the exported_program frontend cannot combine non-tensor inputs with dynamic_shapes; "
+                "use frontend='onnx'"
+            )
+        module, args, kwargs = (*example.flat(), {})
+    else:
+        module, args, kwargs = example.exportable(), example.args, example.kwargs
+    try:
+        with _quiet(), torch.no_grad():
+            ep = torch.export.export(module, args, kwargs, dynamic_shapes=opts.dynamic_shapes, strict=False)
+    except Exception as e:
+        raise BackendError(f"torch.export failed: {type(e).__name__}: {first_line(e)}") from e
+    try:
+        with _quiet():
+            return from_exported_program(ep, keep_params_as_input=False)
+    except Exception as e:
+        raise BackendError(f"TVM cannot import the exported program: {type(e).__name__}: {first_line(e)}") from e
+
+
+def _from_onnx(example: ExampleCall, opts: Options) -> Any:
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from ptool.backends.onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="ptool-tvm-") as tmp:
+        path = export_onnx(
+            example.exportable(), Path(tmp) / "model.onnx", example.args, example.kwargs,
+            dynamic_shapes=opts.dynamic_shapes, opset=opts.opset,
+        )
+        model = onnx.load(str(path))  # loads external data too
+    try:
+        with _quiet():
+            return from_onnx(model, keep_params_in_input=False, sanitize_input_names=False)
+    except Exception as e:
+        raise BackendError(f"TVM cannot import the ONNX model: {type(e).__name__}: {first_line(e)}") from e
+
+
+_FRONTENDS = {"exported_program": _from_exported_program, "onnx": _from_onnx}
+
+
+# --------------------------------------------------------------------------------------------
+# Relax passes
+
+
+def _safe_take_pass() -> Any:
+    """A module pass rewriting ``take(mode="fast")`` to a bounds-checked mode."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import expr_functor
+
+    take_op = tvm.ir.Op.get("relax.take")
+
+    @expr_functor.mutator
+    class _SafeTake(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if isinstance(call, relax.Call) and call.op.same_as(take_op) and call.attrs.mode == "fast":
+                dtype = str(_type_of(call.args[0]).dtype)
+                mode = "nan" if dtype.startswith(("float", "bfloat")) else "clip"
+                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode=mode)
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name="ptool.SafeTake")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        mutator = _SafeTake(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return _pass
+
+
+def _dlight_pass(target: Any) -> Any:
+    """dlight's CPU rules, applied function by function; a function they choke on stays as is.
+
+    (``ApplyDefaultSchedule`` over the whole module aborts on the first function whose GEMV
+    analysis fails, which happens on fused BERT kernels in 0.27.)
+    """
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir import dlight as dl
+
+    rules = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())
+
+    @tvm.transform.module_pass(opt_level=0, name="ptool.DlightCPU")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            try:
+                with target:
+                    scheduled = rules(tvm.IRModule({gv: func}))
+                updates[gv] = scheduled[gv.name_hint]
+            except Exception:  # a function the rules cannot schedule keeps the default lowering
+                continue
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
+
+
+def _pipeline(target: Any, opts: Options) -> Any:
+    """The default Relax CPU pipeline, with ptool's extra passes slotted in."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    before = [_safe_take_pass()] if opts.safe_indexing else []
+    after_legalize = [_dlight_pass(target)] if opts.dlight else []
+
+    @tvm.transform.module_pass(opt_level=0, name="ptool.CPUPipeline")
+    def _run(mod: Any, _ctx: Any) -> Any:
+        with target:
+            seq = tvm.transform.Sequential(
+                before
+                + cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + after_legalize
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _run
+
+
+# --------------------------------------------------------------------------------------------
+# Build and run
+
+
+def _flatten_outputs(value: Any) -> list[Any]:
+    import tvm
+
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
+        return [leaf for item in value for leaf in _flatten_outputs(item)]
+    raise BackendError(f"the TVM model returned a {type(value).__name__}, expected tensors")
+
+
+def _type_of(expr: Any) -> Any:
+    """A Relax expression's type (``.ty`` in TVM 0.27, ``.struct_info`` before)."""
+    ty = getattr(expr, "ty", None)
+    return ty if ty is not None else expr.struct_info
+
+
+def _input_specs(mod: Any) -> list[tuple[str, list[int | None]]]:
+    """``(dtype, shape)`` of main's parameters; symbolic dims are None."""
+    from tvm import tirx
+
+    specs = []
+    for param in mod["main"].params:
+        ty = _type_of(param)
+        shape = [int(d.value) if isinstance(d, tirx.IntImm) else None for d in ty.shape.values]
+        specs.append((str(ty.dtype), shape))
+    return specs
+
+
+def _to_tvm(t: torch.Tensor, dev: Any) -> Any:
+    import tvm
+
+    t = t.detach().contiguous()
+    if t.dtype != torch.bool:
+        try:
+            return tvm.runtime.from_dlpack(t)  # zero-copy
+        except Exception:  # a dtype DLPack cannot carry: copy through numpy below
+            pass
+    return tvm.runtime.tensor(t.numpy(), dev)
+
+
+def _build(example: ExampleCall, opts: Options, frontend: str) -> tuple[Any, dict[str, Any]]:
+    import tvm
+    from tvm import relax
+
+    t0 = time.perf_counter()
+    mod = _FRONTENDS[frontend](example, opts)
+    t1 = time.perf_counter()
+    specs = _input_specs(mod)
+    if len(specs) != len(example.inputs.names):
+        raise BackendError(
+            f"the TVM model takes {len(specs)} inputs but the example call has "
+            f"{len(example.inputs.names)} tensors ({example.inputs.describe()})"
+        )
+    target = host_target(opts.mcpu, opts.num_cores)
+    try:
+        with _quiet(), target:
+            executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, opts))
+    except Exception as e:
+        raise BackendError(f"TVM build failed: {type(e).__name__}: {first_line(e)}") from e
+    del mod
+    t2 = time.perf_counter()
+    dev = tvm.cpu()
+    try:
+        vm = relax.VirtualMachine(executable, dev)
+        main = vm["main"]
+    except Exception as e:
+        raise BackendError(f"TVM cannot load the built model: {type(e).__name__}: {first_line(e)}") from e
+    expected = [(getattr(torch, dtype), shape) for dtype, shape in specs]
+
+    def run(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        args = []
+        for name, (dtype, shape), t in zip(example.inputs.names, expected, tensors):
+            t = cast_input(name, t, dtype)
+            check_shape(name, t, shape)
+            args.append(_to_tvm(t, dev))
+        try:
+            out = main(*args)
+        except Exception as e:
+            raise BackendError(f"TVM failed while running the model: {first_line(e)}") from e
+        return [torch.from_numpy(o.numpy()) for o in _flatten_outputs(out)]
+
+    got = run(example.inputs.flatten(example.args, example.kwargs))
+    if len(got) != example.outputs.num_tensors:
+        raise BackendError(
+            f"the TVM model returns {len(got)} tensors but the module returns {example.outputs.num_tensors}"
+        )
+    info = {
+        "frontend": frontend,
+        "target": str(target),
+        "import_seconds": round(t1 - t0, 3),
+        "build_seconds": round(t2 - t1, 3),
+    }
+    return run, {**info, "_keepalive": (executable, vm)}
+
+
+def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel:  # noqa: A001
+    """Import ``module`` into Relax, build it for the host CPU and wrap the VM.
+
+    Raises:
+        BackendError: every frontend tried failed to import, build or run the model.
+    """
+    try:
+        import tvm  # noqa: F401  (seconds to import: only this backend pays for it)
+    except ImportError as e:
+        raise BackendError("the tvm backend needs apache-tvm: pip install 'ptool[tvm]'") from e
+
+    frontends = ("exported_program", "onnx") if opts.frontend == "auto" else (opts.frontend,)
+    errors: list[BackendError] = []
+    for frontend in frontends:
+        try:
+            run, info = _build(example, opts, frontend)
+            break
+        except BackendError as e:
+            errors.append(e)
+    else:
+        if len(errors) == 1:
+            raise errors[0]
+        reasons = "; ".join(f"{f}: {e}" for f, e in zip(frontends, errors))
+        raise BackendError(f"TVM could not compile the model ({reasons})")
+    keepalive = info.pop("_keepalive")
+    if errors:
+        info["fallback_reason"] = str(errors[0])
+    return CompiledModel(
+        backend=NAME, options=options_dict(opts), example=example, run_flat=run, info=info, keepalive=keepalive
+    )

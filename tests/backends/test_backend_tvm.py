@@ -1,0 +1,96 @@
+"""The TVM backend (Relax, host CPU): both frontends, output structure, safety, target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptool.backends import compile_module
+from ptool.errors import InputError
+from ptool.verify import compare
+
+pytestmark = pytest.mark.tvm
+
+MAX_REL_ERROR = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tvm_models(request):
+    """One TVM build per (case, frontend), shared by this module's tests (builds cost seconds)."""
+    cache = {}
+
+    def get(name, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            case = request.getfixturevalue(name)
+            cache[key] = compile_module(case.model, "tvm", case.args, case.kwargs, **options)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["cnn", "bert", "structured", "bert_exported"])
+def test_tvm_matches_torch(name, request, tvm_models):
+    case = request.getfixturevalue(name)
+    run = tvm_models(name)
+    ref = case.reference()
+    out = run(*case.args, **case.kwargs)
+    assert type(out) is type(ref)
+    assert compare(ref, out).max_rel_error <= MAX_REL_ERROR
+    assert run.info["frontend"] == "exported_program"  # the default path works on all of these
+    assert run.backend == "tvm" and run.onnx_path is None
+
+
+def test_structure_is_preserved(structured, tvm_models):
+    out = tvm_models("structured")(*structured.args, **structured.kwargs)
+    assert set(out) == {"logits", "aux", "count"}
+    assert isinstance(out["aux"], tuple) and len(out["aux"]) == 2 and out["count"] == 3
+
+
+def test_onnx_frontend_on_bert(bert, tvm_models):
+    run = tvm_models("bert", frontend="onnx")
+    assert run.info["frontend"] == "onnx"
+    assert compare(bert.reference(), run(*bert.args, **bert.kwargs)).max_rel_error <= MAX_REL_ERROR
+
+
+def test_new_values_and_call_spelling(bert, tvm_models):
+    run = tvm_models("bert")
+    torch.manual_seed(3)
+    ids = torch.randint(0, 128, bert.args[0].shape)
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    assert run.verify(ids, attention_mask=mask).max_rel_error <= MAX_REL_ERROR
+    assert compare(run(ids, mask), run(input_ids=ids, attention_mask=mask)).max_abs_error == 0
+    with pytest.raises(InputError, match="has shape"):
+        run(ids[:, :4], mask[:, :4])
+
+
+def test_out_of_range_ids_do_not_crash(bert, tvm_models):
+    """Relax's default gather has no bounds check (an out-of-range id would segfault);
+    safe_indexing turns it into NaN rows."""
+    run = tvm_models("bert")
+    ids = bert.args[0].clone()
+    ids[0, 0] = 10_000
+    out = run(ids, **bert.kwargs)
+    assert torch.isnan(out.last_hidden_state[0]).any()
+    assert not torch.isnan(out.last_hidden_state[1]).any()
+
+
+def test_target_is_the_host_cpu(tvm_models):
+    from ptool.backends.tvm_backend import host_cpu
+
+    cpu = host_cpu()
+    assert cpu and cpu != "generic"
+    assert f'"mcpu":"{cpu}"' in tvm_models("cnn").info["target"].replace(" ", "")
+
+
+def test_dynamic_batch(cnn):
+    batch = torch.export.Dim("batch", min=1, max=32)
+    run = compile_module(cnn.model, "tvm", cnn.args, dynamic_shapes=({0: batch},))
+    assert run.info["frontend"] == "exported_program"
+    assert run.verify(torch.randn(5, 3, 16, 16)).max_rel_error <= MAX_REL_ERROR
+
+
+def test_dlight_schedules_keep_numerics(cnn, tvm_models):
+    run = tvm_models("cnn", dlight=True)
+    assert run.verify().max_rel_error <= MAX_REL_ERROR
