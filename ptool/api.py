@@ -145,7 +145,10 @@ def export_onnx(model: Any, path: str | pathlib.Path, example_inputs: Any = None
     """
     from ptool.backends.onnx_export import export_onnx as _export
     from ptool.frontends.torch_export import check_inputs
+    from ptool.onnx_module import OnnxTransformedModule
 
+    if isinstance(model, OnnxTransformedModule):  # already ONNX: write it (atomically, checked)
+        return model.save(path)
     module, ex_args, ex_kwargs = _unwrap(model)
     if example_inputs is None and ex_args is not None:
         example_inputs, example_kwargs = ex_args, {**ex_kwargs, **(example_kwargs or {})}
@@ -163,8 +166,17 @@ def compile(model: Any, backend: str = "torch", example_inputs: Any = None, *, e
     from ptool.backends import compile_module
     from ptool.frontends.torch_export import check_inputs
 
+    from ptool.onnx_module import OnnxTransformedModule
+
     if device != "cpu":
         raise UsageError(f"device '{device}' is not available on this machine (allowed: cpu)")
+    if isinstance(model, OnnxTransformedModule):
+        if backend != "onnxruntime" or options:
+            raise UsageError(
+                f"a model loaded from ONNX runs on backend 'onnxruntime' with default options (got '{backend}'"
+                f"{' with options' if options else ''}); give ptool the torch model or a .pt2 for other backends"
+            )
+        return model  # it already runs in an ONNX Runtime session
     module, ex_args, ex_kwargs = _unwrap(model)
     if example_inputs is None and ex_args is not None:
         example_inputs, example_kwargs = ex_args, {**ex_kwargs, **(example_kwargs or {})}

@@ -208,3 +208,16 @@ def test_failing_save_leaves_no_file(tmp_path):
     with pytest.raises(BackendError, match="could not save"):
         m.save(tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_and_compile_accept_an_onnx_transformed_model(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    src = ptool.export_onnx(model, tmp_path / "src.onnx", (x,))
+    m2 = ptool.transform(str(src), ["dce", "cse"])
+    out = ptool.export_onnx(m2, tmp_path / "out.onnx")
+    onnx.checker.check_model(str(out))
+    run = ptool.compile(m2, backend="onnxruntime")
+    torch.testing.assert_close(run(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ptool.UsageError, match="runs on backend 'onnxruntime'"):
+        ptool.compile(m2, backend="tvm")
