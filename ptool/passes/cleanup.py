@@ -105,13 +105,14 @@ class ConstantFold(Pass):
     """Precompute pure nodes whose inputs are all weights or constants.
 
     Args:
-        max_growth_bytes: refuse a fold that adds more than this many weight bytes to the model.
+        max_growth_bytes: refuse a fold that adds more than this many weight bytes to the model
+            (default 1 MiB: small masks and index tensors fold, a large ``expand`` does not).
     """
 
     name: ClassVar[str] = "constant-fold"
     family: ClassVar[Family] = Family.CLEANUP
     numerics: ClassVar[Numerics] = Close(atol=0.0, rtol=1e-6)
-    max_growth_bytes: int = 0
+    max_growth_bytes: int = 1 << 20
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()

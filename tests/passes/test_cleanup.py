@@ -68,17 +68,17 @@ def test_constant_fold_refuses_to_grow_the_model():
     class Expand(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.register_buffer("row", torch.randn(1, 64))
+            self.register_buffer("row", torch.randn(1, 512))
 
         def forward(self, x):
-            return x + self.row.expand(256, 64)
+            return x + self.row.expand(1024, 512)  # 2 MiB if materialized
 
-    x = torch.randn(256, 64)
+    x = torch.randn(1024, 512)
     m2 = ptool.transform(Expand(), ["constant-fold"], (x,))
     rec = m2.report["constant-fold"]
     assert rec.rewritten == 0
     assert "would add" in rec.skipped[0].reason
-    m3 = ptool.transform(Expand(), ["constant-fold:max_growth_bytes=1000000"], (x,))
+    m3 = ptool.transform(Expand(), ["constant-fold:max_growth_bytes=4000000"], (x,))
     assert m3.report["constant-fold"].rewritten == 1
 
 
