@@ -15,6 +15,7 @@ _EXPORTS = {
     "CommonSubexpressionElimination": "ptool.passes.cleanup",
     "ConstantFold": "ptool.passes.cleanup",
     "FoldBatchNorm": "ptool.passes.fold_bn",
+    "FoldAffine": "ptool.passes.fold_affine",
     "parse_pass": "ptool.passes.registry",
     "list_passes": "ptool.passes.registry",
 }

@@ -18,9 +18,10 @@ from ptool.passes.options import build_pass, describe_type, field_types, format_
 def _pass_classes() -> tuple[type[Pass], ...]:
     # Imported here, not at module import, so `import ptool` stays fast (passes import torch).
     from ptool.passes.cleanup import CommonSubexpressionElimination, ConstantFold, DeadCodeElimination
+    from ptool.passes.fold_affine import FoldAffine
     from ptool.passes.fold_bn import FoldBatchNorm
 
-    return (DeadCodeElimination, CommonSubexpressionElimination, ConstantFold, FoldBatchNorm)
+    return (DeadCodeElimination, CommonSubexpressionElimination, ConstantFold, FoldBatchNorm, FoldAffine)
 
 
 def registry() -> dict[str, type[Pass]]:
