@@ -248,3 +248,12 @@ def eliminate_dead_code(gm: torch.fx.GraphModule) -> int:
     before = node_count(gm)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: is_export_guard(n) or n.is_impure())
     return before - node_count(gm)
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Dotted path of the module a node came from (for report sites), '<root>' or '?'."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path or "<root>"
+    return "?"

@@ -16,6 +16,7 @@ _EXPORTS = {
     "ConstantFold": "ptool.passes.cleanup",
     "FoldBatchNorm": "ptool.passes.fold_bn",
     "FoldAffine": "ptool.passes.fold_affine",
+    "MergeBranches": "ptool.passes.merge_branches",
     "parse_pass": "ptool.passes.registry",
     "list_passes": "ptool.passes.registry",
 }

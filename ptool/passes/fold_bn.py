@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 import torch.fx
 
-from ptool.ir.graph import add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, owner_of, replace_tensor
+from ptool.ir.graph import add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, module_path, owner_of, replace_tensor
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.verify import Close, Numerics
 
@@ -75,7 +75,7 @@ class _BatchNorm:
     shift: torch.Tensor  # t = beta - s * mean, float64
 
 
-def _as_batch_norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _BatchNorm | str:
+def as_batch_norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _BatchNorm | str:
     """Normalize a batch-norm node or say why it is not foldable."""
     import operator
 
@@ -223,8 +223,8 @@ class FoldBatchNorm(Pass):
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or not is_op(node, *_BATCH_NORMS):
                 continue
-            site = f"{node.name} ({_module_path(node)})"
-            bn = _as_batch_norm(gm, node)
+            site = f"{node.name} ({module_path(node)})"
+            bn = as_batch_norm(gm, node)
             if isinstance(bn, str):
                 result.skip(site, bn)
                 continue
@@ -246,10 +246,3 @@ class FoldBatchNorm(Pass):
             eliminate_dead_code(gm)
         return result
 
-
-def _module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path or "<root>"
-    return "?"

@@ -20,8 +20,12 @@ def _pass_classes() -> tuple[type[Pass], ...]:
     from ptool.passes.cleanup import CommonSubexpressionElimination, ConstantFold, DeadCodeElimination
     from ptool.passes.fold_affine import FoldAffine
     from ptool.passes.fold_bn import FoldBatchNorm
+    from ptool.passes.merge_branches import MergeBranches
 
-    return (DeadCodeElimination, CommonSubexpressionElimination, ConstantFold, FoldBatchNorm, FoldAffine)
+    return (
+        DeadCodeElimination, CommonSubexpressionElimination, ConstantFold,
+        FoldBatchNorm, MergeBranches, FoldAffine,
+    )
 
 
 def registry() -> dict[str, type[Pass]]:
