@@ -15,9 +15,15 @@ VERIFY_BATCHES = 4
 
 
 def _as_call(item: Any) -> tuple[tuple, dict]:
-    """One calibration item -> (args, kwargs). Tensors, tuples/lists and dicts (kwargs) are accepted."""
+    """One calibration item -> (args, kwargs).
+
+    Accepted: a tensor, a tuple/list of positional inputs, a dict of keyword inputs, or an
+    ``(args_tuple, kwargs_dict)`` pair for models called with both.
+    """
     import torch
 
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple) and isinstance(item[1], dict):
+        return item[0], dict(item[1])
     if isinstance(item, torch.Tensor):
         return (item,), {}
     if isinstance(item, dict):
@@ -115,8 +121,7 @@ def _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dy
     reference = [(args, kwargs)] + (list(itertools.islice(calib, VERIFY_BATCHES)) if calib else [])
     reference = reference if verify else []
     ctx = PassContext(example_inputs=args, example_kwargs=kwargs, calibration=[a for a, _ in calib] if calib else None,
-                      instruments=instruments)
-    ctx.calibration_calls = calib
+                      calibration_calls=calib, instruments=instruments)
     start_outputs = run_reference(gm, reference) if reference else None
     records = run_pipeline(gm, pipeline, ctx, reference_inputs=reference)
     report = Report(records=records, capture=captured.method.value, verified_on=len(reference))

@@ -17,6 +17,7 @@ _EXPORTS = {
     "FoldBatchNorm": "ptool.passes.fold_bn",
     "FoldAffine": "ptool.passes.fold_affine",
     "MergeBranches": "ptool.passes.merge_branches",
+    "RepBatchNorm": "ptool.passes.repbn",
     "parse_pass": "ptool.passes.registry",
     "list_passes": "ptool.passes.registry",
 }

@@ -69,13 +69,17 @@ class PassContext:
     Attributes:
         example_inputs: the positional example inputs (one tuple).
         example_kwargs: keyword example inputs.
-        calibration: a list of input tuples for passes that need data (``None`` if not given).
+        calibration: a list of positional input tuples for passes that need data (``None`` if
+            not given).
+        calibration_calls: the same batches as ``(args, kwargs)`` pairs, for models called with
+            keyword inputs.
         instruments: objects called around each pass (see ``passes/instruments.py``).
     """
 
     example_inputs: tuple = ()
     example_kwargs: dict = field(default_factory=dict)
     calibration: list[tuple] | None = None
+    calibration_calls: list[tuple[tuple, dict]] | None = None
     instruments: Sequence[Any] = ()
 
     def require_calibration(self, pass_name: str) -> list[tuple]:

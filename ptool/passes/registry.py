@@ -21,10 +21,11 @@ def _pass_classes() -> tuple[type[Pass], ...]:
     from ptool.passes.fold_affine import FoldAffine
     from ptool.passes.fold_bn import FoldBatchNorm
     from ptool.passes.merge_branches import MergeBranches
+    from ptool.passes.repbn import RepBatchNorm
 
     return (
         DeadCodeElimination, CommonSubexpressionElimination, ConstantFold,
-        FoldBatchNorm, MergeBranches, FoldAffine,
+        FoldBatchNorm, MergeBranches, FoldAffine, RepBatchNorm,
     )
 
 

@@ -1,0 +1,102 @@
+"""Measure a model on several backends side by side: latency, speedup, memory, fidelity.
+
+The baseline is the original model in eager torch. Every backend runs the transformed model
+(default pipeline unless --passes says otherwise). Candidates are timed round-robin so machine
+noise hits all alike; each gets --repeat timed calls, fewer if that would exceed --max-seconds
+(an untuned TVM build is tens of times slower than torch). Errors and cosine are measured against
+the baseline's outputs on the example call plus up to 4 more batches when the model provides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="path (.onnx, .pt2, HF folder), module:function, or omit for the default model")
+    p.add_argument("--backend", "--backends", dest="backends", action="append", metavar="LIST",
+                   help="comma-separated backends: torch, onnxruntime, tvm (default: all three)")
+    p.add_argument("-p", "--passes", "--pass", dest="passes", action="append", metavar="PASSES",
+                   help="passes to apply first, comma-separated or repeated ('none' for no pass; "
+                        "default: dce,cse,constant-fold,fold-bn)")
+    p.add_argument("--repeat", type=int, default=20, metavar="N", help="timed calls per backend (default 20)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls per backend first (default 3)")
+    p.add_argument("--max-seconds", type=float, default=30.0, metavar="S",
+                   help="cap a backend's timed calls at about S seconds (at least 3 calls; default 30)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+
+
+def check_counts(repeat: int, warmup: int, max_seconds: float | None) -> None:
+    from ptool.errors import UsageError
+
+    if repeat < 1:
+        raise UsageError(f"--repeat must be at least 1, got {repeat}")
+    if warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {warmup}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise UsageError(f"--max-seconds must be > 0, got {max_seconds}")
+
+
+def run(args: argparse.Namespace, ui) -> int:
+    import ptool
+    from ptool.benchmark import BASELINE, Candidate, compare_candidates
+    from ptool.cli._compare import build_candidates, format_rows, notes, parse_backends
+    from ptool.cli._model import resolve_model
+    from ptool.cli.convert import pipeline_specs
+    from ptool.errors import UsageError
+    from ptool.passes.registry import parse_pipeline
+
+    check_counts(args.repeat, args.warmup, args.max_seconds)
+    backends = parse_backends(args.backends, ("torch", "onnxruntime", "tvm"))
+    specs = pipeline_specs(args.passes)
+    parse_pipeline(specs)
+
+    with ui.status("loading model"):
+        src = resolve_model(args.model)
+    if src.is_onnx and not args.backends:
+        backends = ["onnxruntime"]
+    if src.is_onnx and set(backends) - {"onnxruntime"}:
+        raise UsageError("an ONNX model is benchmarked on onnxruntime only (use --backend onnxruntime)")
+    with ui.status(f"transforming ({', '.join(specs) or 'no passes'})"):
+        m2 = ptool.transform(src.obj, specs, example_inputs=src.args or None, example_kwargs=src.kwargs or None,
+                             calibration=src.calibration_items())
+    call_args, call_kwargs = src.args, src.kwargs
+    if src.is_onnx:
+        candidates = [Candidate("onnxruntime (original ONNX)", src.eager()),
+                      Candidate("onnxruntime (transformed)", m2)]
+    else:
+        candidates = build_candidates(src.eager(), m2, backends, call_args, call_kwargs, ui,
+                                      transformed=bool(specs))
+    with ui.progress("timing (interleaved)", args.repeat) as update:
+        rows = compare_candidates(candidates, call_args, call_kwargs, check_inputs=src.calibration[:4],
+                                  warmup=args.warmup, repeat=args.repeat, max_seconds=args.max_seconds,
+                                  on_round=update)
+
+    ui.out(f"model: {src.label}")
+    ui.out(f"inputs: {src.input_summary()}")
+    ui.out(f"pipeline: {' '.join(specs) or '(none)'}; fidelity checked on {1 + len(src.calibration[:4])} input(s)")
+    ui.out("")
+    ui.out(format_rows(rows, speedup_header="speedup vs original" if src.is_onnx else "speedup vs eager"))
+    ui.out("")
+    ui.out(f"speedup = median of {rows[0].name if src.is_onnx else BASELINE} / median of the row; errors and "
+           "cosine vs its outputs; mem = process RSS growth while building the backend")
+    for line in notes(rows):
+        ui.out(f"note: {line}")
+    if args.json:
+        write_json(args.json, src, specs, rows)
+    return 0
+
+
+def write_json(path: str, src, specs: list[str], rows: list) -> None:
+    import json
+    from pathlib import Path
+
+    from ptool.errors import UsageError
+
+    payload = {"model": src.label, "inputs": src.input_summary(), "passes": specs,
+               "rows": [r.to_dict() for r in rows]}
+    try:
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    except OSError as e:
+        raise UsageError(f"cannot write --json file '{path}': {e.strerror or e}") from None

@@ -1,0 +1,214 @@
+"""Show what a model is made of: op histogram, norm and attention sites, parameters, FLOPs, capture.
+
+The model is captured exactly as `ptool convert` would capture it (torch.export, then the
+fallbacks), so the figures describe the graph the passes will see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from collections import Counter
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="path (.onnx, .pt2, HF folder), module:function, or omit for the default model")
+    p.add_argument("--top", type=int, default=25, metavar="N", help="ops shown in the histogram (default 25)")
+    p.add_argument("--all", action="store_true", help="show every op in the histogram")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+# Norm and attention op families (ATen packets, resolved lazily: torch is not imported at CLI start).
+_BN = ("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
+       "_batch_norm_with_update", "_batch_norm_no_update", "cudnn_batch_norm", "miopen_batch_norm")
+_LN = ("layer_norm", "native_layer_norm")
+_GN = ("group_norm", "native_group_norm")
+_RMS = ("rms_norm", "_fused_rms_norm")
+_IN = ("instance_norm",)
+_SDPA = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+         "_scaled_dot_product_attention_math", "_scaled_dot_product_flash_attention",
+         "_scaled_dot_product_efficient_attention")
+_SOFTMAX = ("softmax", "_softmax", "_safe_softmax")
+_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def _packets(names: tuple[str, ...]) -> tuple:
+    import torch
+
+    return tuple(p for p in (getattr(torch.ops.aten, n, None) for n in names) if p is not None)
+
+
+def _layer_of(node: Any) -> str:
+    """The repeated block a node belongs to: the module path up to its first numeric index."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "(no module info)"
+    path = list(stack.values())[-1][0]
+    m = _LAYER.match(path)
+    return m.group(1) if m else (path.split(".")[0] if path else "(top level)")
+
+
+def torch_figures(gm: Any) -> dict:
+    """Histogram, sites, per-layer attention counts, parameters and FLOPs of a captured graph."""
+    from ptool.ir.flops import estimate_flops
+    from ptool.ir.graph import compute_nodes, is_op, op_histogram, parameter_count
+
+    groups = {name: _packets(ops) for name, ops in
+              (("BatchNorm", _BN), ("LayerNorm", _LN), ("GroupNorm", _GN), ("RMSNorm", _RMS),
+               ("InstanceNorm", _IN), ("attention (sdpa)", _SDPA), ("softmax", _SOFTMAX))}
+    sites = Counter({name: 0 for name in groups})
+    per_layer: dict[str, Counter] = {}
+    rms_modules = set()
+    for node in compute_nodes(gm):
+        for name, packets in groups.items():
+            if packets and is_op(node, *packets):
+                sites[name] += 1
+                if name in ("attention (sdpa)", "softmax"):
+                    per_layer.setdefault(_layer_of(node), Counter())[name] += 1
+        # RMSNorm is often written out in Python (pow/mean/rsqrt): count the modules instead.
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            if "RMSNorm" in str(cls).rsplit(".", 1)[-1]:
+                rms_modules.add(path)
+    if rms_modules and sites["RMSNorm"] == 0:
+        sites["RMSNorm"] = len(rms_modules)
+    flops = estimate_flops(gm)
+    params = parameter_count(gm)
+    tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}  # tied weights once
+    param_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return {
+        "nodes": len(compute_nodes(gm)),
+        "histogram": dict(op_histogram(gm).most_common()),
+        "sites": dict(sites),
+        "attention_by_layer": {k: dict(v) for k, v in per_layer.items()},
+        "parameters": params,
+        "parameter_bytes": param_bytes,
+        "flops": flops.total,
+        "flops_by_op": dict(flops.by_op),
+        "flops_unknown_nodes": flops.unknown,
+    }
+
+
+def onnx_figures(proto: Any) -> dict:
+    """The same figures for an ONNX model (FLOPs are not estimated at the ONNX level)."""
+    import math
+
+    nodes = list(proto.graph.node)
+    hist = Counter(n.op_type if not n.domain or n.domain == "ai.onnx" else f"{n.domain}.{n.op_type}" for n in nodes)
+    sites = {
+        "BatchNorm": hist.get("BatchNormalization", 0),
+        "LayerNorm": hist.get("LayerNormalization", 0) + hist.get("com.microsoft.SkipLayerNormalization", 0),
+        "GroupNorm": hist.get("GroupNormalization", 0),
+        "RMSNorm": hist.get("RMSNormalization", 0) + hist.get("com.microsoft.SimplifiedLayerNormalization", 0),
+        "InstanceNorm": hist.get("InstanceNormalization", 0),
+        "attention (fused)": hist.get("Attention", 0) + hist.get("com.microsoft.Attention", 0)
+                             + hist.get("com.microsoft.MultiHeadAttention", 0),
+        "softmax": hist.get("Softmax", 0),
+    }
+    params = sum(math.prod(t.dims) for t in proto.graph.initializer)
+    return {
+        "nodes": len(nodes),
+        "histogram": dict(hist.most_common()),
+        "sites": sites,
+        "attention_by_layer": {},
+        "parameters": params,
+        "parameter_bytes": None,
+        "flops": None,
+        "flops_by_op": {},
+        "flops_unknown_nodes": 0,
+        "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+    }
+
+
+def _onnx_inputs(proto: Any) -> str:
+    def dims(vi: Any) -> str:
+        shape = vi.type.tensor_type.shape
+        return "(" + ", ".join(d.dim_param or str(d.dim_value) for d in shape.dim) + ")"
+
+    init = {t.name for t in proto.graph.initializer}
+    return ", ".join(f"{vi.name} {dims(vi)}" for vi in proto.graph.input if vi.name not in init) or "(none)"
+
+
+def run(args: argparse.Namespace, ui) -> int:
+    from ptool.cli._model import resolve_model
+    from ptool.cli._ui import key_values
+    from ptool.ir.flops import format_flops
+    from ptool.report import format_table
+
+    if args.top < 1:
+        raise _bad("--top must be at least 1")
+    with ui.status("loading model"):
+        src = resolve_model(args.model)
+    capture_seconds = None
+    if src.is_onnx:
+        figures = onnx_figures(src.obj)
+        method, inputs = "none (ONNX input: analysed as ONNX)", _onnx_inputs(src.obj)
+    else:
+        gm, method = _capture(src, ui)
+        capture_seconds = gm[1]
+        figures = torch_figures(gm[0])
+        inputs = src.input_summary()
+
+    if args.json:
+        import json
+
+        ui.out(json.dumps({"model": src.label, "inputs": inputs, "capture": method, **figures}, indent=2, default=str))
+        return 0
+
+    params = figures["parameters"]
+    size = f", {figures['parameter_bytes'] / 2**20:.1f} MiB" if figures["parameter_bytes"] else ""
+    if figures["flops"] is None:
+        flops = "not estimated for ONNX input"
+    else:
+        by_op = ", ".join(f"{k.removeprefix('aten.')} {format_flops(v)}" for k, v in
+                          sorted(figures["flops_by_op"].items(), key=lambda kv: -kv[1]))
+        flops = f"{format_flops(figures['flops'])} per call (matmul-class ops only{': ' + by_op if by_op else ''})"
+        if figures["flops_unknown_nodes"]:
+            flops += f"; {figures['flops_unknown_nodes']} nodes without shapes not counted"
+    capture_text = method + (f" ({capture_seconds:.1f}s)" if capture_seconds is not None else "")
+    ui.out(key_values([
+        ("model", src.label),
+        ("inputs", inputs),
+        ("captured with", capture_text),
+        ("compute nodes", str(figures["nodes"])),
+        ("parameters", f"{params:,} ({params / 1e6:.2f}M){size}"),
+        ("FLOPs", flops),
+    ]))
+    ui.out("")
+    ui.out("sites")
+    ui.out(format_table(["kind", "count"], [[k, str(v)] for k, v in figures["sites"].items()]))
+    if figures["attention_by_layer"]:
+        ui.out("")
+        ui.out("attention by layer (sdpa = fused scaled_dot_product_attention; softmax = written-out attention)")
+        rows = [[layer, str(c.get("attention (sdpa)", 0)), str(c.get("softmax", 0))]
+                for layer, c in figures["attention_by_layer"].items()]
+        ui.out(format_table(["layer", "sdpa", "softmax"], rows))
+    hist = list(figures["histogram"].items())
+    shown = hist if args.all else hist[: args.top]
+    ui.out("")
+    more = "" if len(shown) == len(hist) else f" (top {len(shown)} of {len(hist)}; --all for every op)"
+    ui.out(f"op histogram{more}")
+    ui.out(format_table(["op", "count"], [[k, str(v)] for k, v in shown]))
+    return 0
+
+
+def _bad(message: str) -> Exception:
+    from ptool.errors import UsageError
+
+    return UsageError(message)
+
+
+def _capture(src, ui) -> tuple[tuple[Any, float], str]:
+    from ptool.frontends.loaders import ModelKind
+    from ptool.frontends.torch_export import capture, check_inputs, from_exported_program
+
+    start = time.perf_counter()
+    with ui.status("capturing the graph (torch.export)"):
+        if src.loaded.kind is ModelKind.EXPORTED:
+            captured = from_exported_program(src.obj)
+        else:
+            args, kwargs = check_inputs(src.args, src.kwargs)
+            captured = capture(src.obj, args, kwargs)
+    return (captured.graph_module, time.perf_counter() - start), captured.method.value

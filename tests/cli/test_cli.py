@@ -1,0 +1,349 @@
+"""The ``ptool`` command line: commands on tiny models, and the error contract.
+
+Error contract checked for every bad input: exactly one line on stderr (``ptool: error: ...``),
+the documented exit code, and no output file (nor a leftover staging folder) afterwards.
+
+Exit codes: 2 for bad usage (missing path, folder without config.json, ONNX failing the checker,
+unknown pass / option, bad flag, example inputs that do not fit the model, a module:function that
+cannot be imported or called); 1 for a failed conversion. A model that runs but that torch.export
+(and its fallbacks) cannot trace is a failed conversion, not bad usage: exit 1 (``TraceError``).
+
+Commands run in-process through ``main([...])``; one test runs the real ``ptool`` executable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ptool.cli import main
+
+FIXTURE_MODULE = "ptool_cli_fixture_models"
+
+_FIXTURES = textwrap.dedent(
+    '''
+    import torch
+    from torch import nn
+
+
+    class ConvBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+    def _conv_bn():
+        torch.manual_seed(0)
+        model = ConvBN().eval()
+        with torch.no_grad():  # non-trivial statistics, so folding really changes the weights
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+            model.bn.weight.uniform_(0.5, 1.5)
+            model.bn.bias.uniform_(-0.3, 0.3)
+        return model
+
+
+    def conv_bn():
+        return _conv_bn(), (torch.randn(2, 3, 8, 8),)
+
+
+    def conv_bn_kwargs():
+        return _conv_bn(), (), {"x": torch.randn(2, 3, 8, 8)}
+
+
+    def wrong_shape():
+        return _conv_bn(), (torch.randn(2, 5, 8, 8),)
+
+
+    class Boxed:  # a plain Python object (no pytree registration) holding the output
+        def __init__(self, value):
+            self.value = value
+
+
+    class Untraceable(nn.Module):
+        def forward(self, x):
+            return Boxed(x * 2)
+
+
+    def untraceable():
+        return Untraceable(), (torch.randn(3),)
+
+
+    def raises():
+        raise RuntimeError("boom")
+
+
+    def not_a_tuple():
+        return _conv_bn()
+    '''
+)
+
+
+@pytest.fixture(scope="module")
+def fixture_module(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("cli_fixtures")
+    (folder / f"{FIXTURE_MODULE}.py").write_text(_FIXTURES)
+    sys.path.insert(0, str(folder))
+    try:
+        yield FIXTURE_MODULE
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop(FIXTURE_MODULE, None)
+
+
+def _spec(module: str, function: str) -> str:
+    return f"{module}:{function}"
+
+
+def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _bad_onnx(path: Path) -> Path:
+    """A parseable ONNX file that onnx.checker rejects (a node reads an undefined value)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["undefined_value"], ["y"])
+    graph = helper.make_graph(
+        [node], "broken",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(path))  # onnx.save does not run the checker
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def test_passes_lists_the_registry(capsys):
+    code, out, err = _run(capsys, "passes")
+    assert code == 0 and err == ""
+    for name in ("dce", "cse", "constant-fold", "fold-bn"):
+        assert any(line.split()[0] == name for line in out.splitlines() if line.strip()), name
+    assert "default pipeline" in out
+
+
+def test_passes_json(capsys):
+    code, out, _ = _run(capsys, "passes", "--json")
+    assert code == 0
+    assert {"dce", "cse", "constant-fold", "fold-bn"} <= {row["name"] for row in json.loads(out)}
+
+
+def test_real_executable_help_and_passes():
+    exe = Path(sys.executable).with_name("ptool")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ptool.cli"]
+    help_run = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
+    assert help_run.returncode == 0, help_run.stderr
+    for command in ("passes", "inspect", "convert", "bench", "demo"):
+        assert command in help_run.stdout
+    passes_run = subprocess.run([*cmd, "passes"], capture_output=True, text=True, timeout=120)
+    assert passes_run.returncode == 0, passes_run.stderr
+    assert "fold-bn" in passes_run.stdout and passes_run.stderr == ""
+
+
+def test_parser_stays_light():
+    """Building the parser (what `ptool --help` does) must not import torch."""
+    code = "import sys, ptool.cli; ptool.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_inspect_reports_batchnorm(capsys, fixture_module):
+    code, out, err = _run(capsys, "inspect", _spec(fixture_module, "conv_bn"))
+    assert code == 0, err
+    rows = {line.rsplit(None, 1)[0].strip(): line.rsplit(None, 1)[-1] for line in out.splitlines() if line.strip()}
+    assert rows["BatchNorm"] == "1"
+    assert rows["attention (sdpa)"] == "0"
+    assert "torch.export" in out and "FLOPs" in out
+    assert "aten.conv2d" in out
+
+
+def test_inspect_json_figures(capsys, fixture_module):
+    code, out, _ = _run(capsys, "inspect", _spec(fixture_module, "conv_bn"), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["sites"]["BatchNorm"] == 1
+    # conv: 2 * (2*8*8*8 outputs) * (3*3*3) + linear: 2 * (2*4) * 8
+    assert data["flops"] == 2 * 2 * 8 * 8 * 8 * 27 + 2 * 2 * 4 * 8
+    assert data["parameters"] == sum(p.numel() for p in _fixture_model(fixture_module).state_dict().values()
+                                     if p.is_floating_point())
+
+
+def _fixture_model(module: str):
+    import importlib
+
+    return importlib.import_module(module).conv_bn()[0]
+
+
+def test_convert_writes_checked_onnx_and_prints_report(capsys, tmp_path, fixture_module):
+    import onnx
+
+    out_file = tmp_path / "nested" / "model.onnx"
+    code, out, err = _run(capsys, "convert", _spec(fixture_module, "conv_bn"), "-p", "fold-bn", "-o", str(out_file),
+                          "--verify")
+    assert code == 0, err
+    onnx.checker.check_model(str(out_file))
+    assert "fold-bn" in out and "ptool report" in out
+    assert "verify: onnxruntime" in out and "cosine 1.0000" in out
+    proto = onnx.load(str(out_file))
+    assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)  # folded
+    assert sorted(p.name for p in out_file.parent.iterdir()) == ["model.onnx"]  # no staging left over
+
+
+def test_convert_default_pipeline_and_kwargs_model(capsys, tmp_path, fixture_module):
+    out_file = tmp_path / "kw.onnx"
+    code, out, err = _run(capsys, "convert", _spec(fixture_module, "conv_bn_kwargs"), "-o", str(out_file))
+    assert code == 0, err
+    assert out_file.is_file()
+    for name in ("dce", "cse", "constant-fold", "fold-bn"):
+        assert name in out
+
+
+def test_convert_onnx_input_roundtrip(capsys, tmp_path, fixture_module):
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert _run(capsys, "convert", _spec(fixture_module, "conv_bn"), "-o", str(first))[0] == 0
+    code, out, err = _run(capsys, "convert", str(first), "-o", str(second), "--verify")
+    assert code == 0, err
+    assert second.is_file() and "verify: onnxruntime" in out
+
+
+@pytest.mark.tvm
+def test_convert_verify_with_tvm(capsys, tmp_path, fixture_module):
+    out_file = tmp_path / "tvm.onnx"
+    code, out, err = _run(capsys, "convert", _spec(fixture_module, "conv_bn"), "-o", str(out_file), "--verify",
+                          "--backend", "tvm")
+    assert code == 0, err
+    assert "verify: tvm" in out and out_file.is_file()
+
+
+def test_bench_table(capsys, tmp_path, fixture_module):
+    report = tmp_path / "bench.json"
+    code, out, err = _run(capsys, "bench", _spec(fixture_module, "conv_bn"), "--backend", "torch,onnxruntime",
+                          "--repeat", "3", "--warmup", "1", "--json", str(report))
+    assert code == 0, err
+    for label in ("torch eager (original)", "torch (transformed graph)", "onnxruntime", "speedup vs eager",
+                  "cosine"):
+        assert label in out
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["torch eager (original)", "torch (transformed graph)", "onnxruntime"]
+    assert rows[0]["speedup_vs_baseline"] == 1.0
+    assert all(r["runs"] == 3 and r["cosine"] > 0.9999 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the error contract
+
+
+def _assert_one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ptool: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+BAD_INPUTS = [
+    # (id, argv builder(tmp_path, module) -> argv without -o, expected code, message fragment)
+    ("missing-file", lambda t, m: ["convert", str(t / "nothere.onnx")], 2, "does not exist"),
+    ("folder-without-config", lambda t, m: ["convert", str(_mkdir(t / "emptydir"))], 2, "config.json"),
+    ("onnx-fails-checker", lambda t, m: ["convert", str(_bad_onnx(t / "bad.onnx"))], 2, "checker"),
+    ("unknown-pass", lambda t, m: ["convert", _spec(m, "conv_bn"), "-p", "fold-bm"], 2, "did you mean 'fold-bn'"),
+    ("unknown-pass-option", lambda t, m: ["convert", _spec(m, "conv_bn"), "-p", "fold-bn:bogus=1"], 2, "bogus"),
+    ("bad-pass-value", lambda t, m: ["convert", _spec(m, "conv_bn"), "-p", "fold-bn:fold_into_next=maybe"], 2,
+     "fold_into_next"),
+    ("bad-flag", lambda t, m: ["convert", _spec(m, "conv_bn"), "--bogus"], 2, "--bogus"),
+    ("untraceable-model", lambda t, m: ["convert", _spec(m, "untraceable")], 1, "cannot trace"),
+    ("wrong-input-shape", lambda t, m: ["convert", _spec(m, "wrong_shape")], 2, "example inputs"),
+    ("function-raises", lambda t, m: ["convert", _spec(m, "raises")], 2, "boom"),
+    ("function-returns-model-only", lambda t, m: ["convert", _spec(m, "not_a_tuple")], 2, "must return"),
+    ("no-such-module", lambda t, m: ["convert", "no_such_module_xyz:build"], 2, "no_such_module_xyz"),
+    ("no-such-function", lambda t, m: ["convert", _spec(m, "conv_bm")], 2, "did you mean 'conv_bn'"),
+]
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.mark.parametrize("build_argv,expected,fragment", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_one_line_exit_code_no_output(capsys, tmp_path, fixture_module, build_argv, expected, fragment):
+    out_dir = tmp_path / "out"  # does not exist: a failed conversion must not create it either
+    out_file = out_dir / "model.onnx"
+    code, _, err = _run(capsys, *build_argv(tmp_path, fixture_module), "-o", str(out_file))
+    line = _assert_one_line_error(err)
+    assert code == expected, line
+    assert fragment in line
+    assert not out_file.exists() and not out_dir.exists()
+
+
+def test_failed_conversion_keeps_existing_output(capsys, tmp_path, fixture_module):
+    out_file = tmp_path / "model.onnx"
+    out_file.write_bytes(b"previous")
+    code, _, err = _run(capsys, "convert", _spec(fixture_module, "untraceable"), "-o", str(out_file))
+    assert code == 1
+    _assert_one_line_error(err)
+    assert out_file.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["convert", "x:y", "-o", "model.txt"], "must end in .onnx"),
+    (["bench", "x:y", "--backend", "onnxrt"], "did you mean 'onnxruntime'"),
+    (["bench", "x:y", "--repeat", "0"], "--repeat"),
+    (["inspect", "--top", "many"], "invalid int value"),
+    (["convert"], "-o/--output"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors(capsys, argv, fragment):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    assert fragment in _assert_one_line_error(err)
+
+
+def test_unexpected_error_is_one_line_with_debug_hint(capsys, monkeypatch):
+    import ptool.cli.passes as passes_cmd
+
+    def boom(args, ui):
+        raise RuntimeError("internal\nfailure")
+
+    monkeypatch.setattr(passes_cmd, "run", boom)
+    code, _, err = _run(capsys, "passes")
+    line = _assert_one_line_error(err)
+    assert code == 1 and "RuntimeError" in line and "--debug" in line
+    with pytest.raises(RuntimeError):
+        main(["--debug", "passes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the real default model
+
+
+@pytest.mark.slow
+def test_convert_default_model(capsys, tmp_path):
+    import onnx
+
+    out_file = tmp_path / "minilm.onnx"
+    code, out, err = _run(capsys, "convert", "-o", str(out_file))
+    assert code == 0, err
+    onnx.checker.check_model(str(out_file))
+    assert "all-MiniLM-L6-v2" in out and "fold-bn" in out
+    assert "whole model vs original" in out
+    shutil.rmtree(tmp_path, ignore_errors=True)
