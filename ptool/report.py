@@ -50,6 +50,18 @@ class PassRecord:
     within_contract: bool = True
     notes: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, pass_, result, *, seconds: float, nodes: tuple[int, int], params: tuple[int, int],
+           fidelity: Fidelity | None, violation: str | None) -> PassRecord:
+        """The record of one pass run (``result`` is its PassResult); used by both IR managers."""
+        return cls(
+            name=pass_.name, spec=pass_.spec(), family=pass_.family.value, exact=pass_.numerics.exact,
+            numerics=str(pass_.numerics), seconds=seconds, nodes_before=nodes[0], nodes_after=nodes[1],
+            params_before=params[0], params_after=params[1], rewritten=result.rewritten,
+            skipped=list(result.skipped), fidelity=fidelity, within_contract=violation is None,
+            notes=dict(result.notes),
+        )
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["skipped"] = [{"site": s.site, "reason": s.reason} for s in self.skipped]

@@ -31,6 +31,24 @@ def run_reference(gm: torch.nn.Module, inputs: ReferenceInputs) -> list:
         return [gm(*args, **kwargs) for args, kwargs in inputs]
 
 
+def judge(pass_: Pass, before: list, after: list, ran: str) -> tuple:
+    """Compare outputs after a pass with those before it; raise if an exact pass drifted.
+
+    Returns:
+        ``(fidelity, violation)``: the comparison and the contract violation (None if kept).
+
+    Raises:
+        VerificationError: an exact pass broke its tolerance (names the pass and those before it).
+    """
+    fidelity = compare_many(before, after)
+    violation = pass_.numerics.violation(fidelity)
+    if violation and pass_.numerics.exact:
+        raise VerificationError(
+            f"exact pass '{pass_.spec()}' changed the outputs: {violation} (passes before it: {ran})"
+        )
+    return fidelity, violation
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0][:300] if lines else type(err).__name__
@@ -87,32 +105,12 @@ def run_pipeline(
                 raise VerificationError(
                     f"pass '{spec}' produced a graph that no longer runs: {type(e).__name__}: {_first_line(e)}"
                 ) from e
-            fidelity = compare_many(outputs, new_outputs)
-            violation = pass_.numerics.violation(fidelity)
-            if violation and pass_.numerics.exact:
-                ran = ", ".join(p.spec() for p in passes[:index]) or "none"
-                raise VerificationError(
-                    f"exact pass '{spec}' changed the outputs: {violation} (passes before it: {ran})"
-                )
+            ran = ", ".join(p.spec() for p in passes[:index]) or "none"
+            fidelity, violation = judge(pass_, outputs, new_outputs, ran)
             outputs = new_outputs
 
-        record = PassRecord(
-            name=pass_.name,
-            spec=spec,
-            family=pass_.family.value,
-            exact=pass_.numerics.exact,
-            numerics=str(pass_.numerics),
-            seconds=seconds,
-            nodes_before=nodes_before,
-            nodes_after=node_count(gm),
-            params_before=params_before,
-            params_after=parameter_count(gm),
-            rewritten=result.rewritten,
-            skipped=list(result.skipped),
-            fidelity=fidelity,
-            within_contract=violation is None,
-            notes=dict(result.notes),
-        )
+        record = PassRecord.of(pass_, result, seconds=seconds, nodes=(nodes_before, node_count(gm)),
+                               params=(params_before, parameter_count(gm)), fidelity=fidelity, violation=violation)
         records.append(record)
         for inst in ctx.instruments:
             getattr(inst, "after_pass", lambda *a: None)(index, pass_, gm, record)

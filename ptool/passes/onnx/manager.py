@@ -27,8 +27,8 @@ import onnx_ir as ir
 
 from ptool.errors import PtoolError, VerificationError
 from ptool.passes.base import Pass, PassContext
+from ptool.passes.manager import judge
 from ptool.report import PassRecord
-from ptool.verify import compare_many
 
 ReferenceInputs = Sequence[Mapping[str, np.ndarray]]
 
@@ -146,29 +146,12 @@ def run_onnx_pipeline(
                 raise VerificationError(
                     f"pass '{spec}' produced an ONNX model that ONNX Runtime cannot run: {_first_line(e)}"
                 ) from e
-            fidelity = compare_many(outputs, new_outputs)
-            violation = pass_.numerics.violation(fidelity)
-            if violation and pass_.numerics.exact:
-                raise VerificationError(f"exact pass '{spec}' changed the outputs: {violation} (passes before it: {ran})")
+            fidelity, violation = judge(pass_, outputs, new_outputs, ran)
             outputs = new_outputs
 
-        record = PassRecord(
-            name=pass_.name,
-            spec=spec,
-            family=pass_.family.value,
-            exact=pass_.numerics.exact,
-            numerics=str(pass_.numerics),
-            seconds=seconds,
-            nodes_before=nodes_before,
-            nodes_after=node_count(model_ir),
-            params_before=params_before,
-            params_after=parameter_count(model_ir),
-            rewritten=result.rewritten,
-            skipped=list(result.skipped),
-            fidelity=fidelity,
-            within_contract=violation is None,
-            notes=dict(result.notes),
-        )
+        record = PassRecord.of(pass_, result, seconds=seconds, nodes=(nodes_before, node_count(model_ir)),
+                               params=(params_before, parameter_count(model_ir)), fidelity=fidelity,
+                               violation=violation)
         records.append(record)
         for inst in ctx.instruments:
             getattr(inst, "after_pass", lambda *a: None)(index, pass_, model_ir, record)
