@@ -257,3 +257,12 @@ def module_path(node: torch.fx.Node) -> str:
         path = list(stack.values())[-1][0]
         return path or "<root>"
     return "?"
+
+
+def no_padding(padding: object) -> bool:
+    """True if a conv's ``padding`` argument pads nothing (0, all zeros, or ``"valid"``)."""
+    if isinstance(padding, str):
+        return padding == "valid"
+    if isinstance(padding, (list, tuple)):
+        return all(p == 0 for p in padding)
+    return padding in (0, None)

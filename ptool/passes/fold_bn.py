@@ -22,7 +22,9 @@ from typing import ClassVar
 import torch
 import torch.fx
 
-from ptool.ir.graph import add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, module_path, owner_of, replace_tensor
+from ptool.ir.graph import (
+    add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, module_path, no_padding, owner_of, replace_tensor,
+)
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.verify import Close, Numerics
 
@@ -164,14 +166,6 @@ def _rank(node: torch.fx.Node) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
-def _no_padding(padding: object) -> bool:
-    if isinstance(padding, str):
-        return padding == "valid"
-    if isinstance(padding, (list, tuple)):
-        return all(p == 0 for p in padding)
-    return padding in (0, None)
-
-
 def _why_not_after(gm: torch.fx.GraphModule, bn: _BatchNorm) -> str | None:
     layer = _as_layer(bn.x)
     if layer is None:
@@ -197,7 +191,7 @@ def _why_not_before(gm: torch.fx.GraphModule, bn: _BatchNorm) -> str | None:
             return f"{user.name}'s weight is computed, not a stored weight"
         if layer.kind == "linear" and _rank(bn.node) != 2:
             return "BatchNorm1d output is not 2-D, so its channels are not the Linear's input features"
-        if layer.kind == "conv" and not _no_padding(layer.padding):
+        if layer.kind == "conv" and not no_padding(layer.padding):
             return (
                 f"{user.name} zero-pads its input: padded zeros would become beta - s*mean after folding "
                 "(not exact)"

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from ptool.ir.graph import attr_tensor, is_op, op_name
+from ptool.ir.graph import attr_tensor, is_op, no_padding, op_name
 from ptool.ir.noise import constant_value
 from ptool.passes.fold_affine._layers import (
     Layer, as_layer, dtype_of, fold_inputs, fold_outputs, in_features, out_features, through_identity,
@@ -192,7 +192,7 @@ def into_consumers(gm: fx.GraphModule, aff: Affine, *, untie: bool) -> list[Laye
                     failure = failure or f"{user.name} reads the channels along another dim than the {aff.what}"
                 elif not layer.channels_last and aff.axis != "any" and moved:
                     failure = failure or f"a view between the {aff.what} and {user.name} moves its channels"
-                elif layer.kind == "conv" and aff.t is not None and not _no_padding(layer.padding):
+                elif layer.kind == "conv" and aff.t is not None and not no_padding(layer.padding):
                     failure = failure or (f"{user.name} zero-pads its input: padded zeros would become the "
                                           "shift after folding (not exact)")
                 else:
@@ -206,14 +206,6 @@ def into_consumers(gm: fx.GraphModule, aff: Affine, *, untie: bool) -> list[Laye
     if not layers:
         return failure if aff.x is None else None
     return failure or layers
-
-
-def _no_padding(padding: object) -> bool:
-    if isinstance(padding, str):
-        return padding == "valid"
-    if isinstance(padding, (list, tuple)):
-        return all(p == 0 for p in padding)
-    return padding in (0, None)
 
 
 def fold(gm: fx.GraphModule, aff: Affine, target: Layer | list[Layer], pass_name: str) -> None:
