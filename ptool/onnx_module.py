@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptool.errors import BackendError, InputError, did_you_mean
+from ptool.errors import BackendError, InputError, did_you_mean, first_line
 from ptool.report import Report
 
 #: Models whose weights exceed this many bytes are handed to ONNX Runtime and written to disk with
@@ -202,12 +202,7 @@ def ort_session(model: Any, *, optimize: bool = True) -> Any:
             ir.save(ir_model, path, external_data="model.onnx.data")
             return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:
-        raise BackendError(f"ONNX Runtime cannot load the model: {_first_line(e)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
+        raise BackendError(f"ONNX Runtime cannot load the model: {first_line(e)}") from None
 
 
 def run_session(session: Any, feeds: dict[str, np.ndarray]) -> list[torch.Tensor | Any]:
@@ -254,7 +249,7 @@ class OnnxTransformedModule(nn.Module):
         try:
             outputs = run_session(self.session, feeds)
         except Exception as e:
-            raise BackendError(f"ONNX Runtime failed to run the model: {_first_line(e)}") from None
+            raise BackendError(f"ONNX Runtime failed to run the model: {first_line(e)}") from None
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> pathlib.Path:
@@ -296,7 +291,7 @@ class OnnxTransformedModule(nn.Module):
                 os.replace(staging / data_name, path.parent / data_name)
             os.replace(staged, path)
         except Exception as e:
-            raise BackendError(f"could not save the ONNX model to '{path}': {_first_line(e)}") from None
+            raise BackendError(f"could not save the ONNX model to '{path}': {first_line(e)}") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return path

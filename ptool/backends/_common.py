@@ -27,16 +27,9 @@ from typing import Any, Literal, get_args, get_origin
 import torch
 import torch.utils._pytree as pytree
 
-from ptool.errors import InputError, PassError, UsageError, did_you_mean
+from ptool.errors import InputError, PassError, UsageError, did_you_mean, first_line
+from ptool.frontends.torch_export import check_inputs
 from ptool.passes.options import describe_type, parse_value
-
-
-def first_line(err: BaseException, limit: int = 300) -> str:
-    """The first non-empty line of an exception message (errors stay one line)."""
-    for line in str(err).splitlines():
-        if line.strip():
-            return line.strip()[:limit]
-    return type(err).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +419,7 @@ class ExampleCall:
         Raises:
             InputError: the example inputs are malformed or the module fails on them.
         """
-        args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+        args, kwargs = check_inputs(example_inputs, example_kwargs)
         convention = CallConvention.of(module)
         args, kwargs = convention.canonical(args, kwargs)
         try:
@@ -500,29 +493,6 @@ class FlatCall(torch.nn.Module):
         out = pytree.tree_leaves(self.inner(*args, **kwargs))
         return tuple(out[i] for i in self._tensor_outputs)
 
-
-def normalize_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
-    """``(x,)``, ``[x]`` or a bare tensor -> a tuple; kwargs -> a dict.
-
-    Raises:
-        InputError: anything else, or no inputs at all.
-    """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    elif example_inputs is None:
-        example_inputs = ()
-    elif isinstance(example_inputs, list):
-        example_inputs = tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
-        raise InputError(
-            f"example_inputs must be a tuple of tensors (e.g. (x,)), not {type(example_inputs).__name__}"
-        )
-    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
-        raise InputError(f"example_kwargs must be a dict, not {type(example_kwargs).__name__}")
-    kwargs = dict(example_kwargs or {})
-    if not example_inputs and not kwargs:
-        raise InputError("example inputs are required: pass example_inputs=(x,)")
-    return example_inputs, kwargs
 
 
 # --------------------------------------------------------------------------------------------

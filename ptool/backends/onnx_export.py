@@ -75,14 +75,15 @@ def export_onnx(
     """
     import torch
 
-    from ptool.backends._common import canonical_call, normalize_inputs
+    from ptool.backends._common import canonical_call
+    from ptool.frontends.torch_export import check_inputs
 
     path = Path(path)
     if path.suffix != ".onnx":
         raise BackendError(f"ONNX output path must end in .onnx, got '{path}'")
     if path.is_dir():
         raise BackendError(f"ONNX output path '{path}' is a folder; give a file name ending in .onnx")
-    args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    args, kwargs = check_inputs(example_inputs, example_kwargs)
     if not isinstance(module, torch.export.ExportedProgram):
         args, kwargs = canonical_call(module, args, kwargs)
 

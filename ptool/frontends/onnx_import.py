@@ -29,16 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from ptool.errors import InputError, ModelLoadError
+from ptool.errors import InputError, ModelLoadError, first_line
 from ptool.passes.base import Pass
 
 #: How many calibration batches are used for verification besides the example (as for torch).
 VERIFY_BATCHES = 4
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:200] if lines else type(err).__name__
 
 
 def _graphs(graph: Any) -> Iterator[Any]:
@@ -131,18 +126,18 @@ def load_onnx(path: str | os.PathLike) -> Any:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise ModelLoadError(f"'{path.name}' is not a readable ONNX protobuf file: {_first_line(e)}") from None
+        raise ModelLoadError(f"'{path.name}' is not a readable ONNX protobuf file: {first_line(e, 200)}") from None
     if not proto.HasField("graph") or not proto.opset_import:
         raise ModelLoadError(f"'{path.name}' is not an ONNX model (no graph or no opset imports)")
     _check_external_locations(proto, path)
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:
-        raise ModelLoadError(f"ONNX file '{path.name}' fails onnx.checker: {_first_line(e)}") from None
+        raise ModelLoadError(f"ONNX file '{path.name}' fails onnx.checker: {first_line(e, 200)}") from None
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(path.resolve().parent))
     except Exception as e:
-        raise ModelLoadError(f"ONNX file '{path.name}': cannot read its external data: {_first_line(e)}") from None
+        raise ModelLoadError(f"ONNX file '{path.name}': cannot read its external data: {first_line(e, 200)}") from None
     return proto
 
 

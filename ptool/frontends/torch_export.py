@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import enum
+from collections.abc import Mapping
 import warnings
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ptool.errors import InputError, TraceError
+from ptool.errors import InputError, TraceError, first_line
 
 
 class CaptureMethod(str, enum.Enum):
@@ -45,23 +46,26 @@ class Captured:
     exported_program: torch.export.ExportedProgram | None = None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
-
-
 def check_inputs(example_inputs: object, example_kwargs: object) -> tuple[tuple, dict]:
-    """Normalize example inputs to ``(tuple, dict)``; InputError for anything else."""
+    """Normalize one example call to ``(tuple, dict)``: ``(x,)``, ``[x]`` or a bare tensor.
+
+    The one input check every entry point (transform, export, backends) shares.
+
+    Raises:
+        InputError: anything else, or no inputs at all.
+    """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if example_inputs is None:
+    elif example_inputs is None:
         example_inputs = ()
-    if isinstance(example_inputs, list):
+    elif isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
     if not isinstance(example_inputs, tuple):
         raise InputError(
             f"example_inputs must be a tuple of tensors (e.g. (x,)), not {type(example_inputs).__name__}"
         )
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise InputError(f"example_kwargs must be a dict, not {type(example_kwargs).__name__}")
     example_kwargs = dict(example_kwargs or {})
     if not example_inputs and not example_kwargs:
         raise InputError("example inputs are required to trace a torch model: pass example_inputs=(x,)")
@@ -87,7 +91,7 @@ def _validate_call(model: nn.Module, args: tuple, kwargs: dict) -> None:
             for a in (*args, *kwargs.values())
         )
         raise InputError(
-            f"the model fails on the example inputs ({shapes}): {type(e).__name__}: {_first_line(e)}"
+            f"the model fails on the example inputs ({shapes}): {type(e).__name__}: {first_line(e)}"
         ) from None
 
 
@@ -127,21 +131,21 @@ def capture(
         except Exception as e:  # torch raises many types here; we report the first one
             errors.append(e)
             if dynamic_shapes is not None and "constraint" in str(e).lower():
-                raise TraceError(f"torch.export rejected dynamic_shapes: {_first_line(e)}") from None
+                raise TraceError(f"torch.export rejected dynamic_shapes: {first_line(e)}") from None
 
     try:
         with torch.no_grad():
             ep = torch.export.draft_export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
         warnings.warn(
             "torch.export could not capture the model "
-            f"({_first_line(errors[0])}); traced with draft_export, which specializes Python control "
+            f"({first_line(errors[0])}); traced with draft_export, which specializes Python control "
             "flow to the example inputs (other branches raise at run time)",
             stacklevel=3,
         )
         return Captured(ep.module(), CaptureMethod.DRAFT_EXPORT, ep)
     except Exception:
         raise TraceError(
-            f"torch.export cannot trace this model: {_first_line(errors[0])} — make the forward "
+            f"torch.export cannot trace this model: {first_line(errors[0])} — make the forward "
             "export-friendly (no data-dependent Python control flow) or pass an ExportedProgram"
         ) from None
 

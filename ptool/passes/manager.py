@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
-from ptool.errors import PtoolError, VerificationError
+from ptool.errors import PtoolError, VerificationError, first_line
 from ptool.ir.graph import node_count, parameter_count, refresh_meta, remove_unused_attributes
 from ptool.passes.base import Pass, PassContext
 from ptool.report import PassRecord
@@ -47,11 +47,6 @@ def judge(pass_: Pass, before: list, after: list, ran: str) -> tuple:
             f"exact pass '{pass_.spec()}' changed the outputs: {violation} (passes before it: {ran})"
         )
     return fidelity, violation
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
 
 
 def run_pipeline(
@@ -93,7 +88,7 @@ def run_pipeline(
         except Exception as e:
             ran = ", ".join(p.spec() for p in passes[:index]) or "none"
             raise PtoolError(
-                f"pass '{spec}' failed ({type(e).__name__}: {_first_line(e)}); passes already run: {ran}"
+                f"pass '{spec}' failed ({type(e).__name__}: {first_line(e)}); passes already run: {ran}"
             ) from e
         seconds = time.perf_counter() - start
 
@@ -103,7 +98,7 @@ def run_pipeline(
                 new_outputs = run_reference(gm, reference_inputs)
             except Exception as e:
                 raise VerificationError(
-                    f"pass '{spec}' produced a graph that no longer runs: {type(e).__name__}: {_first_line(e)}"
+                    f"pass '{spec}' produced a graph that no longer runs: {type(e).__name__}: {first_line(e)}"
                 ) from e
             ran = ", ".join(p.spec() for p in passes[:index]) or "none"
             fidelity, violation = judge(pass_, outputs, new_outputs, ran)

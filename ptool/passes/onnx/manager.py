@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ptool.errors import PtoolError, VerificationError
+from ptool.errors import PtoolError, VerificationError, first_line
 from ptool.passes.base import Pass, PassContext
 from ptool.passes.manager import judge
 from ptool.report import PassRecord
@@ -63,11 +63,6 @@ def run_reference(model: ir.Model | Any, inputs: ReferenceInputs) -> list[list]:
 
     session = ort_session(model, optimize=False)
     return [run_session(session, dict(feeds)) for feeds in inputs]
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
 
 
 def _checked(model: ir.Model) -> ir.Model | Any:
@@ -128,14 +123,14 @@ def run_onnx_pipeline(
             raise
         except Exception as e:
             raise PtoolError(
-                f"pass '{spec}' failed on the ONNX model ({type(e).__name__}: {_first_line(e)}); passes already run: {ran}"
+                f"pass '{spec}' failed on the ONNX model ({type(e).__name__}: {first_line(e)}); passes already run: {ran}"
             ) from e
         seconds = time.perf_counter() - start
         try:
             checked = _checked(model_ir)
         except Exception as e:
             raise PtoolError(
-                f"pass '{spec}' produced an invalid ONNX model ({_first_line(e)}); passes already run: {ran}"
+                f"pass '{spec}' produced an invalid ONNX model ({first_line(e)}); passes already run: {ran}"
             ) from e
 
         fidelity, violation = None, None
@@ -144,7 +139,7 @@ def run_onnx_pipeline(
                 new_outputs = run_reference(checked, reference_inputs)
             except Exception as e:
                 raise VerificationError(
-                    f"pass '{spec}' produced an ONNX model that ONNX Runtime cannot run: {_first_line(e)}"
+                    f"pass '{spec}' produced an ONNX model that ONNX Runtime cannot run: {first_line(e)}"
                 ) from e
             fidelity, violation = judge(pass_, outputs, new_outputs, ran)
             outputs = new_outputs
