@@ -32,6 +32,8 @@ __all__ = [
     "default_model",
     "encode",
     "minilm_folder",
+    "packed_batches",
+    "reference_sentences",
     "tokenizer",
 ]
 
@@ -154,3 +156,42 @@ def _batches(sentences: Sequence[str], seq_len: int, batch_size: int) -> list[tu
     ids, mask = encode(sentences, seq_len)
     full = len(sentences) // batch_size * batch_size  # keep every batch the same shape
     return [(ids[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, full, batch_size)]
+
+
+def reference_sentences() -> list[str]:
+    """English prose from the Python language reference bundled with CPython (``pydoc_data``).
+
+    About 1,200 sentences of a different domain than the shipped sentences: calibration and
+    distillation text that never overlaps the held-out sentences.
+    """
+    import re
+
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics[key] for key in sorted(topics))
+    out = []
+    for s in re.split(r"(?<=[.!?])\s+", text):
+        s = " ".join(s.split())
+        if 40 < len(s) < 300 and s[0].isupper() and not re.search(r"[{}<>=\[\]|_*]", s):
+            out.append(s)
+    return out
+
+
+def packed_batches(sentences: Sequence[str], seq_len: int, batch_size: int,
+                   count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of rows filled with consecutive sentences ([CLS] text... [SEP], no padding).
+
+    Unlike :func:`encode`, every position is a real token, so attention patterns span the whole row.
+    """
+    tok = tokenizer()
+    ids = [i for s in sentences for i in tok(s, add_special_tokens=False)["input_ids"]]
+    body = seq_len - 2
+    rows = [[tok.cls_token_id, *ids[i:i + body], tok.sep_token_id] for i in range(0, len(ids) - body + 1, body)]
+    full = len(rows) // batch_size * batch_size
+    if count is not None:
+        full = min(full, count * batch_size)
+    batches = []
+    for i in range(0, full, batch_size):
+        t = torch.tensor(rows[i:i + batch_size], dtype=torch.long)
+        batches.append((t, torch.ones_like(t)))
+    return batches

@@ -51,10 +51,14 @@ def _layer_of(node: Any) -> str:
     return m.group(1) if m else (path.split(".")[0] if path else "(top level)")
 
 
-def torch_figures(gm: Any) -> dict:
-    """Histogram, sites, per-layer attention counts, parameters and FLOPs of a captured graph."""
+def torch_figures(gm: Any, call: tuple[tuple, dict] | None = None) -> dict:
+    """Histogram, sites, attention sites, parameters and FLOPs of a captured graph.
+
+    ``call`` (example ``(args, kwargs)``) lets causal masks be recognised on the attention sites.
+    """
     from ptool.ir.flops import estimate_flops
     from ptool.ir.graph import compute_nodes, is_op, op_histogram, parameter_count
+    from ptool.passes.attention.swap import sites_of
 
     groups = {name: _packets(ops) for name, ops in
               (("BatchNorm", _BN), ("LayerNorm", _LN), ("GroupNorm", _GN), ("RMSNorm", _RMS),
@@ -83,6 +87,7 @@ def torch_figures(gm: Any) -> dict:
         "histogram": dict(op_histogram(gm).most_common()),
         "sites": dict(sites),
         "attention_by_layer": {k: dict(v) for k, v in per_layer.items()},
+        "attention_sites": [site.summary() for site in sites_of(gm, call)],
         "parameters": params,
         "parameter_bytes": param_bytes,
         "flops": flops.total,
@@ -113,6 +118,7 @@ def onnx_figures(proto: Any) -> dict:
         "histogram": dict(hist.most_common()),
         "sites": sites,
         "attention_by_layer": {},
+        "attention_sites": [],
         "parameters": params,
         "parameter_bytes": None,
         "flops": None,
@@ -148,7 +154,7 @@ def run(args: argparse.Namespace, ui) -> int:
     else:
         gm, method = _capture(src, ui)
         capture_seconds = gm[1]
-        figures = torch_figures(gm[0])
+        figures = torch_figures(gm[0], _example_call(src))
         inputs = src.input_summary()
 
     if args.json:
@@ -179,12 +185,14 @@ def run(args: argparse.Namespace, ui) -> int:
     ui.out("")
     ui.out("sites")
     ui.out(format_table(["kind", "count"], [[k, str(v)] for k, v in figures["sites"].items()]))
-    if figures["attention_by_layer"]:
+    if figures["attention_sites"]:
         ui.out("")
-        ui.out("attention by layer (sdpa = fused scaled_dot_product_attention; softmax = written-out attention)")
-        rows = [[layer, str(c.get("attention (sdpa)", 0)), str(c.get("softmax", 0))]
-                for layer, c in figures["attention_by_layer"].items()]
-        ui.out(format_table(["layer", "sdpa", "softmax"], rows))
+        ui.out("attention sites (what the attention passes replace; sdpa = fused, eager = written-out softmax)")
+        rows = [[str(a["index"]), a["module"], a["form"], f"{a['heads']}/{a['kv_heads']}", str(a["head_dim"]),
+                 f"{a['q_len']}x{a['kv_len']}", "yes" if a["causal"] else "no", "yes" if a["masked"] else "no",
+                 a.get("problem", "")] for a in figures["attention_sites"]]
+        ui.out(format_table(["#", "layer", "form", "heads/kv", "head dim", "tokens", "causal", "masked", "note"],
+                            rows))
     hist = list(figures["histogram"].items())
     shown = hist if args.all else hist[: args.top]
     ui.out("")
@@ -192,6 +200,13 @@ def run(args: argparse.Namespace, ui) -> int:
     ui.out(f"op histogram{more}")
     ui.out(format_table(["op", "count"], [[k, str(v)] for k, v in shown]))
     return 0
+
+
+def _example_call(src) -> tuple[tuple, dict] | None:
+    args, kwargs = getattr(src, "args", None), getattr(src, "kwargs", None)
+    if args is None and not kwargs:
+        return None
+    return tuple(args or ()), dict(kwargs or {})
 
 
 def _bad(message: str) -> Exception:

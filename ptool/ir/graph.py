@@ -177,12 +177,14 @@ def erase_if_unused(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node]) ->
 def remove_unused_attributes(gm: torch.fx.GraphModule) -> int:
     """Drop parameters and buffers that no get_attr node reads any more; return bytes freed.
 
-    Keeps the module small after folds (a folded BatchNorm leaves four tensors behind).
+    Keeps the module small after folds (a folded BatchNorm leaves four tensors behind). Tensors of
+    submodules the graph calls (``call_module``, e.g. attention kernels) are in use.
     """
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = tuple(n.target + "." for n in gm.graph.nodes if n.op == "call_module")
     freed = 0
     for name, tensor in list(itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False))):
-        if name in used:
+        if name in used or name.startswith(called):
             continue
         owner_path, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -61,7 +60,8 @@ from torch import nn
 from ptool.errors import PassError
 from ptool.ir.graph import add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, op_name, owner_of, replace_tensor
 from ptool.passes.base import Family, Pass, PassContext, PassResult
-from ptool.verify import Lossy, Numerics, flatten_outputs
+from ptool.passes.distill import distill_loss, float_leaves, progress
+from ptool.verify import Lossy, Numerics
 
 aten = torch.ops.aten
 
@@ -183,20 +183,6 @@ def _collect_statistics(gm: torch.fx.GraphModule, sites: list[_Site], calls: lis
 # fine-tune
 
 
-def _float_leaves(outputs: Any) -> list[torch.Tensor]:
-    return [t for t in flatten_outputs(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def _distill_loss(kind: str, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    losses = []
-    for s, t in zip(student, teacher, strict=True):
-        if kind == "mse":
-            losses.append(torch.nn.functional.mse_loss(s.float(), t.float()))
-        else:  # 1 - cosine along the last axis, averaged over the other positions
-            losses.append(1 - torch.nn.functional.cosine_similarity(s.float(), t.float(), dim=-1, eps=1e-12).mean())
-    return torch.stack(losses).mean()
-
-
 @dataclass
 class _Schedule:
     """lambda(t) = max(0, 1 - t / decay_steps): 1 at the first step, 0 from ``decay_steps`` on."""
@@ -206,18 +192,6 @@ class _Schedule:
 
     def at(self, step: int) -> float:
         return max(0.0, 1.0 - step / self.decay_steps) if self.decay_steps > 0 else 0.0
-
-
-def _progress(total: int):
-    """A tqdm bar on an interactive stderr, else a silent stand-in (tqdm is imported lazily)."""
-    disable = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with the hf extra; without it, no bar
-        tqdm = None
-    if tqdm is None:
-        return contextlib.nullcontext(None)
-    return tqdm(total=total, desc="repbn fine-tune", unit="step", disable=disable, leave=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +426,7 @@ class RepBatchNorm(Pass):
                   calls: list[tuple[tuple, dict]]) -> dict[str, Any]:
         """Distil the original model into the LN -> RepBN mixture while lambda decays to 0."""
         with torch.no_grad():
-            teacher = [[t.detach() for t in _float_leaves(gm(*args, **kwargs))] for args, kwargs in calls]
+            teacher = [[t.detach() for t in float_leaves(gm(*args, **kwargs))] for args, kwargs in calls]
         if not any(teacher):
             raise PassError(f"pass '{self.name}': the model has no floating-point outputs to distil against")
         schedule = _Schedule(decay_steps=max(1, math.ceil(self.decay_fraction * self.finetune_steps)))
@@ -470,7 +444,7 @@ class RepBatchNorm(Pass):
 
         def mean_loss() -> float:
             with torch.no_grad():
-                return sum(float(_distill_loss(self.loss, _float_leaves(gm(*a, **k)), t))
+                return sum(float(distill_loss(self.loss, float_leaves(gm(*a, **k)), t))
                            for (a, k), t in zip(calls, teacher)) / len(calls)
 
         params = list(dict.fromkeys(p for p in gm.parameters() if p.requires_grad))
@@ -482,11 +456,11 @@ class RepBatchNorm(Pass):
         with _tapped(gm, {node: tap_for(rep) for node, rep in repbns.items()}), torch.enable_grad():
             schedule.value = 0.0
             before = mean_loss()
-            with _progress(self.finetune_steps) as bar:
+            with progress(self.finetune_steps, "repbn fine-tune") as bar:
                 for step in range(self.finetune_steps):
                     schedule.value = schedule.at(step)
                     args, kwargs = calls[step % len(calls)]
-                    loss = _distill_loss(self.loss, _float_leaves(gm(*args, **kwargs)), teacher[step % len(calls)])
+                    loss = distill_loss(self.loss, float_leaves(gm(*args, **kwargs)), teacher[step % len(calls)])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

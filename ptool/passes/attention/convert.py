@@ -1,0 +1,149 @@
+"""Conversion: make replaced attention layers behave like the softmax they replace.
+
+METHODS.md is blunt that almost no attention swap keeps a pretrained model working without
+training; Hedgehog/LoLCATs and SEA come with a recipe, and the same recipe serves every kernel
+that has parameters:
+
+1. **Attention transfer** (:func:`transfer`). Each kernel learns, on its own layer's q, k, v
+   recorded from the *original* model on the calibration data (original weights untouched), to
+   mimic its softmax attention: ``CE(A, A_hat)`` between the softmax rows and the rows the kernel
+   implies (Hedgehog), ``KL(A || softmax(estimate))`` for kernels that estimate scores (SEA), plus
+   ``mse_weight * MSE(o_hat, o) / mean(o^2)`` on the attended values (LoLCATs' output term,
+   normalised so one weight fits every layer). Adam, cosine-annealed, fixed seed.
+2. **End-to-end distillation** (:func:`distill`), optional: the converted model is trained to
+   reproduce the original model's outputs on the calibration data (MSE or cosine), updating the
+   kernels' parameters or every parameter, with a step budget.
+
+Both report the fidelity before and after, so the report says what conversion bought.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ptool.passes.attention.kernel import AttentionKernel, SiteShape, softmax_weights
+from ptool.passes.distill import DistillLoss, distill_loss, float_leaves, progress
+
+SiteBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+"""``(q, k, v, mask)`` recorded at one site for one calibration call."""
+
+
+@dataclass
+class _Teacher:
+    weights: torch.Tensor
+    out: torch.Tensor
+    power: torch.Tensor
+
+
+def _teacher(batch: SiteBatch, shape: SiteShape) -> _Teacher:
+    q, k, v, mask = batch
+    weights = softmax_weights(q.float(), k.float(), mask, shape.scale, shape.causal)
+    out = weights @ v.float()
+    return _Teacher(weights, out, out.pow(2).mean().clamp_min(1e-12))
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _site_loss(kernel: AttentionKernel, batch: SiteBatch, teacher: _Teacher, mse_weight: float) -> torch.Tensor:
+    q, k, v, mask = batch
+    out = kernel(q, k, v, mask).float()
+    loss = mse_weight * (out - teacher.out).pow(2).mean() / teacher.power
+    estimate = getattr(kernel, "estimate_logits", None)
+    rows = None
+    if estimate is not None:
+        rows = torch.log_softmax(estimate(q, k, mask).float(), dim=-1)
+    else:
+        weights = kernel.attention_weights(q, k, mask)
+        if weights is not None:
+            rows = torch.log(weights.float().clamp_min(1e-12))
+    if rows is not None:  # cross-entropy between softmax rows and the kernel's rows
+        loss = loss - (teacher.weights * rows).sum(-1).mean()
+    return loss
+
+
+def output_cosine(kernels: dict[int, AttentionKernel], data: dict[int, list[SiteBatch]]) -> dict[int, float]:
+    """Per site: cosine of the kernel's attended values vs softmax attention, over all batches."""
+    out = {}
+    with torch.no_grad():
+        for i, kernel in kernels.items():
+            got, want = [], []
+            for batch in data[i]:
+                got.append(kernel(*batch).float().flatten())
+                want.append(_teacher(batch, kernel.shape).out.flatten())
+            out[i] = _cosine(torch.cat(got), torch.cat(want))
+    return out
+
+
+def transfer(kernels: dict[int, AttentionKernel], data: dict[int, list[SiteBatch]], *, steps: int, lr: float,
+             mse_weight: float = 1.0) -> dict:
+    """Stage 1: train each trainable kernel to mimic its site's softmax attention (in place).
+
+    Args:
+        kernels: site index -> kernel.
+        data: site index -> recorded ``(q, k, v, mask)`` per calibration call.
+        steps: optimizer steps (each step visits one calibration call at every site).
+        lr: Adam learning rate (cosine-annealed to 0).
+        mse_weight: weight of the normalised output MSE next to the row cross-entropy.
+
+    Returns:
+        ``{"transfer_cosine_before": {...}, "transfer_cosine_after": {...}}`` (site -> cosine).
+    """
+    trainable = {i: k for i, k in kernels.items() if k.trainable}
+    before = output_cosine(kernels, data)
+    if not trainable or steps <= 0:
+        return {"transfer_cosine": before}
+    teachers = {i: [_teacher(b, trainable[i].shape) for b in data[i]] for i in trainable}
+    params = [p for k in trainable.values() for p in k.parameters()]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    last = math.nan
+    with torch.enable_grad(), progress(steps, "attention transfer") as bar:
+        for step in range(steps):
+            loss = sum(_site_loss(kernel, data[i][step % len(data[i])], teachers[i][step % len(data[i])],
+                                  mse_weight) for i, kernel in trainable.items())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            annealing.step()
+            last = float(loss.detach())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last:.4g}")
+    for p in params:
+        p.grad = None
+    return {"transfer_cosine_before": before, "transfer_cosine_after": output_cosine(kernels, data),
+            "transfer_last_loss": last}
+
+
+def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls: Sequence[tuple[tuple, dict]],
+            teacher: Sequence[list[torch.Tensor]], *, steps: int, lr: float, loss: DistillLoss) -> dict:
+    """Stage 2: train ``params`` so ``model`` reproduces the ``teacher`` outputs on ``calls``."""
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return sum(float(distill_loss(loss, float_leaves(model(*a, **k)), t))
+                       for (a, k), t in zip(calls, teacher)) / len(calls)
+
+    before = mean_loss()
+    optimizer = torch.optim.Adam(params, lr=lr)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    with torch.enable_grad(), progress(steps, "attention distillation") as bar:
+        for step in range(steps):
+            args, kwargs = calls[step % len(calls)]
+            value = distill_loss(loss, float_leaves(model(*args, **kwargs)), teacher[step % len(calls)])
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            annealing.step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(value.detach()):.4g}")
+    for p in params:
+        p.grad = None
+    return {f"distill_{loss}_before": before, f"distill_{loss}_after": mean_loss(), "distill_steps": steps}

@@ -1,0 +1,194 @@
+"""The shared mechanics of every attention pass: find sites, build kernels, convert, rewire.
+
+A concrete pass (``linear-attention``, ``sigmoid-attention``, ``softplus-attention``,
+``sparse-attention``) only says which :class:`~ptool.passes.attention.kernel.AttentionKernel` a
+site gets (:meth:`AttentionSwap.build_kernel`). Everything else is here:
+
+1. find the sites (:mod:`ptool.passes.attention.sites`), causality measured on the example inputs;
+2. select them (``layers=``; the rest keep softmax - the hybrid models' choice) and build kernels;
+   a site a kernel cannot serve (e.g. axial attention without a token grid) is skipped with why;
+3. convert (:mod:`ptool.passes.attention.convert`): attention transfer on the calibration data
+   for kernels with parameters, then optional end-to-end distillation;
+4. rewire: each site's nodes are replaced by one ``call_module`` of its kernel, a submodule of
+   the graph module (``ptool_attention_<i>``), so the result stays a trainable ``nn.Module`` that
+   exports to ONNX and TVM like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx as fx
+
+from ptool.errors import PassError, first_line
+from ptool.ir.graph import eliminate_dead_code
+from ptool.ir.record import record_values
+from ptool.passes.attention import convert
+from ptool.passes.attention.kernel import AttentionKernel
+from ptool.passes.attention.sites import AttentionSite, find_sites
+from ptool.passes.base import Pass, PassContext, PassResult
+from ptool.passes.distill import float_leaves
+from ptool.verify import Lossy, Numerics
+
+aten = torch.ops.aten
+
+
+def sites_of(gm: fx.GraphModule, call: tuple[tuple, dict] | None) -> list[AttentionSite]:
+    """The attention sites of ``gm``; ``call`` (example ``(args, kwargs)``) lets causality be measured."""
+    def mask_values(nodes):
+        return record_values(gm, nodes, [call])[0]
+
+    return find_sites(gm, mask_values if call is not None else None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionSwap(Pass):
+    """Base of the attention passes (not registered itself).
+
+    Args:
+        layers: indices of the attention sites to replace, in graph order (empty: all).
+        transfer_steps: attention-transfer steps for kernels with parameters (0: swap only).
+        transfer_lr: Adam learning rate of the attention transfer.
+        distill_steps: end-to-end distillation steps against the original model (0: none).
+        distill_lr: Adam learning rate of the distillation.
+        distill_params: what distillation trains: the new ``kernels`` or ``all`` parameters.
+        distill_loss: ``mse`` or ``cosine`` between converted and original outputs.
+        seed: seeds kernel initialisation and training.
+    """
+
+    # Cosine of the model outputs vs the pass's input: a converted attention that keeps the model
+    # working stays above it; a parameter-free swap on a pretrained model usually does not.
+    numerics: ClassVar[Numerics] = Lossy("cosine", 0.95)
+    # Conversion trains kernels that have parameters on calibration data; parameter-free kernels
+    # (and transfer_steps=0) run without it.
+    needs_calibration: ClassVar[bool] = True
+
+    layers: tuple[int, ...] = ()
+    transfer_steps: int = 200
+    transfer_lr: float = 1e-2
+    distill_steps: int = 0
+    distill_lr: float = 1e-3
+    distill_params: Literal["kernels", "all"] = "kernels"
+    distill_loss: Literal["mse", "cosine"] = "mse"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if any(i < 0 for i in self.layers):
+            raise ValueError(f"layers must be non-negative attention-site indices, got {self.layers}")
+        if self.transfer_steps < 0 or self.distill_steps < 0:
+            raise ValueError("transfer_steps and distill_steps must be >= 0")
+        if not (self.transfer_lr > 0 and self.distill_lr > 0):
+            raise ValueError("transfer_lr and distill_lr must be > 0")
+
+    def build_kernel(self, site: AttentionSite, position: int, selected: int) -> AttentionKernel:
+        """The kernel for ``site`` (``position``-th of ``selected`` sites being replaced).
+
+        Raises:
+            ValueError: the kernel cannot serve this site (the message becomes the skip reason).
+        """
+        raise NotImplementedError
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        call = (tuple(ctx.example_inputs), dict(ctx.example_kwargs)) if ctx.example_inputs or ctx.example_kwargs else None
+        sites = sites_of(gm, call)
+        if self.layers and (not sites or max(self.layers) >= len(sites)):
+            raise PassError(f"pass '{self.name}': layers={'+'.join(map(str, self.layers))} but the graph has "
+                            f"{len(sites)} attention site(s) (allowed indices: 0..{max(len(sites) - 1, 0)})")
+        chosen = []
+        for site in sites:
+            if self.layers and site.index not in self.layers:
+                result.skip(site.label, f"kept softmax (layers={'+'.join(map(str, self.layers))})")
+            elif site.problem:
+                result.skip(site.label, site.problem)
+            else:
+                chosen.append(site)
+        torch.manual_seed(self.seed)
+        kernels: dict[int, AttentionKernel] = {}
+        for position, site in enumerate(chosen):
+            try:
+                kernels[site.index] = self.build_kernel(site, position, len(chosen))
+            except ValueError as e:
+                result.skip(site.label, first_line(e))
+        chosen = [s for s in chosen if s.index in kernels]
+        result.notes["attention_sites"] = len(sites)
+        if not chosen:
+            return result
+
+        trains = any(k.trainable for k in kernels.values()) and (self.transfer_steps > 0 or self.distill_steps > 0)
+        calls = self._calls(ctx) if trains else []
+        teacher = None
+        if calls:
+            data = self._record(gm, chosen, calls)
+            result.notes.update(convert.transfer(kernels, data, steps=self.transfer_steps, lr=self.transfer_lr))
+            if self.distill_steps:
+                with torch.no_grad():
+                    teacher = [[t.detach() for t in float_leaves(gm(*a, **k))] for a, k in calls]
+
+        for site in chosen:
+            self._rewire(gm, site, kernels[site.index])
+            result.hit()
+        eliminate_dead_code(gm)
+        gm.recompile()
+        if teacher is not None:
+            params = ([p for k in kernels.values() for p in k.parameters()] if self.distill_params == "kernels"
+                      else list(dict.fromkeys(gm.parameters())))
+            if params:
+                result.notes.update(convert.distill(gm, params, calls, teacher, steps=self.distill_steps,
+                                                    lr=self.distill_lr, loss=self.distill_loss))
+        result.notes["kernel"] = type(next(iter(kernels.values()))).__name__
+        result.notes["trainable_parameters"] = sum(p.numel() for k in kernels.values() for p in k.parameters())
+        return result
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _calls(self, ctx: PassContext) -> list[tuple[tuple, dict]]:
+        if not ctx.calibration and not ctx.calibration_calls:
+            raise PassError(
+                f"pass '{self.name}' converts kernels with parameters and needs calibration data: pass "
+                "calibration=[inputs, ...], or transfer_steps=0 (and distill_steps=0) to swap without converting"
+            )
+        return list(ctx.calibration_calls) if ctx.calibration_calls else [(tuple(a), {}) for a in ctx.calibration]
+
+    @staticmethod
+    def _record(gm: fx.GraphModule, sites: list[AttentionSite], calls) -> dict[int, list[convert.SiteBatch]]:
+        nodes = []
+        for s in sites:
+            nodes += [s.q, s.k if s.k is not None else s.k_transposed, s.v]
+            if isinstance(s.mask, fx.Node):
+                nodes.append(s.mask)
+        try:
+            runs = record_values(gm, nodes, calls)
+        except Exception as e:
+            raise PassError(f"the graph cannot run the calibration data ({first_line(e)}); calibration inputs "
+                            "must fit the captured shapes") from e
+        data = {}
+        for s in sites:
+            batches = []
+            for run in runs:
+                k = run[s.k] if s.k is not None else run[s.k_transposed].transpose(-1, -2)
+                mask = run[s.mask] if isinstance(s.mask, fx.Node) else None
+                batches.append((run[s.q], k, run[s.v], mask))
+            data[s.index] = batches
+        return data
+
+    @staticmethod
+    def _rewire(gm: fx.GraphModule, site: AttentionSite, kernel: AttentionKernel) -> None:
+        name = f"ptool_attention_{site.index}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, kernel)
+        graph = gm.graph
+        with graph.inserting_before(site.output):
+            k = site.k if site.k is not None else graph.call_function(aten.transpose.int, (site.k_transposed, -1, -2))
+            new = graph.call_module(name, (site.q, k, site.v, site.mask))
+        new.meta["ptool.attention"] = {"site": site.index, "kernel": type(kernel).__name__, "module": site.module}
+        new.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})
+        site.output.replace_all_uses_with(new)
+        for node in site.nodes:  # the site's own nodes, consumer first
+            if not node.users:
+                graph.erase_node(node)
