@@ -17,7 +17,6 @@ Models (no downloads):
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import ptool  # noqa: E402
 from ptool.benchmark import measure_interleaved  # noqa: E402
+from _sections import write_section  # noqa: E402  (tools/ is on sys.path when run as a script)
 
-START, END = "<!-- reparam:start -->", "<!-- reparam:end -->"
 
 
 class RepVGGBlock(nn.Module):
@@ -138,7 +137,7 @@ def _digits_row() -> Row:
 
 
 def _markdown(rows: list[Row]) -> str:
-    lines = [START, "## Re-parameterization (`tools/bench_reparam.py`)", "",
+    lines = ["## Re-parameterization (`tools/bench_reparam.py`)", "",
              "Original vs re-parameterized model, each backend timed side by side in one run "
              "(round-robin, median of 30-50 calls, batch 1 unless stated).", "",
              "| model | pipeline | nodes | weights | fidelity | torch orig ms | torch new ms | torch speedup | ORT orig ms | ORT new ms | ORT speedup |",
@@ -147,7 +146,6 @@ def _markdown(rows: list[Row]) -> str:
         (to, tn), (oo, on) = r.timings["torch"], r.timings["onnxruntime"]
         lines.append(f"| {r.model} | `{r.pipeline}` | {r.nodes} | {r.params} | {r.fidelity} | {to:.2f} | {tn:.2f} | "
                      f"{to / tn:.2f}x | {oo:.2f} | {on:.2f} | {oo / on:.2f}x |")
-    lines += ["", END]
     return "\n".join(lines)
 
 
@@ -157,17 +155,7 @@ def main() -> None:
         _bench("vit-small (224 px)", vit_small(), ["fold-affine"], (torch.randn(1, 3, 224, 224),)),
         _digits_row(),
     ]
-    md_path, json_path = ROOT / "BENCHMARKS.md", ROOT / "BENCHMARKS.json"
-    text = md_path.read_text() if md_path.exists() else "# ptool benchmarks\n"
-    section = _markdown(rows)
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    md_path.write_text(text)
-    data = json.loads(json_path.read_text()) if json_path.exists() else {}
-    data["reparam"] = [r.__dict__ for r in rows]
-    json_path.write_text(json.dumps(data, indent=2))
+    section = write_section("reparam", _markdown(rows), [r.__dict__ for r in rows])
     print(section)
 
 

@@ -18,6 +18,10 @@ _EXPORTS = {
     "FoldAffine": "ptool.passes.fold_affine",
     "MergeBranches": "ptool.passes.merge_branches",
     "RepBatchNorm": "ptool.passes.repbn",
+    "LinearAttention": "ptool.passes.attention.passes",
+    "SparseAttention": "ptool.passes.attention.passes",
+    "SigmoidAttention": "ptool.passes.attention.passes",
+    "SoftplusAttention": "ptool.passes.attention.passes",
     "parse_pass": "ptool.passes.registry",
     "list_passes": "ptool.passes.registry",
 }

@@ -17,6 +17,7 @@ from ptool.passes.options import build_pass, describe_type, field_types, format_
 
 def _pass_classes() -> tuple[type[Pass], ...]:
     # Imported here, not at module import, so `import ptool` stays fast (passes import torch).
+    from ptool.passes.attention.passes import LinearAttention, SigmoidAttention, SoftplusAttention, SparseAttention
     from ptool.passes.cleanup import CommonSubexpressionElimination, ConstantFold, DeadCodeElimination
     from ptool.passes.fold_affine import FoldAffine
     from ptool.passes.fold_bn import FoldBatchNorm
@@ -26,6 +27,7 @@ def _pass_classes() -> tuple[type[Pass], ...]:
     return (
         DeadCodeElimination, CommonSubexpressionElimination, ConstantFold,
         FoldBatchNorm, MergeBranches, FoldAffine, RepBatchNorm,
+        LinearAttention, SigmoidAttention, SoftplusAttention, SparseAttention,
     )
 
 

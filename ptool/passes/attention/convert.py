@@ -94,8 +94,15 @@ def transfer(kernels: dict[int, AttentionKernel], data: dict[int, list[SiteBatch
     Returns:
         ``{"transfer_cosine_before": {...}, "transfer_cosine_after": {...}}`` (site -> cosine).
     """
-    trainable = {i: k for i, k in kernels.items() if k.trainable}
     before = output_cosine(kernels, data)
+    fitted = []
+    for i, kernel in kernels.items():  # kernels with a closed-form or search fit (EcoFormer's hash) fit first
+        fit = getattr(kernel, "fit", None)
+        if fit is not None and steps > 0:
+            q, k, _, mask = data[i][0]
+            fit(q, k, mask)
+            fitted.append(i)
+    trainable = {i: k for i, k in kernels.items() if k.trainable}
     if not trainable or steps <= 0:
         return {"transfer_cosine": before}
     teachers = {i: [_teacher(b, trainable[i].shape) for b in data[i]] for i in trainable}
@@ -118,7 +125,7 @@ def transfer(kernels: dict[int, AttentionKernel], data: dict[int, list[SiteBatch
     for p in params:
         p.grad = None
     return {"transfer_cosine_before": before, "transfer_cosine_after": output_cosine(kernels, data),
-            "transfer_last_loss": last}
+            "transfer_last_loss": last, **({"fitted_on_first_batch": fitted} if fitted else {})}
 
 
 def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls: Sequence[tuple[tuple, dict]],

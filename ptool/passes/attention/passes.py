@@ -76,6 +76,8 @@ class SparseAttention(AttentionSwap):
         window: band width of ``window``.
         block_size: block length of ``block-diag``.
         feature_dim: ``sea``'s estimator feature width (0: default).
+        tail: ``topk`` only: ``mean`` keeps the softmax mass outside the top-k on the mean of
+            those values; ``drop`` renormalizes over the top-k (DRSformer).
     """
 
     name: ClassVar[str] = "sparse-attention"
@@ -86,6 +88,7 @@ class SparseAttention(AttentionSwap):
     window: int = 64
     block_size: int = 64
     feature_dim: int = 0
+    tail: Literal["mean", "drop"] = "mean"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,8 +98,9 @@ class SparseAttention(AttentionSwap):
     def build_kernel(self, site: AttentionSite, position: int, selected: int) -> AttentionKernel:
         from ptool.passes.attention.sparse import SPARSE_KERNELS
 
+        extra = {"tail": self.tail} if self.method == "topk" else {}
         return SPARSE_KERNELS[self.method](site.shape(), k=self.k, window=self.window, block_size=self.block_size,
-                                           feature_dim=self.feature_dim, seed=self.seed)
+                                           feature_dim=self.feature_dim, seed=self.seed, **extra)
 
 
 def _other(name: str, site: AttentionSite, seed: int, **extra) -> AttentionKernel:

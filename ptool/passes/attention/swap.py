@@ -119,13 +119,14 @@ class AttentionSwap(Pass):
         if not chosen:
             return result
 
-        trains = any(k.trainable for k in kernels.values()) and (self.transfer_steps > 0 or self.distill_steps > 0)
-        calls = self._calls(ctx) if trains else []
+        has_params = any(k.trainable for k in kernels.values())
+        distills = self.distill_steps > 0 and (has_params or self.distill_params == "all")
+        calls = self._calls(ctx) if (has_params and self.transfer_steps > 0) or distills else []
         teacher = None
         if calls:
             data = self._record(gm, chosen, calls)
             result.notes.update(convert.transfer(kernels, data, steps=self.transfer_steps, lr=self.transfer_lr))
-            if self.distill_steps:
+            if distills:
                 with torch.no_grad():
                     teacher = [[t.detach() for t in float_leaves(gm(*a, **k))] for a, k in calls]
 

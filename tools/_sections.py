@@ -1,0 +1,25 @@
+"""Write one marked section of BENCHMARKS.md and one key of BENCHMARKS.json (the section tools share)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def write_section(key: str, markdown_body: str, data: object) -> str:
+    """Replace (or append) the ``<!-- key:start -->`` .. ``<!-- key:end -->`` section and ``data[key]``."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    md_path, json_path = ROOT / "BENCHMARKS.md", ROOT / "BENCHMARKS.json"
+    text = md_path.read_text() if md_path.exists() else "# ptool benchmarks\n"
+    section = f"{start}\n{markdown_body.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    md_path.write_text(text)
+    blob = json.loads(json_path.read_text()) if json_path.exists() else {}
+    blob[key] = data
+    json_path.write_text(json.dumps(blob, indent=2, default=str))
+    return section

@@ -1,0 +1,150 @@
+"""Fidelity of every attention variant on all-MiniLM-L6-v2 (real weights), before and after conversion.
+
+Writes the "Attention fidelity" section of ``BENCHMARKS.md`` (key ``attention_fidelity``).
+
+Protocol: the sentence embedder (MiniLM + mean pooling + L2 norm) at 128 tokens. Calibration and
+distillation data are rows of continuous English from the Python reference manual bundled with
+CPython (``ptool.default_model.reference_sentences``); held-out data are the 64 sentences shipped
+with ptool, which the conversion never sees, in two forms: one sentence per row padded to 128
+tokens (the real use: padding masks matter) and the same sentences packed into full 128-token
+rows (the first 8 rows, ~45 sentences; every position a real token, so top-k at 25% keeps 32
+of 128 real keys). The figure is
+the mean cosine between the converted and the original model's embeddings.
+
+"before" = the swap alone (``transfer_steps=0``); "after" = attention transfer (kernels with
+parameters) + end-to-end distillation against the original model (``distill_steps``; the
+kernels' parameters, or every parameter for parameter-free kernels).
+
+    .venv/bin/python tools/eval_attention.py [--only hedgehog,sea] [--distill-steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import ptool  # noqa: E402
+from _sections import write_section  # noqa: E402
+from ptool.default_model import encode, load_embedder, packed_batches, reference_sentences  # noqa: E402
+from ptool.frontends.huggingface import sample_sentences  # noqa: E402
+
+SEQ, BATCH = 128, 8
+
+#: name -> (pass spec, needs conversion data, trainable kernel)
+VARIANTS = {
+    "hedgehog": ("linear-attention:feature_map=hedgehog", True),
+    "elu": ("linear-attention:feature_map=elu", False),
+    "relu (SLAB, +dwconv)": ("linear-attention:feature_map=relu,local=true", True),
+    "performer": ("linear-attention:feature_map=performer", False),
+    "transnormer": ("linear-attention:feature_map=transnormer", True),
+    "inline (+local)": ("linear-attention:feature_map=inline,local=true", True),
+    "flow": ("linear-attention:feature_map=flow", False),
+    "hash (EcoFormer)": ("linear-attention:feature_map=hash", True),
+    "sigmoid": ("sigmoid-attention", True),
+    "softplus": ("softplus-attention", False),
+    "topk k=25%": ("sparse-attention:method=topk,k=0.25", False),
+    "sea k=25%": ("sparse-attention:method=sea,k=0.25", True),
+    "window 32": ("sparse-attention:method=window,window=32", False),
+    "block-diag 32": ("sparse-attention:method=block-diag,block_size=32", False),
+}
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def data(calibration_batches: int):
+    calib = packed_batches(reference_sentences(), SEQ, BATCH, count=calibration_batches)
+    sentences = sample_sentences()
+    ids, mask = encode(sentences, SEQ)
+    padded = [(ids[i:i + BATCH], mask[i:i + BATCH]) for i in range(0, len(sentences) // BATCH * BATCH, BATCH)]
+    packed = packed_batches(sentences, SEQ, BATCH)  # one batch: the first 8 full rows (~45 sentences)
+    return calib, padded, packed
+
+
+def mean_cosine(reference, model, batches) -> float:
+    values = []
+    with torch.no_grad():
+        for args in batches:
+            values.append(torch.nn.functional.cosine_similarity(reference(*args), model(*args), dim=-1))
+    return float(torch.cat(values).mean())
+
+
+def convert(model, spec: str, calib, *, trainable: bool, after: bool, transfer_steps: int, distill_steps: int):
+    if not after:
+        spec += ",transfer_steps=0"
+        return ptool.transform(model, [spec], calib[0], calibration=None if not trainable else calib)
+    spec += f",transfer_steps={transfer_steps if trainable else 0},distill_steps={distill_steps}"
+    if not trainable:
+        spec += ",distill_params=all"
+    return ptool.transform(model, [spec], calib[0], calibration=calib)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--only", default="", help="comma-separated variant names (prefix match)")
+    p.add_argument("--transfer-steps", type=int, default=300)
+    p.add_argument("--distill-steps", type=int, default=150)
+    p.add_argument("--calibration-batches", type=int, default=16)
+    p.add_argument("--no-write", action="store_true")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    calib, padded, packed = data(a.calibration_batches)
+    reference = load_embedder()
+    rows = {}
+    wanted = [w for w in a.only.split(",") if w]
+    for name, (spec, trainable) in VARIANTS.items():
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        row = {"spec": spec}
+        for stage in ("before", "after"):
+            start = time.perf_counter()
+            try:
+                model = convert(load_embedder(), spec, calib, trainable=trainable, after=stage == "after",
+                                transfer_steps=a.transfer_steps, distill_steps=a.distill_steps)
+            except Exception as e:
+                row[stage] = f"failed: {str(e)[:160]}"
+                log(f"{name} {stage}: {row[stage]}")
+                continue
+            row[stage] = {"padded": mean_cosine(reference, model, padded),
+                          "packed": mean_cosine(reference, model, packed),
+                          "seconds": time.perf_counter() - start}
+            log(f"{name} {stage}: {row[stage]}")
+        rows[name] = row
+    md = markdown(rows, a)
+    if not a.no_write:
+        print(write_section("attention_fidelity", md, {"rows": rows, "transfer_steps": a.transfer_steps,
+                                                         "distill_steps": a.distill_steps,
+                                                         "calibration_batches": a.calibration_batches}))
+    else:
+        print(md)
+
+
+def markdown(rows: dict, a) -> str:
+    def cell(x, key):
+        return f"{x[key]:.4f}" if isinstance(x, dict) else "failed"
+
+    lines = ["## Attention fidelity on all-MiniLM-L6-v2 (`tools/eval_attention.py`)", "",
+             "Mean cosine of sentence embeddings, converted vs original model, on the 64 held-out sentences "
+             f"(never used for conversion). Conversion data: {a.calibration_batches} batches x {BATCH} rows x "
+             f"{SEQ} tokens of the Python reference manual. after = {a.transfer_steps} attention-transfer steps "
+             f"(kernels with parameters) + {a.distill_steps} end-to-end distillation steps "
+             "(kernel parameters; every parameter for parameter-free kernels).", "",
+             "| variant | pass | before, padded | before, packed | after, padded | after, packed | convert s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        secs = f"{r['after']['seconds']:.0f}" if isinstance(r.get("after"), dict) else "-"
+        lines.append(f"| {name} | `{r['spec']}` | {cell(r.get('before'), 'padded')} | {cell(r.get('before'), 'packed')} "
+                     f"| {cell(r.get('after'), 'padded')} | {cell(r.get('after'), 'packed')} | {secs} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
