@@ -13,6 +13,7 @@ from ptool.passes.attention.kernel import AttentionKernel
 from ptool.passes.attention.sites import AttentionSite
 from ptool.passes.attention.swap import AttentionSwap
 from ptool.passes.base import Family
+from ptool.verify import Lossy, Numerics
 
 FeatureMap = Literal["elu", "relu", "performer", "transnormer", "inline", "flow", "hash", "hedgehog"]
 SparseMethod = Literal["topk", "sea", "window", "block-diag", "axial"]
@@ -115,6 +116,9 @@ class SigmoidAttention(AttentionSwap):
 
     name: ClassVar[str] = "sigmoid-attention"
     family: ClassVar[Family] = Family.ATTENTION_KERNEL
+    # Rows are not normalized, so a converted model drifts more than with the normalized kernels:
+    # 0.94 on the random-weight Llama fixture (calibrated bias only), hence a looser bound.
+    numerics: ClassVar[Numerics] = Lossy("cosine", 0.9)
 
     def build_kernel(self, site: AttentionSite, position: int, selected: int) -> AttentionKernel:
         return _other("sigmoid", site, self.seed)

@@ -122,6 +122,18 @@ def _dense_structured(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     return masked_softmax((q.float() @ k.float().transpose(-1, -2)) * scale, ok)
 
 
+_TIE_BREAK = 1e-4
+"""Largest offset used to order exactly tied keys (earlier first) before a top-k."""
+
+
+def _tie_broken(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` minus a tiny ramp over keys, so exact ties (a zero query at a padded position
+    makes every score equal) select the same keys on every backend; the margin is far above
+    float rounding and far below any score difference that matters."""
+    m = scores.shape[-1]
+    return scores - torch.arange(m, device=scores.device, dtype=scores.dtype) * (_TIE_BREAK / m)
+
+
 class TopKAttention(ConfiguredKernel):
     """Per query, the softmax mass of the ``k_count`` allowed keys with the largest scores.
 
@@ -154,7 +166,7 @@ class TopKAttention(ConfiguredKernel):
         ok = visible(mask, q.shape[-2], k.shape[-2], self.shape.causal, q.device)
         filled = scores if ok is None else scores.masked_fill(~ok, torch.finfo(scores.dtype).min)
         count = self.k_count(k.shape[-2])
-        idx = filled.topk(count, dim=-1).indices
+        idx = _tie_broken(filled).topk(count, dim=-1).indices
         ranks = torch.ones(count, dtype=scores.dtype, device=q.device)
         if self.k < 1 and ok is not None:  # per-query share of the visible keys
             limit = torch.ceil(self.k * ok.to(scores.dtype).sum(-1, keepdim=True)).clamp_min(1)
@@ -233,7 +245,7 @@ class SEAAttention(ConfiguredKernel):
         m = k.shape[-2]
         kc = self.k_count(m)
         with torch.no_grad():
-            idx = self.estimate_logits(q, k, mask).topk(kc, dim=-1).indices
+            idx = _tie_broken(self.estimate_logits(q, k, mask)).topk(kc, dim=-1).indices
         ok = visible(mask, n, m, self.shape.causal, q.device)
         ok_sel = None if ok is None else torch.gather(ok.expand(b, h, n, m), -1, idx)
         k_sel = _gather_rows(k.float(), idx)  # (B, H, N, kc, D)
