@@ -37,7 +37,7 @@ from ptool.frontends.huggingface import sample_sentences  # noqa: E402
 
 SEQ, BATCH = 128, 8
 
-#: name -> (pass spec, needs conversion data, trainable kernel)
+#: name -> (pass spec, kernel has parameters to convert)
 VARIANTS = {
     "hedgehog": ("linear-attention:feature_map=hedgehog", True),
     "elu": ("linear-attention:feature_map=elu", False),
@@ -48,9 +48,12 @@ VARIANTS = {
     "flow": ("linear-attention:feature_map=flow", False),
     "hash (EcoFormer)": ("linear-attention:feature_map=hash", True),
     "sigmoid": ("sigmoid-attention", True),
+    "hedgehog + window 32 (LoLCATs hybrid)": ("linear-attention:feature_map=hedgehog,window=32", True),
     "softplus": ("softplus-attention", False),
     "topk k=25%": ("sparse-attention:method=topk,k=0.25", False),
+    "topk k=25%, tail dropped": ("sparse-attention:method=topk,k=0.25,tail=drop", False),
     "sea k=25%": ("sparse-attention:method=sea,k=0.25", True),
+    "sea k=25%, tail dropped": ("sparse-attention:method=sea,k=0.25,tail=drop", True),
     "window 32": ("sparse-attention:method=window,window=32", False),
     "block-diag 32": ("sparse-attention:method=block-diag,block_size=32", False),
 }
@@ -82,7 +85,7 @@ def convert(model, spec: str, calib, *, trainable: bool, after: bool, transfer_s
         spec += ",transfer_steps=0"
         return ptool.transform(model, [spec], calib[0], calibration=None if not trainable else calib)
     spec += f",transfer_steps={transfer_steps if trainable else 0},distill_steps={distill_steps}"
-    if not trainable:
+    if not trainable and distill_steps:
         spec += ",distill_params=all"
     return ptool.transform(model, [spec], calib[0], calibration=calib)
 
@@ -91,7 +94,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="", help="comma-separated variant names (prefix match)")
     p.add_argument("--transfer-steps", type=int, default=300)
-    p.add_argument("--distill-steps", type=int, default=150)
+    p.add_argument("--distill-steps", type=int, default=100)
+    p.add_argument("--distill-only", default="hedgehog,sea",
+                   help="variants (prefix match) that get end-to-end distillation after the transfer")
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args()
@@ -104,11 +109,13 @@ def main() -> None:
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
         row = {"spec": spec}
-        for stage in ("before", "after"):
+        distill = a.distill_steps if any(name.startswith(w) for w in a.distill_only.split(",") if w) else 0
+        stages = ("before", "after") if trainable or distill else ("before",)
+        for stage in stages:
             start = time.perf_counter()
             try:
                 model = convert(load_embedder(), spec, calib, trainable=trainable, after=stage == "after",
-                                transfer_steps=a.transfer_steps, distill_steps=a.distill_steps)
+                                transfer_steps=a.transfer_steps, distill_steps=distill)
             except Exception as e:
                 row[stage] = f"failed: {str(e)[:160]}"
                 log(f"{name} {stage}: {row[stage]}")
@@ -129,14 +136,16 @@ def main() -> None:
 
 def markdown(rows: dict, a) -> str:
     def cell(x, key):
+        if x is None:
+            return "-"
         return f"{x[key]:.4f}" if isinstance(x, dict) else "failed"
 
     lines = ["## Attention fidelity on all-MiniLM-L6-v2 (`tools/eval_attention.py`)", "",
              "Mean cosine of sentence embeddings, converted vs original model, on the 64 held-out sentences "
              f"(never used for conversion). Conversion data: {a.calibration_batches} batches x {BATCH} rows x "
              f"{SEQ} tokens of the Python reference manual. after = {a.transfer_steps} attention-transfer steps "
-             f"(kernels with parameters) + {a.distill_steps} end-to-end distillation steps "
-             "(kernel parameters; every parameter for parameter-free kernels).", "",
+             f"(kernels with parameters), plus {a.distill_steps} end-to-end distillation steps of the kernel "
+             f"parameters for {a.distill_only.replace(',', ', ')}; '-' = parameter-free, nothing to convert.", "",
              "| variant | pass | before, padded | before, packed | after, padded | after, packed | convert s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():

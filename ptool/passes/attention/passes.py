@@ -39,6 +39,9 @@ class LinearAttention(AttentionSwap):
         local: add the method's local term (SLAB/InLine depthwise conv on V).
         diag_layers: TransNormer only: how many of the replaced layers (the first ones) use
             block-diagonal softmax; -1 is TransNormer's first half.
+        window: LoLCATs' hybrid when > 0: exact softmax over a sliding window of this many keys,
+            the feature map's linear attention over the rest, one normalizer (``elu``, ``relu``,
+            ``performer``, ``hedgehog``).
     """
 
     name: ClassVar[str] = "linear-attention"
@@ -49,11 +52,12 @@ class LinearAttention(AttentionSwap):
     chunk_size: int = 64
     local: bool = False
     diag_layers: int = -1
+    window: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.feature_dim < 0 or self.chunk_size < 1:
-            raise ValueError("feature_dim must be >= 0 and chunk_size >= 1")
+        if self.feature_dim < 0 or self.chunk_size < 1 or self.window < 0:
+            raise ValueError("feature_dim and window must be >= 0 and chunk_size >= 1")
 
     def build_kernel(self, site: AttentionSite, position: int, selected: int) -> AttentionKernel:
         local = self.local
@@ -61,8 +65,13 @@ class LinearAttention(AttentionSwap):
             diag = selected // 2 if self.diag_layers < 0 else self.diag_layers
             local = position < diag
         cls = _linear_kernels()[self.feature_map]
-        return cls(site.shape(), feature_dim=self.feature_dim, chunk_size=self.chunk_size, seed=self.seed,
-                   local=local)
+        kernel = cls(site.shape(), feature_dim=self.feature_dim, chunk_size=self.chunk_size, seed=self.seed,
+                     local=local)
+        if self.window:
+            from ptool.passes.attention.hybrid import SlidingWindowHybrid
+
+            kernel = SlidingWindowHybrid(kernel, self.window)
+        return kernel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,8 +86,9 @@ class SparseAttention(AttentionSwap):
         window: band width of ``window``.
         block_size: block length of ``block-diag``.
         feature_dim: ``sea``'s estimator feature width (0: default).
-        tail: ``topk`` only: ``mean`` keeps the softmax mass outside the top-k on the mean of
-            those values; ``drop`` renormalizes over the top-k (DRSformer).
+        tail: ``topk``/``sea``: ``mean`` puts the softmax mass outside the top-k (exact for
+            ``topk``, the estimator's for ``sea``) on the mean of those values; ``drop``
+            renormalizes over the top-k (DRSformer, SEA).
     """
 
     name: ClassVar[str] = "sparse-attention"
@@ -99,7 +109,7 @@ class SparseAttention(AttentionSwap):
     def build_kernel(self, site: AttentionSite, position: int, selected: int) -> AttentionKernel:
         from ptool.passes.attention.sparse import SPARSE_KERNELS
 
-        extra = {"tail": self.tail} if self.method == "topk" else {}
+        extra = {"tail": self.tail} if self.method in ("topk", "sea") else {}
         return SPARSE_KERNELS[self.method](site.shape(), k=self.k, window=self.window, block_size=self.block_size,
                                            feature_dim=self.feature_dim, seed=self.seed, **extra)
 

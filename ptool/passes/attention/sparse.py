@@ -215,8 +215,8 @@ class SEAAttention(ConfiguredKernel):
     Reads ``k``, ``feature_dim``, ``seed``.
     """
 
-    def __init__(self, shape: SiteShape, **options) -> None:
-        super().__init__(shape, **options)
+    def _init_estimator(self, shape: SiteShape, **options) -> None:
+        ConfiguredKernel.__init__(self, shape, **options)
         d, m = shape.head_dim, self.feature_dim or max(8, shape.head_dim // 4)
         gen = torch.Generator().manual_seed(self.seed)
         a = torch.randn(max(d, m), max(d, m), generator=gen)
@@ -239,29 +239,66 @@ class SEAAttention(ConfiguredKernel):
             logits = logits.masked_fill(~ok, torch.finfo(logits.dtype).min)
         return logits.log_softmax(-1)
 
+    def __init__(self, shape: SiteShape, *, tail: str = "mean", **options) -> None:
+        self._init_estimator(shape, **options)
+        if tail not in ("mean", "drop"):
+            raise ValueError(f"tail must be 'mean' or 'drop', got {tail!r}")
+        self.tail = tail
+
     def _select(self, q, k, mask):
-        """(indices (B, H, N, kc), visibility of each selected key or None, exact scores (B, H, N, kc))."""
+        """Selected keys: indices ``(B, H, N, kc)``, which of them count (visible and within the
+        per-query share) as float, exact scores ``(B, H, N, kc)``, the visibility, the estimate."""
         b, h, n, _ = q.shape
         m = k.shape[-2]
         kc = self.k_count(m)
         with torch.no_grad():
-            idx = _tie_broken(self.estimate_logits(q, k, mask)).topk(kc, dim=-1).indices
+            logits = self.estimate_logits(q, k, mask)
+            idx = _tie_broken(logits).topk(kc, dim=-1).indices
         ok = visible(mask, n, m, self.shape.causal, q.device)
-        ok_sel = None if ok is None else torch.gather(ok.expand(b, h, n, m), -1, idx)
+        use = torch.ones(kc, device=q.device)
+        if ok is not None:
+            use = torch.gather(ok.expand(b, h, n, m), -1, idx).float()
+            if self.k < 1:  # a fractional k is a share of each query's visible keys
+                limit = torch.ceil(self.k * ok.float().sum(-1, keepdim=True)).clamp_min(1)
+                use = use * (torch.arange(kc, device=q.device).float() < limit).float()
         k_sel = _gather_rows(k.float(), idx)  # (B, H, N, kc, D)
         scores = (q.float().unsqueeze(-2) @ k_sel.transpose(-1, -2)).squeeze(-2) * self.shape.scale
-        return idx, ok_sel, scores
+        return idx, use.expand(scores.shape), scores, ok, logits
+
+    def _parts(self, q, k, mask):
+        """(exact weights on the selected keys, estimated tail mass (B, H, N, 1) or None, ...)."""
+        idx, use, scores, ok, logits = self._select(q, k, mask)
+        w = masked_softmax(scores, use > 0)
+        if self.tail == "drop":
+            return idx, use, w, None, ok
+        est = logits.exp()  # the estimator's normalized rows: its guess of where the mass is
+        tail = (1 - (torch.gather(est, -1, idx) * use).sum(-1, keepdim=True)).clamp(0, 1)
+        tail = tail * (use.sum(-1, keepdim=True) > 0).float()
+        return idx, use, w, tail, ok
 
     def attention_weights(self, q, k, mask=None):
         """The dense ``(B, H, N, M)`` rows (the sparse softmax scattered back): quadratic."""
-        idx, ok_sel, scores = self._select(q, k, mask)
-        w = masked_softmax(scores, ok_sel)
-        return torch.zeros(*scores.shape[:-1], k.shape[-2], dtype=w.dtype, device=w.device).scatter(-1, idx, w)
+        idx, use, w, tail, ok = self._parts(q, k, mask)
+        m = k.shape[-2]
+        top = torch.zeros(*w.shape[:-1], m, dtype=w.dtype, device=w.device).scatter(-1, idx, w * use)
+        if tail is None:
+            return top
+        picked = torch.zeros_like(top).scatter(-1, idx, use) > 0
+        rest = (ok.expand_as(top) if ok is not None else torch.ones_like(picked)) & ~picked
+        rest = rest.float()
+        return (1 - tail) * top + tail * rest / rest.sum(-1, keepdim=True).clamp_min(1)
 
     def forward(self, q, k, v, mask=None):
-        idx, ok_sel, scores = self._select(q, k, mask)
-        w = masked_softmax(scores, ok_sel)
-        return (w.unsqueeze(-2) @ _gather_rows(v.float(), idx)).squeeze(-2).to(q.dtype)
+        idx, use, w, tail, ok = self._parts(q, k, mask)
+        v_sel = _gather_rows(v.float(), idx)
+        out = (w.unsqueeze(-2) @ v_sel).squeeze(-2)
+        if tail is not None:  # the estimated tail mass goes to the mean of the unselected visible values
+            vis = ok.float() if ok is not None else torch.ones(1, 1, q.shape[-2], k.shape[-2], device=q.device)
+            vis_sum = vis @ v.float()
+            sel_sum = ((use.unsqueeze(-2)) @ v_sel).squeeze(-2)
+            count = (vis.sum(-1, keepdim=True) - use.sum(-1, keepdim=True)).clamp_min(1)
+            out = (1 - tail) * out + tail * (vis_sum - sel_sum) / count
+        return out.to(q.dtype)
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,8 @@ class AttentionSwap(Pass):
         layers: indices of the attention sites to replace, in graph order (empty: all).
         transfer_steps: attention-transfer steps for kernels with parameters (0: swap only).
         transfer_lr: Adam learning rate of the attention transfer.
+        transfer_mse_weight: weight of the attended-values MSE (normalized by the teacher's power)
+            next to the attention-row cross-entropy in the transfer loss.
         distill_steps: end-to-end distillation steps against the original model (0: none).
         distill_lr: Adam learning rate of the distillation.
         distill_params: what distillation trains: the new ``kernels`` or ``all`` parameters.
@@ -68,6 +70,7 @@ class AttentionSwap(Pass):
     layers: tuple[int, ...] = ()
     transfer_steps: int = 200
     transfer_lr: float = 1e-2
+    transfer_mse_weight: float = 1.0
     distill_steps: int = 0
     distill_lr: float = 1e-3
     distill_params: Literal["kernels", "all"] = "kernels"
@@ -125,7 +128,8 @@ class AttentionSwap(Pass):
         teacher = None
         if calls:
             data = self._record(gm, chosen, calls)
-            result.notes.update(convert.transfer(kernels, data, steps=self.transfer_steps, lr=self.transfer_lr))
+            result.notes.update(convert.transfer(kernels, data, steps=self.transfer_steps, lr=self.transfer_lr,
+                                                   mse_weight=self.transfer_mse_weight))
             if distills:
                 with torch.no_grad():
                     teacher = [[t.detach() for t in float_leaves(gm(*a, **k))] for a, k in calls]

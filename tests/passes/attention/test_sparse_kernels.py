@@ -102,13 +102,14 @@ def _topk_set(scores: torch.Tensor, visible: torch.Tensor, count: int, share: fl
 def test_matches_dense_reference(name, causal, mask_kind):
     n = _n(name)
     q, k, v = _qkv(n)
-    kern = _kernel(name, causal, q, k, v, **({"tail": "drop"} if name == "topk" else {}))
+    kern = _kernel(name, causal, q, k, v, **({"tail": "drop"} if name in ("topk", "sea") else {}))
     mask = _masks(n, causal)[mask_kind]
     visible = _visible(mask, _pattern(name, causal, n))
     if name == "topk":  # a fractional k is a share of each query's visible keys
         visible = visible & _topk_set(q @ k.transpose(-1, -2), visible, kern.k_count(n), share=kern.k)
     elif name == "sea":
-        visible = visible & _topk_set(kern.estimate_logits(q, k, mask).detach(), visible, kern.k_count(n))
+        visible = visible & _topk_set(kern.estimate_logits(q, k, mask).detach(), visible, kern.k_count(n),
+                                      share=kern.k)
     expected = _reference(q, k, v, visible, kern.shape.scale)
     torch.testing.assert_close(kern(q, k, v, mask), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(kern.attention_weights(q, k, mask) @ v, expected, atol=1e-5, rtol=0)
@@ -213,7 +214,7 @@ def _recall(kern, teacher, q, k) -> float:
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_sea_estimator_learns_by_kl_distillation(causal):
     q, k, v = (2 * t for t in _qkv(seed=1))  # logit std ~2.8: peaked teacher rows
-    kern = _kernel("sea", causal, q, k, v)
+    kern = _kernel("sea", causal, q, k, v, tail="drop")
     teacher = softmax_weights(q, k, None, kern.shape.scale, causal)
     before = _recall(kern, teacher, q, k)
     opt = torch.optim.Adam(kern.parameters(), lr=1e-2)
@@ -294,3 +295,17 @@ def test_topk_tail_mean_keeps_top_weights_and_spreads_the_rest(causal):
             torch.testing.assert_close(w[b, h, i][t], expected.expand(int(t.sum())), atol=1e-6, rtol=0)
     assert (w[~visible] == 0).all()
     torch.testing.assert_close(kern(q, k, v, mask), (w @ v.double()).float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_sea_tail_mean_rows_are_distributions_and_forward_agrees(causal):
+    n = _n("sea")
+    q, k, v = _qkv(n)
+    mask = _masks(n, causal)["bool"]
+    kern = _kernel("sea", causal, q, k, v)  # tail="mean" is the default
+    w = kern.attention_weights(q, k, mask)
+    visible = _visible(mask, _pattern("sea", causal, n))
+    rows = visible.any(-1)
+    torch.testing.assert_close(w.sum(-1)[rows], torch.ones_like(w.sum(-1)[rows]), atol=1e-5, rtol=0)
+    assert (w[~visible] == 0).all()
+    torch.testing.assert_close(kern(q, k, v, mask), w @ v, atol=1e-5, rtol=0)
