@@ -21,6 +21,7 @@ from ptool.passes.attention.linear import (
     ReluKernel,
     TransNormerKernel,
 )
+from tests.passes.attention.kernel_site import KernelSite
 
 B, H, N, D = 2, 2, 24, 8
 PAD = 5  # batch row 1 has its last PAD tokens padded
@@ -284,17 +285,10 @@ def test_constructor_signature_and_bad_sites():
 # -- lowering -------------------------------------------------------------------------------------------
 
 
-class _Site(torch.nn.Module):
-    def __init__(self, kernel: torch.nn.Module) -> None:
-        super().__init__()
-        self.kernel = kernel
-
-    def forward(self, q, k, v, mask):
-        return self.kernel(q, k, v, mask)
 
 
 def _lowered_error(kernel, backend: str, args: tuple) -> tuple[float, object]:
-    model = _Site(kernel).eval()
+    model = KernelSite(kernel).eval()
     options = {"intra_op_threads": 1} if backend == "onnxruntime" else {}
     run = ptool.compile(model, backend, args, **options)
     with torch.no_grad():

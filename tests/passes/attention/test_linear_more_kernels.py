@@ -16,6 +16,7 @@ from ptool.passes.attention.linear_more import (
     InLineKernel,
 )
 from tests.models.digits_vit import single_thread
+from tests.passes.attention.kernel_site import KernelSite
 
 B, H, N, D = 2, 2, 24, 8
 CHUNK = 8  # several chunks, so the causal forms carry state across chunks
@@ -305,19 +306,12 @@ def test_options_are_checked():
 
 # ---- lowering ----------------------------------------------------------------------------------
 
-class _Site(nn.Module):
-    def __init__(self, kernel):
-        super().__init__()
-        self.kernel = kernel
-
-    def forward(self, q, k, v, mask):
-        return self.kernel(q, k, v, mask)
 
 
 def _lowers(name, kw, case, backend):
     kernel, args, _ = _kernel(name, case, **kw)
     _randomize_local(kernel)
-    module = _Site(kernel).eval()
+    module = KernelSite(kernel).eval()
     run = ptool.compile(module, backend, args)
     with torch.no_grad():
         fid = ptool.verify.compare(module(*args), run(*args))

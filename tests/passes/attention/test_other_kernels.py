@@ -12,6 +12,7 @@ import ptool
 from ptool.passes.attention.kernel import SiteShape
 from ptool.passes.attention.kernels_other import OTHER_KERNELS, SigmoidAttention, SoftplusAttention
 from ptool.verify import compare
+from tests.passes.attention.kernel_site import KernelSite
 
 B, H, N, D = 2, 2, 24, 8
 PADDED = 5
@@ -149,19 +150,12 @@ def test_options_are_shared_and_checked():
             cls(SiteShape.of(q, k, v), window=0)
 
 
-class _Site(torch.nn.Module):
-    def __init__(self, kernel):
-        super().__init__()
-        self.kernel = kernel
-
-    def forward(self, q, k, v, mask):
-        return self.kernel(q, k, v, mask)
 
 
 def _lowered_error(name: str, causal: bool, backend: str, **options) -> float:
     q, k, v = _qkv(seed=5)
     mask = _masks(causal)["bool"]
-    site = _Site(OTHER_KERNELS[name](SiteShape.of(q, k, v, causal=causal), **options)).eval()
+    site = KernelSite(OTHER_KERNELS[name](SiteShape.of(q, k, v, causal=causal), **options)).eval()
     compiled = ptool.compile(site, backend, (q, k, v, mask))
     with torch.no_grad():
         return compare(site(q, k, v, mask), compiled(q, k, v, mask)).max_rel_error

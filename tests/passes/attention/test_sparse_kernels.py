@@ -17,6 +17,7 @@ from ptool.passes.attention.sparse import (
     estimator_kl,
 )
 from ptool.verify import compare
+from tests.passes.attention.kernel_site import KernelSite
 
 B, H, N, D = 2, 2, 24, 8
 GRID, PREFIX = (4, 4), 1
@@ -238,20 +239,13 @@ def test_sea_gradients_reach_the_estimator_only_through_estimate_logits():
     assert kern.proj_q.grad.abs().sum() > 0 and kern.proj_k.grad.abs().sum() > 0
 
 
-class _Site(torch.nn.Module):
-    def __init__(self, kernel):
-        super().__init__()
-        self.kernel = kernel
-
-    def forward(self, q, k, v, mask):
-        return self.kernel(q, k, v, mask)
 
 
 def _lowered_error(name: str, causal: bool, backend: str) -> float:
     n = _n(name)
     q, k, v = _qkv(n, seed=5)
     mask = _masks(n, causal)["bool"]
-    site = _Site(_kernel(name, causal, q, k, v)).eval()
+    site = KernelSite(_kernel(name, causal, q, k, v)).eval()
     compiled = ptool.compile(site, backend, (q, k, v, mask))
     with torch.no_grad():
         return compare(site(q, k, v, mask), compiled(q, k, v, mask)).max_rel_error
