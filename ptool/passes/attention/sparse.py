@@ -245,6 +245,14 @@ class SEAAttention(ConfiguredKernel):
             raise ValueError(f"tail must be 'mean' or 'drop', got {tail!r}")
         self.tail = tail
 
+    def _estimate_rows(self, q, k, ok):
+        """The estimator's rows renormalized over the visible keys (no log/exp round trip)."""
+        with torch.no_grad():
+            est = linear_weights(self._features(q, self.proj_q), self._features(k, self.proj_k))
+            if ok is not None:
+                est = est * ok.float()
+            return est / est.sum(-1, keepdim=True).clamp_min(torch.finfo(est.dtype).tiny)
+
     def _select(self, q, k, mask):
         """Selected keys: indices ``(B, H, N, kc)``, which of them count (visible and within the
         per-query share) as float, exact scores ``(B, H, N, kc)``, the visibility, the estimate."""
@@ -271,7 +279,7 @@ class SEAAttention(ConfiguredKernel):
         w = masked_softmax(scores, use > 0)
         if self.tail == "drop":
             return idx, use, w, None, ok
-        est = logits.exp()  # the estimator's normalized rows: its guess of where the mass is
+        est = self._estimate_rows(q, k, ok)  # the estimator's guess of where the mass is
         tail = (1 - (torch.gather(est, -1, idx) * use).sum(-1, keepdim=True)).clamp(0, 1)
         tail = tail * (use.sum(-1, keepdim=True) > 0).float()
         return idx, use, w, tail, ok

@@ -71,10 +71,18 @@ def test_axial_on_a_text_model_is_a_skip_with_the_reason():
     assert "needs a 2-D token grid" in record.skipped[0].reason
 
 
+# Every kernel is lowered to TVM on its own (causal and not) in the kernel tests; here one of each
+# family goes through TVM inside a whole causal decoder (builds take ~20 s each). Not SEA: its keys
+# are picked by a learned estimate, and where two estimates tie within float rounding TVM's exp/log
+# can pick the other key (seen here: 1e-4 abs output difference with tail=mean); the kernel tests
+# lower SEA to TVM on inputs without near-ties.
+TVM_VARIANTS = ["linear-attention:feature_map=hedgehog", "linear-attention:feature_map=flow",
+                "sigmoid-attention", "sparse-attention:method=topk", "sparse-attention:method=window"]
+
+
 @pytest.mark.tvm
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [s for s in TEXT_VARIANTS if "reweight" not in s and "tail=drop" not in s
-                                  and "local" not in s])
+@pytest.mark.parametrize("spec", TVM_VARIANTS)
 def test_causal_variant_lowers_to_tvm(spec):
     fixture = zoo.llama()
     m2 = _swap(fixture, spec, chunk_size=4) if spec.startswith("linear") else _swap(fixture, spec)
