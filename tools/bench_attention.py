@@ -128,7 +128,7 @@ def encoder(n: int = 4096) -> dict:
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                   intermediate_size=1536, max_position_embeddings=n)
     torch.manual_seed(0)
-    model = transformers.BertModel(cfg, add_pooling_layer=False, attn_implementation="sdpa").eval()
+    model = transformers.BertModel._from_config(cfg, attn_implementation="sdpa", add_pooling_layer=False).eval()
     ids = torch.randint(1000, 30000, (1, n))
     mask = torch.ones(1, n, dtype=torch.long)
     log(f"encoder at {n} tokens: transforming")

@@ -81,10 +81,11 @@ def mean_cosine(reference, model, batches) -> float:
 
 
 def convert(model, spec: str, calib, *, trainable: bool, after: bool, transfer_steps: int, distill_steps: int):
+    spec += "," if ":" in spec else ":"
     if not after:
-        spec += ",transfer_steps=0"
+        spec += "transfer_steps=0"
         return ptool.transform(model, [spec], calib[0], calibration=None if not trainable else calib)
-    spec += f",transfer_steps={transfer_steps if trainable else 0},distill_steps={distill_steps}"
+    spec += f"transfer_steps={transfer_steps if trainable else 0},distill_steps={distill_steps}"
     if not trainable and distill_steps:
         spec += ",distill_params=all"
     return ptool.transform(model, [spec], calib[0], calibration=calib)
@@ -125,6 +126,12 @@ def main() -> None:
                           "seconds": time.perf_counter() - start}
             log(f"{name} {stage}: {row[stage]}")
         rows[name] = row
+    if wanted:  # a partial run updates its rows and keeps the others
+        import json
+
+        path = ROOT / "BENCHMARKS.json"
+        earlier = json.loads(path.read_text()).get("attention_fidelity", {}).get("rows", {}) if path.exists() else {}
+        rows = {**earlier, **rows}
     md = markdown(rows, a)
     if not a.no_write:
         print(write_section("attention_fidelity", md, {"rows": rows, "transfer_steps": a.transfer_steps,
