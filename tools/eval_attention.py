@@ -151,8 +151,10 @@ def markdown(rows: dict, a) -> str:
              "Mean cosine of sentence embeddings, converted vs original model, on the 64 held-out sentences "
              f"(never used for conversion). Conversion data: {a.calibration_batches} batches x {BATCH} rows x "
              f"{SEQ} tokens of the Python reference manual. after = {a.transfer_steps} attention-transfer steps "
-             f"(kernels with parameters), plus {a.distill_steps} end-to-end distillation steps of the kernel "
-             f"parameters for {a.distill_only.replace(',', ', ')}; '-' = parameter-free, nothing to convert.", "",
+             "(kernels with parameters)" + (f", plus {a.distill_steps} end-to-end distillation steps of the kernel "
+                                            f"parameters for {a.distill_only.replace(',', ', ')}" if a.distill_only else
+                                            ", no end-to-end distillation") +
+             "; '-' = parameter-free, nothing to convert.", "",
              "| variant | pass | before, padded | before, packed | after, padded | after, packed | convert s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
