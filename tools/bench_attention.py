@@ -83,10 +83,9 @@ def core_torch(sizes: list[int]) -> dict:
     for n in sizes:
         args = qkv(n)
         cands = {"sdpa": Sdpa()} | {m: kernel_module(m, n) for m in MAPS}
-        calls = {name: (lambda mod: (lambda *a: mod(*a)))(mod) for name, mod in cands.items()}
         log(f"torch core N={n}")
         with torch.inference_mode():
-            t = measure_interleaved(calls, args, warmup={k: 1 for k in calls}, repeat={k: _repeats(n, k) for k in calls})
+            t = measure_interleaved(cands, args, warmup=1, repeat={k: _repeats(n, k) for k in cands})
         out[n] = {k: v.median_ms for k, v in t.items()}
         log("  " + ", ".join(f"{k} {v:.1f}" for k, v in out[n].items()))
     return out

@@ -60,7 +60,7 @@ from torch import nn
 from ptool.errors import PassError
 from ptool.ir.graph import add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, op_name, owner_of, replace_tensor
 from ptool.passes.base import Family, Pass, PassContext, PassResult
-from ptool.passes.distill import distill_loss, float_leaves, progress
+from ptool.passes.distill import distill_loss, float_leaves, mean_distill_loss, teacher_outputs, train
 from ptool.verify import Lossy, Numerics
 
 aten = torch.ops.aten
@@ -425,8 +425,7 @@ class RepBatchNorm(Pass):
     def _finetune(self, gm: torch.fx.GraphModule, sites: list[_Site], repbns: dict[torch.fx.Node, _RepBN],
                   calls: list[tuple[tuple, dict]]) -> dict[str, Any]:
         """Distil the original model into the LN -> RepBN mixture while lambda decays to 0."""
-        with torch.no_grad():
-            teacher = [[t.detach() for t in float_leaves(gm(*args, **kwargs))] for args, kwargs in calls]
+        teacher = teacher_outputs(gm, calls)
         if not any(teacher):
             raise PassError(f"pass '{self.name}': the model has no floating-point outputs to distil against")
         schedule = _Schedule(decay_steps=max(1, math.ceil(self.decay_fraction * self.finetune_steps)))
@@ -442,37 +441,20 @@ class RepBatchNorm(Pass):
 
             return repbn_mix
 
-        def mean_loss() -> float:
-            with torch.no_grad():
-                return sum(float(distill_loss(self.loss, float_leaves(gm(*a, **k)), t))
-                           for (a, k), t in zip(calls, teacher)) / len(calls)
+        def loss_at(step: int) -> torch.Tensor:
+            schedule.value = schedule.at(step)
+            args, kwargs = calls[step % len(calls)]
+            return distill_loss(self.loss, float_leaves(gm(*args, **kwargs)), teacher[step % len(calls)])
 
         params = list(dict.fromkeys(p for p in gm.parameters() if p.requires_grad))
         params += [p for rep in repbns.values() for p in rep.parameters()]
-        optimizer = torch.optim.Adam(params, lr=self.lr)
-        # cosine-anneal the step size to 0: the last steps (pure RepBN) settle instead of jumping
-        annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.finetune_steps)
-        last = math.nan
-        with _tapped(gm, {node: tap_for(rep) for node, rep in repbns.items()}), torch.enable_grad():
+        with _tapped(gm, {node: tap_for(rep) for node, rep in repbns.items()}):
             schedule.value = 0.0
-            before = mean_loss()
-            with progress(self.finetune_steps, "repbn fine-tune") as bar:
-                for step in range(self.finetune_steps):
-                    schedule.value = schedule.at(step)
-                    args, kwargs = calls[step % len(calls)]
-                    loss = distill_loss(self.loss, float_leaves(gm(*args, **kwargs)), teacher[step % len(calls)])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    annealing.step()
-                    last = float(loss.detach())
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{last:.4g}", lam=f"{schedule.value:.2f}")
+            before = mean_distill_loss(gm, self.loss, calls, teacher)
+            last = train(params, steps=self.finetune_steps, lr=self.lr, loss_at=loss_at, desc="repbn fine-tune",
+                         postfix=lambda: {"lam": f"{schedule.value:.2f}"})
             schedule.value = 0.0
-            after = mean_loss()
-        for p in params:
-            p.grad = None
+            after = mean_distill_loss(gm, self.loss, calls, teacher)
         return {
             "finetune_steps": self.finetune_steps,
             f"distill_{self.loss}_before": before,

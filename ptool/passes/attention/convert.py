@@ -19,14 +19,13 @@ Both report the fidelity before and after, so the report says what conversion bo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ptool.passes.attention.kernel import AttentionKernel, SiteShape, softmax_weights
-from ptool.passes.distill import DistillLoss, distill_loss, float_leaves, progress
+from ptool.passes.distill import DistillLoss, distill_loss, float_leaves, mean_distill_loss, train
 
 SiteBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 """``(q, k, v, mask)`` recorded at one site for one calibration call."""
@@ -106,24 +105,13 @@ def transfer(kernels: dict[int, AttentionKernel], data: dict[int, list[SiteBatch
     if not trainable or steps <= 0:
         return {"transfer_cosine": before}
     teachers = {i: [_teacher(b, trainable[i].shape) for b in data[i]] for i in trainable}
-    params = [p for k in trainable.values() for p in k.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    last = math.nan
-    with torch.enable_grad(), progress(steps, "attention transfer") as bar:
-        for step in range(steps):
-            loss = sum(_site_loss(kernel, data[i][step % len(data[i])], teachers[i][step % len(data[i])],
-                                  mse_weight) for i, kernel in trainable.items())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            annealing.step()
-            last = float(loss.detach())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last:.4g}")
-    for p in params:
-        p.grad = None
+
+    def loss_at(step: int) -> torch.Tensor:
+        return sum(_site_loss(kernel, data[i][step % len(data[i])], teachers[i][step % len(data[i])], mse_weight)
+                   for i, kernel in trainable.items())
+
+    last = train([p for k in trainable.values() for p in k.parameters()], steps=steps, lr=lr, loss_at=loss_at,
+                 desc="attention transfer")
     return {"transfer_cosine_before": before, "transfer_cosine_after": output_cosine(kernels, data),
             "transfer_last_loss": last, **({"fitted_on_first_batch": fitted} if fitted else {})}
 
@@ -132,25 +120,11 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls:
             teacher: Sequence[list[torch.Tensor]], *, steps: int, lr: float, loss: DistillLoss) -> dict:
     """Stage 2: train ``params`` so ``model`` reproduces the ``teacher`` outputs on ``calls``."""
 
-    def mean_loss() -> float:
-        with torch.no_grad():
-            return sum(float(distill_loss(loss, float_leaves(model(*a, **k)), t))
-                       for (a, k), t in zip(calls, teacher)) / len(calls)
+    def loss_at(step: int) -> torch.Tensor:
+        args, kwargs = calls[step % len(calls)]
+        return distill_loss(loss, float_leaves(model(*args, **kwargs)), teacher[step % len(calls)])
 
-    before = mean_loss()
-    optimizer = torch.optim.Adam(params, lr=lr)
-    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    with torch.enable_grad(), progress(steps, "attention distillation") as bar:
-        for step in range(steps):
-            args, kwargs = calls[step % len(calls)]
-            value = distill_loss(loss, float_leaves(model(*args, **kwargs)), teacher[step % len(calls)])
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
-            annealing.step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(value.detach()):.4g}")
-    for p in params:
-        p.grad = None
-    return {f"distill_{loss}_before": before, f"distill_{loss}_after": mean_loss(), "distill_steps": steps}
+    before = mean_distill_loss(model, loss, calls, teacher)
+    train(params, steps=steps, lr=lr, loss_at=loss_at, desc="attention distillation")
+    return {f"distill_{loss}_before": before, f"distill_{loss}_after": mean_distill_loss(model, loss, calls, teacher),
+            "distill_steps": steps}

@@ -69,15 +69,6 @@ class SiteShape:
                    causal=causal, grid=grid, prefix=prefix)
 
 
-def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``mask`` as an additive float mask in ``dtype`` (0 where allowed, ``finfo.min`` where masked)."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return torch.where(mask, torch.zeros((), dtype=dtype), torch.full((), torch.finfo(dtype).min, dtype=dtype))
-    return mask.to(dtype)
-
-
 def allowed(mask: torch.Tensor | None) -> torch.Tensor | None:
     """``mask`` as a boolean "may attend" mask (additive entries <= :data:`MASKED` are masked)."""
     if mask is None:

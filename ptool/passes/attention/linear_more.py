@@ -69,11 +69,16 @@ HASH_ANCHORS = 25
 HASH_BITS = 16
 
 
-def _check_options(feature_dim: int, chunk_size: int) -> None:
-    if feature_dim < 0:
-        raise ValueError(f"feature_dim must be >= 0 (0 = the method's default), got {feature_dim}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+class _ChunkedKernel(AttentionKernel):
+    """What the three kernels share: option checks and the causal chunk length."""
+
+    def __init__(self, shape: SiteShape, *, feature_dim: int, chunk_size: int) -> None:
+        super().__init__(shape)
+        if feature_dim < 0:
+            raise ValueError(f"feature_dim must be >= 0 (0 = the method's default), got {feature_dim}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
 
 
 def _keep(mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
@@ -105,7 +110,7 @@ def _causal_keys(a: torch.Tensor) -> torch.Tensor:
     return causal_allowed(n, m, a.device)
 
 
-class InLineKernel(AttentionKernel):
+class InLineKernel(_ChunkedKernel):
     """InLine injective linear attention with an optional local depthwise-conv branch.
 
     Args:
@@ -122,9 +127,7 @@ class InLineKernel(AttentionKernel):
 
     def __init__(self, shape: SiteShape, *, feature_dim: int = 0, chunk_size: int = 64, seed: int = 0,
                  local: bool = False) -> None:
-        super().__init__(shape)
-        _check_options(feature_dim, chunk_size)
-        self.chunk_size = chunk_size
+        super().__init__(shape, feature_dim=feature_dim, chunk_size=chunk_size)
         self.local = local
         self.local_weight: nn.Parameter | None = None
         if local:
@@ -188,7 +191,7 @@ class InLineKernel(AttentionKernel):
         return ((a - mean + 1.0) / count * ok).to(q.dtype)
 
 
-class FlowformerKernel(AttentionKernel):
+class FlowformerKernel(_ChunkedKernel):
     """Flowformer flow-conservation attention (non-causal and causal); no parameters.
 
     Args:
@@ -203,9 +206,7 @@ class FlowformerKernel(AttentionKernel):
 
     def __init__(self, shape: SiteShape, *, feature_dim: int = 0, chunk_size: int = 64, seed: int = 0,
                  local: bool = False) -> None:
-        super().__init__(shape)
-        _check_options(feature_dim, chunk_size)
-        self.chunk_size = chunk_size
+        super().__init__(shape, feature_dim=feature_dim, chunk_size=chunk_size)
         self.eps = FLOW_EPS
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -244,7 +245,7 @@ class FlowformerKernel(AttentionKernel):
         return None
 
 
-class EcoFormerKernel(AttentionKernel):
+class EcoFormerKernel(_ChunkedKernel):
     """EcoFormer hashed attention: binary codes of q and k, Hamming similarity as a linear kernel.
 
     Args:
@@ -260,9 +261,7 @@ class EcoFormerKernel(AttentionKernel):
 
     def __init__(self, shape: SiteShape, *, feature_dim: int = 0, chunk_size: int = 64, seed: int = 0,
                  local: bool = False) -> None:
-        super().__init__(shape)
-        _check_options(feature_dim, chunk_size)
-        self.chunk_size = chunk_size
+        super().__init__(shape, feature_dim=feature_dim, chunk_size=chunk_size)
         self.seed = seed
         self.bits = feature_dim or HASH_BITS
         heads, d, m = shape.heads, shape.head_dim, HASH_ANCHORS

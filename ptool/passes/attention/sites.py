@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from ptool.ir.analysis import users_outside
 from ptool.ir.graph import is_op, module_path
-from ptool.ir.noise import CAST_OPS, IDENTITY_OPS, LAYOUT_OPS, constant_value, is_noise, node_args, scale_step
+from ptool.ir.noise import CAST_OPS, IDENTITY_OPS, LAYOUT_OPS, is_noise, node_args, scale_step
 from ptool.passes.attention.kernel import SiteShape, allowed
 
 aten = torch.ops.aten
@@ -153,10 +153,10 @@ def _grid(gm: fx.GraphModule, n: int, causal: bool) -> tuple[tuple[int, int] | N
 
 # ------------------------------------------------------------------------------------ the forms
 def _sdpa_site(node: fx.Node) -> dict | str:
-    args, index = node_args(node)
+    args, _ = node_args(node)
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
     values = dict(zip(names, args))
-    values.update({k: v for k, v in node.kwargs.items()})
+    values.update(node.kwargs)
     q, k, v = values["query"], values["key"], values["value"]
     if values.get("enable_gqa"):
         return "enable_gqa=True (keys/values not repeated in the graph) is not supported yet"

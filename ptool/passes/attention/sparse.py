@@ -122,6 +122,12 @@ def _dense_structured(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     return masked_softmax((q.float() @ k.float().transpose(-1, -2)) * scale, ok)
 
 
+def _checked_tail(tail: str) -> str:
+    if tail not in ("mean", "drop"):
+        raise ValueError(f"tail must be 'mean' or 'drop', got {tail!r}")
+    return tail
+
+
 _TIE_BREAK = 1e-4
 """Largest offset used to order exactly tied keys (earlier first) before a top-k."""
 
@@ -157,9 +163,7 @@ class TopKAttention(ConfiguredKernel):
 
     def __init__(self, shape: SiteShape, *, tail: str = "mean", **options) -> None:
         super().__init__(shape, **options)
-        if tail not in ("mean", "drop"):
-            raise ValueError(f"tail must be 'mean' or 'drop', got {tail!r}")
-        self.tail = tail
+        self.tail = _checked_tail(tail)
 
     def _selection(self, q, k, mask):
         scores = (q.float() @ k.float().transpose(-1, -2)) * self.shape.scale
@@ -215,8 +219,9 @@ class SEAAttention(ConfiguredKernel):
     Reads ``k``, ``feature_dim``, ``seed``.
     """
 
-    def _init_estimator(self, shape: SiteShape, **options) -> None:
-        ConfiguredKernel.__init__(self, shape, **options)
+    def __init__(self, shape: SiteShape, *, tail: str = "mean", **options) -> None:
+        super().__init__(shape, **options)
+        self.tail = _checked_tail(tail)
         d, m = shape.head_dim, self.feature_dim or max(8, shape.head_dim // 4)
         gen = torch.Generator().manual_seed(self.seed)
         a = torch.randn(max(d, m), max(d, m), generator=gen)
@@ -229,29 +234,21 @@ class SEAAttention(ConfiguredKernel):
         u = (x.float() * math.sqrt(self.shape.scale)) @ proj
         return torch.cat([u.softmax(-1), (-u).softmax(-1)], dim=-1)
 
-    def estimate_logits(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The estimator's log attention rows ``(B, H, N, M)`` (log-softmax normalized, masked
-        entries ``finfo.min``): differentiable w.r.t. the estimator, for :func:`estimator_kl`."""
-        est = linear_weights(self._features(q, self.proj_q), self._features(k, self.proj_k))
+    def _estimate(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The estimator's rows ``phi(q) phi(k)^T`` normalized over all keys ``(B, H, N, M)``."""
+        return linear_weights(self._features(q, self.proj_q), self._features(k, self.proj_k))
+
+    @staticmethod
+    def _log_rows(est: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:
         logits = torch.log(est.clamp_min(torch.finfo(est.dtype).tiny))
-        ok = visible(mask, q.shape[-2], k.shape[-2], self.shape.causal, q.device)
         if ok is not None:
             logits = logits.masked_fill(~ok, torch.finfo(logits.dtype).min)
         return logits.log_softmax(-1)
 
-    def __init__(self, shape: SiteShape, *, tail: str = "mean", **options) -> None:
-        self._init_estimator(shape, **options)
-        if tail not in ("mean", "drop"):
-            raise ValueError(f"tail must be 'mean' or 'drop', got {tail!r}")
-        self.tail = tail
-
-    def _estimate_rows(self, q, k, ok):
-        """The estimator's rows renormalized over the visible keys (no log/exp round trip)."""
-        with torch.no_grad():
-            est = linear_weights(self._features(q, self.proj_q), self._features(k, self.proj_k))
-            if ok is not None:
-                est = est * ok.float()
-            return est / est.sum(-1, keepdim=True).clamp_min(torch.finfo(est.dtype).tiny)
+    def estimate_logits(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The estimator's log attention rows ``(B, H, N, M)`` (log-softmax normalized, masked
+        entries ``finfo.min``): differentiable w.r.t. the estimator, for :func:`estimator_kl`."""
+        return self._log_rows(self._estimate(q, k), visible(mask, q.shape[-2], k.shape[-2], self.shape.causal, q.device))
 
     def _select(self, q, k, mask):
         """Selected keys: indices ``(B, H, N, kc)``, which of them count (visible and within the
@@ -259,10 +256,10 @@ class SEAAttention(ConfiguredKernel):
         b, h, n, _ = q.shape
         m = k.shape[-2]
         kc = self.k_count(m)
-        with torch.no_grad():
-            logits = self.estimate_logits(q, k, mask)
-            idx = _tie_broken(logits).topk(kc, dim=-1).indices
         ok = visible(mask, n, m, self.shape.causal, q.device)
+        with torch.no_grad():
+            est = self._estimate(q, k)
+            idx = _tie_broken(self._log_rows(est, ok)).topk(kc, dim=-1).indices
         use = torch.ones(kc, device=q.device)
         if ok is not None:
             use = torch.gather(ok.expand(b, h, n, m), -1, idx).float()
@@ -271,15 +268,17 @@ class SEAAttention(ConfiguredKernel):
                 use = use * (torch.arange(kc, device=q.device).float() < limit).float()
         k_sel = _gather_rows(k.float(), idx)  # (B, H, N, kc, D)
         scores = (q.float().unsqueeze(-2) @ k_sel.transpose(-1, -2)).squeeze(-2) * self.shape.scale
-        return idx, use.expand(scores.shape), scores, ok, logits
+        return idx, use.expand(scores.shape), scores, ok, est
 
     def _parts(self, q, k, mask):
         """(exact weights on the selected keys, estimated tail mass (B, H, N, 1) or None, ...)."""
-        idx, use, scores, ok, logits = self._select(q, k, mask)
+        idx, use, scores, ok, est = self._select(q, k, mask)
         w = masked_softmax(scores, use > 0)
         if self.tail == "drop":
             return idx, use, w, None, ok
-        est = self._estimate_rows(q, k, ok)  # the estimator's guess of where the mass is
+        if ok is not None:  # the estimator's guess of where the mass is, over the visible keys
+            est = est * ok.float()
+        est = est / est.sum(-1, keepdim=True).clamp_min(torch.finfo(est.dtype).tiny)
         tail = (1 - (torch.gather(est, -1, idx) * use).sum(-1, keepdim=True)).clamp(0, 1)
         tail = tail * (use.sum(-1, keepdim=True) > 0).float()
         return idx, use, w, tail, ok

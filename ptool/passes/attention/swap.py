@@ -29,7 +29,7 @@ from ptool.passes.attention import convert
 from ptool.passes.attention.kernel import AttentionKernel
 from ptool.passes.attention.sites import AttentionSite, find_sites
 from ptool.passes.base import Pass, PassContext, PassResult
-from ptool.passes.distill import float_leaves
+from ptool.passes.distill import teacher_outputs
 from ptool.verify import Lossy, Numerics
 
 aten = torch.ops.aten
@@ -131,8 +131,7 @@ class AttentionSwap(Pass):
             result.notes.update(convert.transfer(kernels, data, steps=self.transfer_steps, lr=self.transfer_lr,
                                                    mse_weight=self.transfer_mse_weight))
             if distills:
-                with torch.no_grad():
-                    teacher = [[t.detach() for t in float_leaves(gm(*a, **k))] for a, k in calls]
+                teacher = teacher_outputs(gm, calls)
 
         for site in chosen:
             self._rewire(gm, site, kernels[site.index])
