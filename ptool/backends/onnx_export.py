@@ -94,6 +94,18 @@ def export_onnx(
     return path
 
 
+def _custom_translations() -> dict | None:
+    """ONNX translations of ptool's own graph ops (quantized layers), if any can be in the graph.
+
+    A graph can only hold them once ``ptool.passes.quant.ops`` has registered them, so an
+    unquantized export never imports it.
+    """
+    import sys
+
+    ops = sys.modules.get("ptool.passes.quant.ops")
+    return ops.onnx_translations() if ops is not None else None
+
+
 def _export_ir(
     module: Any,
     args: tuple,
@@ -120,6 +132,7 @@ def _export_ir(
                 optimize=optimize,
                 verbose=False,
                 report=False,
+                custom_translation_table=_custom_translations(),
             )
     except PtoolError:
         raise

@@ -125,11 +125,22 @@ def _from_exported_program(example: ExampleCall, opts: Options) -> Any:
             ep = torch.export.export(module, args, kwargs, dynamic_shapes=opts.dynamic_shapes, strict=False)
     except Exception as e:
         raise BackendError(f"torch.export failed: {type(e).__name__}: {first_line(e)}") from e
+    ep = _float_quant_ops(ep)
     try:
         with _quiet():
             return from_exported_program(ep, keep_params_as_input=False)
     except Exception as e:
         raise BackendError(f"TVM cannot import the exported program: {type(e).__name__}: {first_line(e)}") from e
+
+
+def _float_quant_ops(ep: Any) -> Any:
+    """ptool's quantized-layer ops in float aten ops: TVM here has no integer kernels for them."""
+    import sys
+
+    ops = sys.modules.get("ptool.passes.quant.ops")
+    if ops is None or not any(ops.is_quant_op(n.target) for n in ep.graph.nodes):
+        return ep
+    return ep.run_decompositions(ops.decompositions())
 
 
 def _from_onnx(example: ExampleCall, opts: Options) -> Any:

@@ -22,12 +22,16 @@ def _pass_classes() -> tuple[type[Pass], ...]:
     from ptool.passes.fold_affine import FoldAffine
     from ptool.passes.fold_bn import FoldBatchNorm
     from ptool.passes.merge_branches import MergeBranches
+    from ptool.passes.quant.logquant import LogQuant
+    from ptool.passes.quant.quantize import Quantize
+    from ptool.passes.quant.repquant import RepQuant
     from ptool.passes.repbn import RepBatchNorm
 
     return (
         DeadCodeElimination, CommonSubexpressionElimination, ConstantFold,
         FoldBatchNorm, MergeBranches, FoldAffine, RepBatchNorm,
         LinearAttention, SigmoidAttention, SoftplusAttention, SparseAttention,
+        Quantize, LogQuant, RepQuant,
     )
 
 

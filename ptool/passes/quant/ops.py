@@ -1,0 +1,264 @@
+"""Quantized layers as graph ops: a torch reference, an ONNX lowering to integer kernels, a float decomposition.
+
+The ``quantize`` pass replaces ``aten.linear`` / ``aten.embedding`` nodes by these ops, so the FX
+graph says exactly what runs. Each op has
+
+- a **torch implementation**: the integer arithmetic written in float (quantize the activation,
+  multiply by the stored integer weight, rescale), what ``m2(x)`` runs - correct, not fast;
+- an **ONNX translation** (:func:`onnx_translations`, used by ``ptool.export_onnx``) to the ops
+  ONNX Runtime runs as integer kernels:
+
+  ==============================  ========================================================
+  op                              ONNX
+  ==============================  ========================================================
+  ``linear_dynamic_int8``         ``DynamicQuantizeLinear`` -> ``MatMulInteger`` (u8 x s8)
+                                  -> rescale (ORT fuses it into ``DynamicQuantizeMatMul``)
+  ``linear_static_int8``          ``QuantizeLinear``/``DequantizeLinear`` pairs around a
+                                  ``MatMul`` (QDQ; ORT fuses it into integer matmuls)
+  ``linear_int4``                 ``com.microsoft.MatMulNBits`` (4-bit weight-only, blocked)
+  ``embedding_int8/int4``         ``Gather`` of the integer rows + unpack + rescale
+  ==============================  ========================================================
+
+- a **float decomposition** (:func:`decompositions`) for backends that take the torch graph
+  and know no integer kernels (TVM): the same arithmetic in plain aten ops, so the results
+  match but run in float.
+
+Storage: int8 weights transposed ``(in, out)`` with one scale per output channel; int4 weights
+as MatMulNBits wants them: ``(out, in/2)`` bytes, two unsigned levels per byte (low nibble
+first), and per ``group_size`` inputs of each output channel one scale and one 4-bit zero point
+(packed the same way).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_LIB = "ptool_quant"
+
+
+# ---------------------------------------------------------------------------------------------
+# reference arithmetic (shared by the torch implementations and the float decompositions)
+
+
+def dynamic_quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX ``DynamicQuantizeLinear``: ``(levels, scale, zero_point)`` over the range of ``x`` and 0."""
+    lo = x.min().clamp(max=0)
+    hi = x.max().clamp(min=0)
+    scale = ((hi - lo) / 255).clamp_min(torch.finfo(torch.float32).tiny)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, 255), scale, zero_point
+
+
+def unpack_nibbles(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """Unsigned 4-bit values (as float) from bytes holding two each, low nibble first."""
+    low = (packed & 15).to(torch.float32)
+    high = torch.bitwise_right_shift(packed, 4).to(torch.float32)
+    values = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return values[..., :width]
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`unpack_nibbles` for values in ``[0, 15]`` along the last axis (padded to even)."""
+    u = values.to(torch.uint8)
+    if u.shape[-1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1))
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+
+
+def _dequantize_groups(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of 4-bit levels minus their per-group zero points, times the per-group scales."""
+    groups = scales.shape[-1]
+    levels = unpack_nibbles(packed, width)
+    shaped = levels.reshape(*levels.shape[:-1], groups, width // groups)
+    zero = unpack_nibbles(zeros, groups).unsqueeze(-1)
+    return ((shaped - zero) * scales.unsqueeze(-1)).reshape(levels.shape)
+
+
+def _linear_dynamic_int8(x, weight_t, weight_scale, bias):
+    xq, x_scale, x_zero = dynamic_quantize_uint8(x)
+    y = ((xq - x_zero) @ weight_t.to(x.dtype)) * (x_scale * weight_scale)
+    return y + bias if bias is not None else y
+
+
+def _linear_static_int8(x, x_scale, x_zero, weight_t, weight_scale, bias):
+    xq = torch.clamp(torch.round(x / x_scale) + x_zero, 0, 255)
+    y = ((xq - x_zero) * x_scale) @ (weight_t.to(x.dtype) * weight_scale)
+    return y + bias if bias is not None else y
+
+
+def _linear_int4(x, packed, scales, zeros, bias, in_features: int):
+    weight = _dequantize_groups(packed, scales, zeros, in_features)
+    y = x @ weight.to(x.dtype).T
+    return y + bias if bias is not None else y
+
+
+def _embedding_int8(ids, table, scales):
+    return table[ids].to(scales.dtype) * scales[ids].unsqueeze(-1)
+
+
+def _embedding_int4(ids, packed, scales, zeros, width: int):
+    return _dequantize_groups(packed[ids], scales[ids], zeros[ids], width)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch custom ops
+
+
+@torch.library.custom_op(f"{_LIB}::linear_dynamic_int8", mutates_args=())
+def linear_dynamic_int8(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + b`` with ``x`` quantized to uint8 on the fly and ``W`` int8 per output channel."""
+    return _linear_dynamic_int8(x, weight_t, weight_scale, bias)
+
+
+@torch.library.custom_op(f"{_LIB}::linear_static_int8", mutates_args=())
+def linear_static_int8(x: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, weight_t: torch.Tensor,
+                       weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + b`` with ``x`` quantized to uint8 with calibrated ``(x_scale, x_zero)``."""
+    return _linear_static_int8(x, x_scale, x_zero, weight_t, weight_scale, bias)
+
+
+@torch.library.custom_op(f"{_LIB}::linear_int4", mutates_args=())
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
+    """``x @ W.T + b`` with ``W`` stored as 4-bit levels, per-group scales and zero points (weight-only)."""
+    return _linear_int4(x, packed, scales, zeros, bias, in_features)
+
+
+@torch.library.custom_op(f"{_LIB}::embedding_int8", mutates_args=())
+def embedding_int8(ids: torch.Tensor, table: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rows of an int8 table with one scale per row."""
+    return _embedding_int8(ids, table, scales)
+
+
+@torch.library.custom_op(f"{_LIB}::embedding_int4", mutates_args=())
+def embedding_int4(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   width: int) -> torch.Tensor:
+    """Rows of a 4-bit table with per-group scales and zero points."""
+    return _embedding_int4(ids, packed, scales, zeros, width)
+
+
+def _rows_out(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+linear_dynamic_int8.register_fake(lambda x, weight_t, weight_scale, bias: _rows_out(x, weight_t.shape[1]))
+linear_static_int8.register_fake(lambda x, xs, xz, weight_t, weight_scale, bias: _rows_out(x, weight_t.shape[1]))
+linear_int4.register_fake(lambda x, packed, scales, zeros, bias, in_features: _rows_out(x, packed.shape[0]))
+embedding_int8.register_fake(lambda ids, table, scales: scales.new_empty(*ids.shape, table.shape[1]))
+embedding_int4.register_fake(lambda ids, packed, scales, zeros, width: scales.new_empty(*ids.shape, width))
+
+
+def decompositions() -> dict:
+    """Float decompositions of the ops, for ``ExportedProgram.run_decompositions`` (TVM's route)."""
+    ops = torch.ops.ptool_quant
+    return {
+        ops.linear_dynamic_int8.default: _linear_dynamic_int8,
+        ops.linear_static_int8.default: _linear_static_int8,
+        ops.linear_int4.default: _linear_int4,
+        ops.embedding_int8.default: _embedding_int8,
+        ops.embedding_int4.default: _embedding_int4,
+    }
+
+
+def is_quant_op(target: object) -> bool:
+    return getattr(target, "namespace", None) == _LIB
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX translations (onnxscript, traced by torch.onnx's exporter)
+
+
+def _register_contrib_schema() -> None:
+    """Declare ``com.microsoft.MatMulNBits`` to ``onnx.defs`` so onnxscript can emit it (ORT runs it)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    optional = OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter(n, "T", param_option=optional)
+                for n in ("A", "B", "scales", "zero_points", "g_idx", "bias")],
+        outputs=[OpSchema.FormalParameter("Y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(uint8)", "tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "", required=False)
+                    for a in ("K", "N", "bits", "block_size", "accuracy_level")],
+    )
+    onnx.defs.register_schema(schema)
+
+
+@functools.cache
+def onnx_translations() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export``: each op -> its ONNX integer form."""
+    import numpy as np
+    import onnxscript
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    _register_contrib_schema()
+    microsoft = onnxscript.values.Opset("com.microsoft", 1)
+
+    def const(value, dtype):
+        return op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype)))
+
+    def add_bias(y, bias):
+        return y if bias is None else op.Add(y, bias)
+
+    def linear_dynamic(x, weight_t, weight_scale, bias):
+        xq, x_scale, x_zero = op.DynamicQuantizeLinear(x)
+        acc = op.MatMulInteger(xq, weight_t, x_zero, const(0, np.int8))
+        return add_bias(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Mul(x_scale, weight_scale)), bias)
+
+    def linear_static(x, x_scale, x_zero, weight_t, weight_scale, bias):
+        zero = op.Cast(x_zero, to=ir.DataType.UINT8)
+        xq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, zero), x_scale, zero)
+        w = op.DequantizeLinear(weight_t, weight_scale, axis=1)
+        return add_bias(op.MatMul(xq, w), bias)
+
+    def linear_int4(x, packed, scales, zeros, bias, in_features: int):
+        out_features = packed.shape[0]
+        groups = scales.shape[1]
+        block = in_features // groups
+        flat = const([-1], np.int64)
+        blob = op.Reshape(packed, const([out_features, groups, block // 2], np.int64))
+        return microsoft.MatMulNBits(x, blob, op.Reshape(scales, flat), op.Reshape(zeros, flat), None, bias,
+                                     K=in_features, N=out_features, bits=4, block_size=block)
+
+    def embedding_int8(ids, table, scales):
+        rows = op.Cast(op.Gather(table, ids), to=ir.DataType.FLOAT)
+        return op.Mul(rows, op.Unsqueeze(op.Gather(scales, ids), const([-1], np.int64)))
+
+    def nibbles(packed_rows, count: int):  # (..., n) bytes -> (..., count) float values
+        axis = const([-1], np.int64)
+        low = op.Cast(op.BitwiseAnd(packed_rows, const(15, np.uint8)), to=ir.DataType.FLOAT)
+        high = op.Cast(op.BitShift(packed_rows, const(4, np.uint8), direction="RIGHT"), to=ir.DataType.FLOAT)
+        both = op.Concat(op.Unsqueeze(low, axis), op.Unsqueeze(high, axis), axis=-1)
+        shape = op.Concat(op.Shape(packed_rows, end=-1), const([-1], np.int64), axis=0)
+        values = op.Reshape(both, shape)
+        return op.Slice(values, const([0], np.int64), const([count], np.int64), axis)
+
+    def embedding_int4(ids, packed, scales, zeros, width: int):
+        groups = scales.shape[1]
+        shape = op.Shape(ids)
+        axis = const([-1], np.int64)
+        levels = op.Reshape(nibbles(op.Gather(packed, ids), width),
+                            op.Concat(shape, const([groups, width // groups], np.int64), axis=0))
+        zero = op.Unsqueeze(nibbles(op.Gather(zeros, ids), groups), axis)
+        scaled = op.Mul(op.Sub(levels, zero), op.Unsqueeze(op.Gather(scales, ids), axis))
+        return op.Reshape(scaled, op.Concat(shape, const([width], np.int64), axis=0))
+
+    ops = torch.ops.ptool_quant
+    return {
+        ops.linear_dynamic_int8.default: linear_dynamic,
+        ops.linear_static_int8.default: linear_static,
+        ops.linear_int4.default: linear_int4,
+        ops.embedding_int8.default: embedding_int8,
+        ops.embedding_int4.default: embedding_int4,
+    }

@@ -1,0 +1,283 @@
+"""``quantize``: int8 (dynamic or static activations) and int4 weight-only layers that lower to integer kernels.
+
+Every ``Linear`` (``aten.linear``; GPT-2's ``addmm`` Conv1D) with a stored weight becomes one of
+the quantized ops of :mod:`ptool.passes.quant.ops`, and, with ``embeddings=true``, every
+embedding table becomes an int8/int4 gather. Modes:
+
+- ``int8-dynamic`` (default): weights int8, one scale per output channel (``per-channel``) or per
+  tensor; each activation quantized to uint8 over its own range when it is computed. No
+  calibration needed. ONNX: ``DynamicQuantizeLinear`` + ``MatMulInteger``.
+- ``int8-static``: the activation scale and zero point are calibrated (``observer`` =
+  ``minmax``, ``percentile`` or ``mse``) on the calibration data. ONNX: QDQ around ``MatMul``.
+- ``int4-weight``: weight-only; 4-bit levels with one scale and zero point per ``group_size``
+  inputs, each group's range clipped where that lowers its rounding error; activations stay
+  float. ONNX: ``com.microsoft.MatMulNBits``.
+
+Layers stay float when their module path or node name matches an ``exclude`` pattern
+(``fnmatch``), or when ``keep_float=N`` and they are among the N layers whose own output suffers
+most from quantization, measured on the calibration data (relative output MSE of the layer
+alone). The report lists them with the reason. Attention's activation-by-activation matmuls
+and convolutions are not quantized.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx as fx
+
+from ptool.ir.graph import (add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, module_path, owner_of,
+                            remove_unused_attributes)
+from ptool.ir.record import record_values
+from ptool.passes.base import Family, Pass, PassContext, PassResult
+from ptool.passes.quant import quantizers as qz
+from ptool.passes.quant.ops import pack_nibbles  # also registers torch.ops.ptool_quant.*
+from ptool.verify import Lossy, Numerics
+
+aten = torch.ops.aten
+
+Mode = Literal["int8-dynamic", "int8-static", "int4-weight"]
+
+
+@dataclass
+class _Site:
+    """One layer to quantize: a linear (weight normalized to ``(out, in)``) or an embedding table."""
+
+    node: fx.Node
+    kind: Literal["linear", "embedding"]
+    x: fx.Node  # the activation (linear) or the indices (embedding)
+    weight_node: fx.Node
+    weight: torch.Tensor  # (out, in) for linears, (vocab, dim) for embeddings
+    bias: fx.Node | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.node.name} ({module_path(self.node)})"
+
+
+def find_sites(gm: fx.GraphModule) -> list[_Site]:
+    """Linears with a stored 2-D weight (``linear``, ``addmm`` with alpha = beta = 1) and embedding tables."""
+    sites = []
+    for node in gm.graph.nodes:
+        if is_op(node, aten.linear):
+            w = attr_tensor(gm, node.args[1])
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if w is not None and w.dim() == 2 and w.is_floating_point():
+                sites.append(_Site(node, "linear", node.args[0], node.args[1], w.detach(), bias))
+        elif is_op(node, aten.addmm) and len(node.args) == 3 and not node.kwargs:
+            w = attr_tensor(gm, node.args[2])
+            if w is not None and w.dim() == 2 and w.is_floating_point():
+                sites.append(_Site(node, "linear", node.args[1], node.args[2], w.detach().T, node.args[0]))
+        elif is_op(node, aten.embedding):
+            w = attr_tensor(gm, node.args[0])
+            if w is not None and w.dim() == 2 and w.is_floating_point():
+                sites.append(_Site(node, "embedding", node.args[1], node.args[0], w.detach()))
+    return sites
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantize(Pass):
+    """Quantize Linear layers (and embeddings) to int8 (dynamic/static) or int4 weight-only integer kernels.
+
+    Args:
+        mode: ``int8-dynamic``, ``int8-static`` (needs calibration) or ``int4-weight``.
+        granularity: weight scales ``per-channel`` (one per output channel) or ``per-tensor``
+            (int8 only; int4 always uses groups).
+        group_size: inputs per int4 scale (a multiple of 2 dividing the layer width).
+        observer: static activation ranges: ``minmax``, ``percentile`` or ``mse``.
+        percentile: the ``percentile`` observer's clipping point (in %).
+        embeddings: quantize embedding tables too (int8 per row; int4 per group).
+        exclude: ``fnmatch`` patterns on module path or node name of layers kept in float.
+        keep_float: keep the N most quantization-sensitive linears in float (needs calibration).
+    """
+
+    name: ClassVar[str] = "quantize"
+    family: ClassVar[Family] = Family.QUANTIZATION
+    numerics: ClassVar[Numerics] = Lossy("cosine", 0.97)
+
+    mode: Mode = "int8-dynamic"
+    granularity: Literal["per-channel", "per-tensor"] = "per-channel"
+    group_size: int = 32
+    observer: qz.ObserverKind = "minmax"
+    percentile: float = 99.99
+    embeddings: bool = True
+    exclude: tuple[str, ...] = ()
+    keep_float: int = 0
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2 or self.group_size % 2:
+            raise ValueError(f"group_size must be an even number >= 2, got {self.group_size}")
+        if not 50 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.keep_float < 0:
+            raise ValueError(f"keep_float must be >= 0, got {self.keep_float}")
+        if self.mode == "int4-weight" and self.granularity == "per-tensor":
+            raise ValueError("int4-weight uses per-group scales; granularity=per-tensor applies to int8 modes only")
+
+    # -----------------------------------------------------------------------------------------
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        sites = [s for s in find_sites(gm) if s.kind == "linear" or self.embeddings]
+        if not sites:
+            return result
+        floats = self._excluded(sites, result)
+        linears = [s for s in sites if s.kind == "linear" and s.node not in floats]
+        needs_data = self.mode == "int8-static" or self.keep_float > 0
+        stats = self._calibrate(gm, ctx, linears) if needs_data and linears else {}
+        if self.keep_float:
+            worst = sorted(linears, key=lambda s: stats[s.node].error, reverse=True)[: self.keep_float]
+            for s in worst:
+                floats.add(s.node)
+                result.skip(s.label, f"kept float: among the {self.keep_float} most sensitive layers "
+                                     f"(relative output error {stats[s.node].error:.2e} when quantized)")
+        before = after = 0
+        for site in sites:
+            if site.node in floats:
+                continue
+            reason = self._unsupported(site)
+            if reason:
+                result.skip(site.label, reason)
+                continue
+            before += site.weight.numel() * site.weight.element_size()
+            after += self._rewrite(gm, site, stats.get(site.node))
+            result.hit()
+        eliminate_dead_code(gm)
+        remove_unused_attributes(gm)
+        result.notes.update({"mode": self.mode, "weight_bytes_before": before, "weight_bytes_after": after})
+        if stats:
+            result.notes["layer_error"] = {s.label: stats[s.node].error for s in linears}
+        return result
+
+    def _excluded(self, sites: list[_Site], result: PassResult) -> set[fx.Node]:
+        out = set()
+        for s in sites:
+            path = module_path(s.node)
+            pattern = next((p for p in self.exclude if fnmatch.fnmatch(path, p) or fnmatch.fnmatch(s.node.name, p)), None)
+            if pattern is not None:
+                out.add(s.node)
+                result.skip(s.label, f"kept float: matches exclude pattern '{pattern}'")
+        return out
+
+    def _unsupported(self, site: _Site) -> str | None:
+        width = site.weight.shape[1]
+        if self.mode == "int4-weight" and width % self.group_size:
+            return f"kept float: width {width} is not a multiple of group_size {self.group_size}"
+        return None
+
+    # -----------------------------------------------------------------------------------------
+    # calibration: activation ranges (static) and per-layer sensitivity (keep_float)
+
+    def _calibrate(self, gm: fx.GraphModule, ctx: PassContext, linears: list[_Site]) -> dict[fx.Node, _LayerStats]:
+        ctx.require_calibration(f"{self.name}:mode={self.mode}" if self.mode == "int8-static" else
+                                f"{self.name}:keep_float={self.keep_float}")
+        stats = {s.node: _LayerStats(qz.Observer(self.observer, self.percentile)) for s in linears}
+        inputs = list(dict.fromkeys(s.x for s in linears))
+        for call in ctx.calibration_calls:
+            values = record_values(gm, inputs, [call])[0]
+            for s in linears:
+                stats[s.node].observer.update(values[s.x])
+        if self.keep_float:
+            for call in ctx.calibration_calls[:4]:
+                values = record_values(gm, inputs, [call])[0]
+                for s in linears:
+                    stats[s.node].add_error(values[s.x], s.weight, self._simulate(s, stats[s.node]))
+        return stats
+
+    def _simulate(self, site: _Site, stats: _LayerStats):
+        """``x -> quantized layer(x)`` without bias, in float: the sensitivity probe."""
+        w_hat = self._fake_weight(site.weight)
+        if self.mode == "int8-dynamic":
+            grid = qz.IntRange(8, signed=False)
+            return lambda x: qz.fake_quantize_dynamic(x, grid) @ w_hat.T
+        if self.mode == "int8-static":
+            grid = qz.IntRange(8, signed=False)
+            scale, zero = stats.observer.qparams(grid)
+            return lambda x: qz.fake_quantize(x, scale, zero, grid) @ w_hat.T
+        return lambda x: x @ w_hat.T
+
+    def _fake_weight(self, w: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int4-weight":
+            levels, scales, zeros = qz.quantize_weight_asymmetric(w, 4, self.group_size)
+            groups = (levels.float() - zeros.float().repeat_interleave(self.group_size, 1))
+            return groups * scales.repeat_interleave(self.group_size, 1)
+        if self.granularity == "per-tensor":
+            scale = (w.abs().max() / 127).clamp_min(torch.finfo(torch.float32).tiny)
+            return qz.fake_quantize(w.float(), scale, 0, qz.IntRange(8))
+        return qz.fake_quantize_weight(w.float(), 8)
+
+    # -----------------------------------------------------------------------------------------
+    # rewriting
+
+    def _rewrite(self, gm: fx.GraphModule, site: _Site, stats: _LayerStats | None) -> int:
+        owner = owner_of(site.weight_node.target)
+        ops = torch.ops.ptool_quant
+        tensors: list[torch.Tensor] = []
+
+        def buffer(name: str, value: torch.Tensor) -> fx.Node:
+            tensors.append(value)
+            return add_tensor(gm, owner, name, value, parameter=False, before=site.node)
+
+        w = site.weight.float()
+        if site.kind == "embedding":
+            if self.mode == "int4-weight":
+                args = (site.x, *self._int4_buffers(w, buffer), w.shape[1])
+                target = ops.embedding_int4.default
+            else:
+                levels, scales = qz.quantize_weight(w, 8)
+                args = (site.x, buffer("qweight", levels), buffer("qscale", scales.squeeze(-1)))
+                target = ops.embedding_int8.default
+        elif self.mode == "int4-weight":
+            args = (site.x, *self._int4_buffers(w, buffer), site.bias, w.shape[1])
+            target = ops.linear_int4.default
+        else:
+            levels, scales = self._int8_weight(w)
+            weight_t = buffer("qweight_t", levels.T.contiguous())
+            weight_scale = buffer("qscale", scales)
+            if self.mode == "int8-dynamic":
+                args = (site.x, weight_t, weight_scale, site.bias)
+                target = ops.linear_dynamic_int8.default
+            else:
+                x_scale, x_zero = stats.observer.qparams(qz.IntRange(8, signed=False))
+                args = (site.x, buffer("x_scale", x_scale.reshape(())), buffer("x_zero", x_zero.reshape(())),
+                        weight_t, weight_scale, site.bias)
+                target = ops.linear_static_int8.default
+        with gm.graph.inserting_before(site.node):
+            new = mark(gm.graph.call_function(target, tuple(args)), self.name)
+        new.meta = {**site.node.meta, "ptool.from_pass": self.name}
+        site.node.replace_all_uses_with(new)
+        gm.graph.erase_node(site.node)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _int4_buffers(self, w: torch.Tensor, buffer) -> tuple[fx.Node, fx.Node, fx.Node]:
+        levels, scales, zeros = qz.quantize_weight_asymmetric(w, 4, self.group_size)
+        return buffer("qweight", pack_nibbles(levels)), buffer("qscale", scales), buffer("qzero", pack_nibbles(zeros))
+
+    def _int8_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.granularity == "per-tensor":
+            scale = (w.abs().max() / 127).clamp_min(torch.finfo(torch.float32).tiny)
+            levels = qz.quantize(w, scale, 0, qz.IntRange(8)).to(torch.int8)
+            return levels, scale.expand(w.shape[0]).contiguous()
+        levels, scales = qz.quantize_weight(w, 8)
+        return levels, scales.squeeze(-1)
+
+
+@dataclass
+class _LayerStats:
+    observer: qz.Observer
+    err: float = 0.0
+    power: float = 0.0
+
+    def add_error(self, x: torch.Tensor, w: torch.Tensor, simulate) -> None:
+        x = x.detach().float()
+        reference = x @ w.float().T
+        self.err += float((simulate(x) - reference).pow(2).sum())
+        self.power += float(reference.pow(2).sum())
+
+    @property
+    def error(self) -> float:
+        return self.err / self.power if self.power else 0.0
+
