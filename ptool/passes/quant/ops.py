@@ -13,8 +13,10 @@ graph says exactly what runs. Each op has
   ==============================  ========================================================
   ``linear_dynamic_int8``         ``DynamicQuantizeLinear`` -> ``MatMulInteger`` (u8 x s8)
                                   -> rescale (ORT fuses it into ``DynamicQuantizeMatMul``)
-  ``linear_static_int8``          ``QuantizeLinear``/``DequantizeLinear`` pairs around a
-                                  ``MatMul`` (QDQ; ORT fuses it into integer matmuls)
+  ``linear_static_int8``          ``QuantizeLinear`` (calibrated scale) -> ``MatMulInteger``
+                                  -> rescale (ORT: ``MatMulIntegerToFloat``). A QDQ pair
+                                  around ``MatMul`` is not fused by ORT with per-channel
+                                  weight scales and ran 1.4x slower than fp32.
   ``linear_int4``                 ``com.microsoft.MatMulNBits`` (4-bit weight-only, blocked)
   ``embedding_int8/int4``         ``Gather`` of the integer rows + unpack + rescale
   ==============================  ========================================================
@@ -218,9 +220,8 @@ def onnx_translations() -> dict:
 
     def linear_static(x, x_scale, x_zero, weight_t, weight_scale, bias):
         zero = op.Cast(x_zero, to=ir.DataType.UINT8)
-        xq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, zero), x_scale, zero)
-        w = op.DequantizeLinear(weight_t, weight_scale, axis=1)
-        return add_bias(op.MatMul(xq, w), bias)
+        acc = op.MatMulInteger(op.QuantizeLinear(x, x_scale, zero), weight_t, zero, const(0, np.int8))
+        return add_bias(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Mul(x_scale, weight_scale)), bias)
 
     def linear_int4(x, packed, scales, zeros, bias, in_features: int):
         out_features = packed.shape[0]
