@@ -1,7 +1,7 @@
 """The Linears that read an activation as their input: where a per-channel rewrite can be absorbed.
 
-Shared by ``log-quant`` (a GELU's consumers absorb its shift) and ``repquant`` (a LayerNorm's
-consumers absorb the per-channel grid).
+Shared by ``log-quant`` (a GELU's consumers absorb its shift) and ``repquant`` (a LayerNorm's or
+RMSNorm's consumers absorb the per-channel grid).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ptool.ir.analysis import is_assert
 from ptool.ir.graph import attr_users, is_op, op_name
 from ptool.passes.fold_affine._layers import Layer, as_layer, through_last_dim, why_not_editable
 
@@ -26,6 +27,8 @@ def linear_consumers(gm: fx.GraphModule, node: fx.Node) -> list[Layer] | str:
 
     def visit(value: fx.Node) -> str | None:
         for user in value.users:
+            if is_assert(user):  # torch.export's shape/dtype check: holds after a per-channel rewrite
+                continue
             layer = as_layer(user)
             if layer is not None and layer.x is value and layer.channels_last:
                 why = why_not_editable(gm, layer, untie=True) or _tied(gm, layer)
