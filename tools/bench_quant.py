@@ -41,9 +41,12 @@ SEQ = 128
 
 #: ptool pipelines: label -> pass specs (calibrated with the manual's sentences)
 PIPELINES = {
+    "ptool smooth-quant (alpha 0.7) + int8 dynamic": ["smooth-quant:alpha=0.7", "quantize"],
     "ptool int8 dynamic (per-channel)": ["quantize"],
     "ptool int8 dynamic, 3 most sensitive layers float": ["quantize:keep_float=3"],
     "ptool int8 static (per-channel, mse)": ["quantize:mode=int8-static,observer=mse"],
+    "ptool smooth-quant (alpha 0.7) + int8 static (mse)": ["smooth-quant:alpha=0.7",
+                                                          "quantize:mode=int8-static,observer=mse"],
     "ptool int4 weight-only (group 32)": ["quantize:mode=int4-weight"],
 }
 

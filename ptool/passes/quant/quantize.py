@@ -52,6 +52,10 @@ class _Site:
     weight_node: fx.Node
     weight: torch.Tensor  # (out, in) for linears, (vocab, dim) for embeddings
     bias: fx.Node | None = None
+    owner: str = ""  # module path the quantized tensors are stored on
+
+    def __post_init__(self) -> None:
+        self.owner = self.owner or owner_of(self.weight_node.target)
 
     @property
     def label(self) -> str:
@@ -92,6 +96,9 @@ class Quantize(Pass):
         embeddings: quantize embedding tables too (int8 per row; int4 per group).
         exclude: ``fnmatch`` patterns on module path or node name of layers kept in float.
         keep_float: keep the N most quantization-sensitive linears in float (needs calibration).
+        fuse_shared_inputs: linears reading the same input (q/k/v, gate/up) become one wider
+            integer matmul and a split: fewer kernel calls, the same numbers (per-channel
+            scales, and the shared input is quantized once either way).
     """
 
     name: ClassVar[str] = "quantize"
@@ -106,6 +113,7 @@ class Quantize(Pass):
     embeddings: bool = True
     exclude: tuple[str, ...] = ()
     keep_float: int = 0
+    fuse_shared_inputs: bool = True
 
     def __post_init__(self) -> None:
         if self.group_size < 2 or self.group_size % 2:
@@ -134,7 +142,7 @@ class Quantize(Pass):
                 floats.add(s.node)
                 result.skip(s.label, f"kept float: among the {self.keep_float} most sensitive layers "
                                      f"(relative output error {stats[s.node].error:.2e} when quantized)")
-        before = after = 0
+        todo = []
         for site in sites:
             if site.node in floats:
                 continue
@@ -142,15 +150,31 @@ class Quantize(Pass):
             if reason:
                 result.skip(site.label, reason)
                 continue
-            before += site.weight.numel() * site.weight.element_size()
-            after += self._rewrite(gm, site, stats.get(site.node))
-            result.hit()
+            todo.append(site)
+        before = after = 0
+        for group in self._groups(gm, todo):
+            site = group[0] if len(group) == 1 else _merged(gm, group)
+            before += sum(s.weight.numel() * s.weight.element_size() for s in group)
+            new, stored = self._rewrite(gm, site, stats.get(group[0].node))
+            after += stored
+            _replace(gm, group, new)
+            result.hit(len(group))
+            if len(group) > 1:
+                result.notes.setdefault("fused", []).append(" + ".join(s.node.name for s in group))
         eliminate_dead_code(gm)
         remove_unused_attributes(gm)
         result.notes.update({"mode": self.mode, "weight_bytes_before": before, "weight_bytes_after": after})
         if stats:
             result.notes["layer_error"] = {s.label: stats[s.node].error for s in linears}
         return result
+
+    def _groups(self, gm: fx.GraphModule, sites: list[_Site]) -> list[list[_Site]]:
+        """Sites in rewrite units: linears reading one input fused (``fuse_shared_inputs``), else one each."""
+        groups: dict[object, list[_Site]] = {}
+        for site in sites:
+            fusable = self.fuse_shared_inputs and site.kind == "linear" and _bias_tensor(gm, site) is not False
+            groups.setdefault(site.x if fusable else site.node, []).append(site)
+        return list(groups.values())
 
     def _excluded(self, sites: list[_Site], result: PassResult) -> set[fx.Node]:
         out = set()
@@ -212,8 +236,9 @@ class Quantize(Pass):
     # -----------------------------------------------------------------------------------------
     # rewriting
 
-    def _rewrite(self, gm: fx.GraphModule, site: _Site, stats: _LayerStats | None) -> int:
-        owner = owner_of(site.weight_node.target)
+    def _rewrite(self, gm: fx.GraphModule, site: _Site, stats: _LayerStats | None) -> tuple[fx.Node, int]:
+        """Insert the quantized op computing ``site`` (before it); return it and the bytes it stores."""
+        owner = site.owner
         ops = torch.ops.ptool_quant
         tensors: list[torch.Tensor] = []
 
@@ -248,9 +273,7 @@ class Quantize(Pass):
         with gm.graph.inserting_before(site.node):
             new = mark(gm.graph.call_function(target, tuple(args)), self.name)
         new.meta = {**site.node.meta, "ptool.from_pass": self.name}
-        site.node.replace_all_uses_with(new)
-        gm.graph.erase_node(site.node)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return new, sum(t.numel() * t.element_size() for t in tensors)
 
     def _int4_buffers(self, w: torch.Tensor, buffer) -> tuple[fx.Node, fx.Node, fx.Node]:
         levels, scales, zeros = qz.quantize_weight_asymmetric(w, 4, self.group_size)
@@ -263,6 +286,53 @@ class Quantize(Pass):
             return levels, scale.expand(w.shape[0]).contiguous()
         levels, scales = qz.quantize_weight(w, 8)
         return levels, scales.squeeze(-1)
+
+
+def _bias_tensor(gm: fx.GraphModule, site: _Site) -> torch.Tensor | None | bool:
+    """The stored bias of a linear site, None without one, False if it is computed (not fusable)."""
+    if site.bias is None:
+        return None
+    value = attr_tensor(gm, site.bias)
+    return False if value is None else value.detach()
+
+
+def _merged(gm: fx.GraphModule, group: list[_Site]) -> _Site:
+    """One linear site computing the group's outputs side by side (weights and biases concatenated)."""
+    weight = torch.cat([s.weight for s in group])
+    biases = [_bias_tensor(gm, s) for s in group]
+    owners = [s.owner.split(".") for s in group]
+    common = []
+    for parts in zip(*owners):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    first = min(group, key=lambda s: list(gm.graph.nodes).index(s.node))
+    bias = None
+    if any(b is not None for b in biases):
+        value = torch.cat([b if b is not None else weight.new_zeros(s.weight.shape[0]) for b, s in zip(biases, group)])
+        bias = add_tensor(gm, ".".join(common), "fused_bias", value, parameter=False, before=first.node)
+    return _Site(first.node, "linear", first.x, first.weight_node, weight, bias, owner=".".join(common))
+
+
+def _replace(gm: fx.GraphModule, group: list[_Site], new: fx.Node) -> None:
+    """Point the group's users at ``new`` (split back into each site's columns if fused); drop the old nodes."""
+    import operator
+
+    if len(group) == 1:
+        outputs = [new]
+    else:
+        sizes = [s.weight.shape[0] for s in group]
+        with gm.graph.inserting_after(new):
+            split = gm.graph.call_function(aten.split_with_sizes.default, (new, sizes, -1))
+        outputs = []
+        previous = split
+        for i in range(len(group)):
+            with gm.graph.inserting_after(previous):
+                previous = gm.graph.call_function(operator.getitem, (split, i))
+            outputs.append(previous)
+    for site, out in zip(group, outputs):
+        site.node.replace_all_uses_with(out)
+        gm.graph.erase_node(site.node)
 
 
 @dataclass

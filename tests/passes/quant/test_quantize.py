@@ -94,8 +94,22 @@ def test_every_linear_becomes_a_quantized_op(mode):
     assert not any("aten.linear" in str(k) for k in hist)
     expected = {"int8-dynamic": "linear_dynamic_int8", "int8-static": "linear_static_int8",
                 "int4-weight": "linear_int4"}[mode]
-    assert sum(v for k, v in hist.items() if expected in str(k)) == 13
-    assert m2.report.records[-1].rewritten == 16  # 13 linears + 3 embeddings
+    # 13 linears: per layer q+k+v fused into one op (shared input), o, fc1, fc2; + the pooler
+    assert sum(v for k, v in hist.items() if expected in str(k)) == 2 * 4 + 1
+    record = m2.report.records[-1]
+    assert record.rewritten == 16  # 13 linears + 3 embeddings
+    assert len(record.notes["fused"]) == 2 and all(f.count(" + ") == 2 for f in record.notes["fused"])
+
+
+def test_fusing_linears_that_share_an_input_changes_no_number():
+    fixture = zoo.bert()
+    args, kwargs = fixture.heldout(1)
+    outs = []
+    for fuse in (True, False):
+        m2 = ptool.transform(fixture.model, [Quantize(fuse_shared_inputs=fuse)], fixture.example_inputs)
+        with torch.no_grad():
+            outs.append(m2(*args, **kwargs))
+    assert ptool.verify.compare(outs[1], outs[0]).max_abs_error < 1e-5
 
 
 @pytest.mark.parametrize(("model", "mode", "bound"), [
