@@ -25,13 +25,15 @@ def _pass_classes() -> tuple[type[Pass], ...]:
     from ptool.passes.quant.logquant import LogQuant
     from ptool.passes.quant.quantize import Quantize
     from ptool.passes.quant.repquant import RepQuant
+    from ptool.passes.quant.rotate import Rotate
+    from ptool.passes.quant.smooth import SmoothQuant
     from ptool.passes.repbn import RepBatchNorm
 
     return (
         DeadCodeElimination, CommonSubexpressionElimination, ConstantFold,
         FoldBatchNorm, MergeBranches, FoldAffine, RepBatchNorm,
         LinearAttention, SigmoidAttention, SoftplusAttention, SparseAttention,
-        Quantize, LogQuant, RepQuant,
+        Quantize, SmoothQuant, Rotate, LogQuant, RepQuant,
     )
 
 

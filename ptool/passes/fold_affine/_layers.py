@@ -7,6 +7,10 @@ Every fold ends in one of two edits, both computed in float64 and cast back once
 - :func:`fold_inputs`: ``y = layer(x * a + t)`` per input channel  ->  ``W' = W diag(a)``,
   ``b' = b + W t`` (for a conv, ``W t`` sums over the kernel window too).
 
+and their full-matrix forms for linears (rotations, quantization transforms):
+:func:`fold_inputs_matrix` (``layer(x @ m)``) and :func:`fold_outputs_matrix` (``layer(x) @ m``
+on a range of output channels).
+
 It also says which ops a per-channel constant passes through unchanged (:func:`through_last_dim`,
 :func:`through_identity`), which every rule needs to see past views and eval-mode dropout.
 """
@@ -169,6 +173,37 @@ def fold_inputs(gm: fx.GraphModule, layer: Layer, scale: torch.Tensor, shift: to
         t = shift.view(g, -1).repeat_interleave(out // g, dim=0).view(out, -1, *extra)
         new_b = _bias64(gm, layer, out) + (w * t).flatten(1).sum(1)
     _write(gm, layer, w * s, new_b, pass_name)
+
+
+
+def fold_inputs_matrix(gm: fx.GraphModule, layer: Layer, m: torch.Tensor, pass_name: str) -> None:
+    """``layer(x @ m)`` (``m``: (in, in) float64) into a linear/addmm: ``W' = W m^T``.
+
+    The full-matrix case of :func:`fold_inputs` (which is ``m = diag(scale)``): rotations and
+    other invertible input transforms (quantization transforms, METHODS 4.1).
+    """
+    if not layer.channels_last:
+        raise ValueError(f"{layer.node.name}: a full-matrix input fold needs a linear/addmm, not a {layer.kind}")
+    w = _weight64(gm, layer)
+    _write(gm, layer, w @ m.t(), None, pass_name)
+
+
+def fold_outputs_matrix(gm: fx.GraphModule, layer: Layer, m: torch.Tensor, pass_name: str, start: int = 0) -> None:
+    """``layer(x)[..., start:stop] @ m`` (``m``: (k, k) float64, ``stop = start + k``) into a linear/addmm.
+
+    Output channels ``[start, stop)`` become ``W'[rows] = m^T W[rows]``, ``b'[rows] = b[rows] m``;
+    the others are unchanged (a fused qkv projection keeps its q/k columns).
+    """
+    if not layer.channels_last:
+        raise ValueError(f"{layer.node.name}: a full-matrix output fold needs a linear/addmm, not a {layer.kind}")
+    w = _weight64(gm, layer).clone()
+    stop = start + m.shape[0]
+    w[start:stop] = m.t() @ w[start:stop]
+    new_b = None
+    if layer.bias is not None:
+        new_b = _bias64(gm, layer, w.shape[0]).clone()
+        new_b[start:stop] = new_b[start:stop] @ m
+    _write(gm, layer, w, new_b, pass_name)
 
 
 # ------------------------------------------------------------------------ what channels pass through

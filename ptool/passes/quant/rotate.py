@@ -1,0 +1,248 @@
+"""rotate: orthogonal (and learned scaled-orthogonal) transforms of Linear inputs, QuaRot/OSTQuant style.
+
+Every rewrite uses ``y = x W^T = (x T)(W T^-T)^T`` for an invertible ``T`` (METHODS 4.1): the
+weight side is folded into the readers in float64, the ``x T`` side into a producer or kept online.
+With ``T`` orthogonal (a normalized Hadamard, :mod:`.hadamard`) ``T^-T = T``: outlier channels
+are spread over all channels, which raises the per-token quantization grid's utilization (QSUR).
+Three kinds of sites, on the models the fixtures cover:
+
+(a) **Residual stream** (RMSNorm models: Llama): one global ``Q`` of the hidden size; RMSNorm
+    ``gamma`` is folded into its readers, then embeddings ``E Q``, readers (q/k/v, gate/up,
+    lm_head) ``W Q``, writers (o_proj, down_proj) ``Q^T W`` (:mod:`._residual`). No op is added.
+    LayerNorm is not rotation-invariant (it subtracts the channel mean), so ViT/GPT-2 (pre-LN) and
+    BERT/MiniLM (post-LN, where the norm output is the stream) get no global rotation; the report
+    says why.
+(b) **Value -> output projection, per head**: v_proj's output rotated by ``H_dh`` in every head
+    and o_proj's input by the same blocks; attention mixes tokens, not head channels, so this
+    folds into both weights exactly (every model, grouped-query heads included).
+(c) **Online**: sites no weight can absorb - down_proj/fc2 after SwiGLU/GELU, and on LayerNorm
+    models the norm outputs read by q/k/v and fc1 (and poolers/classifiers) - get a stored
+    ``matmul(x, T)`` before the Linears (``online=true``; else skipped with the reason). A site
+    fed directly by another Linear's output gets ``T`` folded into that Linear.
+
+``method=learned`` (OSTQuant-style, :mod:`._learn`) replaces the Hadamard ``H`` of each per-head
+and online/linear site by ``T = H K diag(1/s)`` - ``K`` orthogonal
+(``torch.nn.utils.parametrizations.orthogonal``, Cayley map, starting at the identity; a
+Kronecker product of two factors above 512 channels), ``s > 0`` - trained for ``train_steps``
+Adam steps on the calibration activations of that site to minimize the relative squared error
+between the Linear outputs and their simulated W``weight_bits``A``act_bits`` versions
+(per-channel symmetric weights, per-token dynamic symmetric activations, straight-through
+rounding with differentiable scales). Per-head sites learn one ``head_dim`` block shared by all
+heads. On the residual stream the rotation stays the Hadamard and each norm output gets a learned
+channel scaling instead (OSTQuant's norm scalings: a stored ``mul`` by ``1/s`` where gamma was,
+``W diag(s)`` in the readers). Every result is folded exactly like the Hadamard (inverses in
+float64, orthogonal factors re-projected first); a site whose training does not lower the loss
+keeps the Hadamard. Not implemented: OSTQuant's end-to-end KL-Top objective (the loss here is
+layer-local MSE), a learned residual rotation, and q/k scalings through RoPE.
+
+The report's notes hold QSUR and outlier statistics of every rewritten site's Linear input
+before and after (``notes["sites"]``, means in ``notes["mean"]``), measured on the calibration
+batches (or the example batch).
+
+Limits: matrices are stored dense (O(d^2) per token for online sites, not a fast Walsh-Hadamard
+transform); sizes without a Hadamard construction fall back to a seeded random orthogonal matrix
+(:func:`~ptool.passes.quant.hadamard.orthogonal`); q/k after RoPE and the KV cache are not rotated;
+tied Linears (GPT-2's lm_head) are left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx as fx
+
+from ptool.ir.graph import attr_tensor
+from ptool.passes.base import Family, Pass, PassContext, PassResult
+from ptool.passes.fold_affine._layers import fold_inputs, fold_inputs_matrix
+from ptool.passes.quant import _residual, _sites
+from ptool.passes.quant._report import SiteReport
+from ptool.passes.quant.hadamard import orthogonal
+from ptool.verify import Close, Numerics
+
+__all__ = ["Rotate"]
+
+aten = torch.ops.aten
+
+Method = Literal["hadamard", "learned"]
+_METHODS = ("hadamard", "learned")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rotate(Pass):
+    """Hadamard / learned orthogonal transforms of Linear inputs (QuaRot, OSTQuant; exact in float).
+
+    Args:
+        method: ``hadamard`` (fixed normalized Hadamard matrices) or ``learned`` (scaled
+            orthogonal transforms trained on calibration data, initialized at the Hadamard).
+        online: rotate sites no weight can absorb with a stored matmul (else skip them).
+        residual: rotate the residual stream globally where RMSNorm allows it.
+        seed: seed of the random orthogonal fallback for sizes without a Hadamard matrix.
+        train_steps: Adam steps per site (``learned``).
+        lr: Adam learning rate (``learned``).
+        weight_bits: weight bits of the simulated quantization the loss measures (``learned``).
+        act_bits: activation bits of that simulation (``learned``).
+        layers: module-path substrings selecting the Linears (empty: all; a subset disables the
+            global residual rotation, which must edit every reader and writer).
+    """
+
+    name: ClassVar[str] = "rotate"
+    family: ClassVar[Family] = Family.QUANTIZATION
+    numerics: ClassVar[Numerics] = Close(atol=0.0, rtol=1e-5)
+    method: Method = "hadamard"
+    online: bool = True
+    residual: bool = True
+    seed: int = 0
+    train_steps: int = 100
+    lr: float = 1e-2
+    weight_bits: int = 4
+    act_bits: int = 8
+    layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            from ptool.errors import did_you_mean
+
+            raise ValueError(f"method must be one of {', '.join(_METHODS)}, got {self.method!r}"
+                             f"{did_you_mean(str(self.method), _METHODS)}")
+        if self.train_steps < 1 or not self.lr > 0:
+            raise ValueError(f"train_steps must be >= 1 and lr > 0, got {self.train_steps}, {self.lr}")
+        if not (2 <= self.weight_bits <= 16 and 2 <= self.act_bits <= 16):
+            raise ValueError(f"weight_bits and act_bits must be in [2, 16], got {self.weight_bits}, {self.act_bits}")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.method == "learned":
+            ctx.require_calibration(f"{self.name}:method=learned")
+        calls = _sites.calls_of(ctx)
+        select = _sites.module_filter(self.layers)
+        result = PassResult()
+        sites, left_out = _sites.find_sites(gm, select)
+        fresh = [s for s in sites if not s.done_by(self.name)]
+        if not fresh:  # nothing to rotate, or an earlier run rotated everything
+            for label, reason in left_out:
+                result.skip(label, reason)
+            return result
+        report = SiteReport.before(gm, fresh, calls)
+
+        globally = self._rotate_residual(gm, result)
+        sites, left_out = _sites.find_sites(gm, select)  # norm gammas may have moved into the readers
+        for label, reason in left_out:
+            result.skip(label, reason)
+        done, learned = [], {}
+        if self.method == "learned":
+            self._scale_residual_readers(gm, [s for s in sites if all(x.node in globally for x in s.layers)],
+                                         calls, report, learned)
+        for site in sites:
+            if all(layer.node in globally for layer in site.layers):
+                how = report.how.get(site.label, "residual-reader")
+            elif site.done_by(self.name):
+                result.skip(site.label, "already rotated by an earlier rotate run")
+                continue
+            elif not isinstance(site.producer, _ROTATABLE) and not self.online:
+                result.skip(site.label, f"not foldable: {_why_online(site)} (online=true inserts a matmul)")
+                continue
+            else:
+                how = self._rotate_site(gm, site, report.values.get(site.layers[0].node), learned)
+                site.mark_done(self.name)
+                result.hit()
+            report.how[site.label] = how
+            done.append(site)
+        if not result.changed:
+            return result
+        gm.recompile()
+        counts: dict[str, int] = {}
+        for how in report.how.values():
+            counts[how] = counts.get(how, 0) + 1
+        result.notes.update(counts)
+        result.notes.update(report.after(gm, done, calls))
+        if learned:
+            result.notes["learned_loss"] = learned
+        return result
+
+    # ----------------------------------------------------------------------------- (a) residual
+    def _rotate_residual(self, gm: fx.GraphModule, result: PassResult) -> set[fx.Node]:
+        """Rotate the residual stream if allowed; return the reader Linears it rotated."""
+        if not self.residual:
+            return set()
+        plan = _residual.plan_residual(gm) if not self.layers else "layers= selects a subset of the Linears"
+        if isinstance(plan, str):
+            if "already rotated" not in plan:
+                result.skip("residual stream", f"no global rotation: {plan}")
+            return set()
+        q = orthogonal(plan.width, self.seed)
+        _residual.apply_residual(gm, plan, q, self.name)
+        result.hit()  # one site: the stream, with all its readers and writers
+        result.notes["residual"] = {"width": plan.width, "readers": len(plan.readers), "writers": len(plan.writers),
+                                    "embeddings": len(plan.embeddings)}
+        return {layer.node for layer in plan.readers}
+
+    def _scale_residual_readers(self, gm: fx.GraphModule, sites: list[_sites.Site], calls: list,
+                                report: SiteReport, learned: dict) -> None:
+        """``learned``: a trained channel scaling ``s`` on each rotated norm output (OSTQuant's norm
+        scalings): a stored ``mul`` by ``1/s`` where the norm's gamma was, ``W diag(s)`` in its readers."""
+        from ptool.passes.quant._learn import learn_transform
+
+        values = _sites.record_inputs(gm, [s.layers[0].x for s in sites], calls) if sites else {}
+        for site in sites:
+            weights = [_weight_out_in(gm, layer) for layer in site.layers]
+            width = site.width(gm)
+            t, t_inv, losses = learn_transform(values[site.layers[0].x], weights, torch.eye(width, dtype=torch.float64),
+                                               blocks=1, steps=self.train_steps, lr=self.lr, rotate=False,
+                                               weight_bits=self.weight_bits, act_bits=self.act_bits, seed=self.seed)
+            learned[site.label] = {"hadamard": losses[0], "learned": losses[1]}
+            if losses[1] < losses[0]:
+                s = torch.diagonal(t_inv)
+                for layer in site.layers:
+                    fold_inputs(gm, layer, s, None, self.name)
+                dtype = attr_tensor(gm, site.layers[0].weight).dtype
+                _sites.insert_online(gm, site, aten.mul.Tensor, (1.0 / s).to(dtype), "norm_scale", self.name)
+                report.how[site.label] = "residual-reader+scale"
+
+    # ----------------------------------------------------------------------------- (b), (c)
+    def _rotate_site(self, gm: fx.GraphModule, site: _sites.Site, x: torch.Tensor | None, learned: dict) -> str:
+        """Rotate one site; return how (``per-head``, ``into-linear`` or ``online``).
+
+        ``learned`` receives the site's simulated-quantization loss at the Hadamard and after training.
+        """
+        producer = site.producer
+        per_head = isinstance(producer, _sites.HeadOutput)
+        size = producer.head_dim if per_head else site.width(gm)
+        t = orthogonal(size, self.seed)
+        t_inv = t.t()
+        if self.method == "learned" and x is not None:
+            from ptool.passes.quant._learn import learn_transform
+
+            weights = [_weight_out_in(gm, layer) for layer in site.layers]
+            t, t_inv, losses = learn_transform(x, weights, t, blocks=site.width(gm) // size, steps=self.train_steps,
+                                               lr=self.lr, weight_bits=self.weight_bits, act_bits=self.act_bits,
+                                               seed=self.seed)
+            learned[site.label] = {"hadamard": losses[0], "learned": losses[1]}
+        full, full_inv = (torch.block_diag(*[t] * (site.width(gm) // size)),
+                          torch.block_diag(*[t_inv] * (site.width(gm) // size))) if per_head else (t, t_inv)
+        for layer in site.layers:
+            fold_inputs_matrix(gm, layer, full_inv, self.name)
+        if isinstance(producer, _ROTATABLE):
+            _sites.rotate_producer(gm, producer, t, self.name)
+            return "per-head" if per_head else "into-linear"
+        dtype = attr_tensor(gm, site.layers[0].weight).dtype
+        _sites.insert_online(gm, site, aten.matmul.default, full.to(dtype), "rotation", self.name)
+        return "online"
+
+
+_ROTATABLE = (_sites.HeadOutput, _sites.LinearOutput)  # producers that absorb a full matrix
+
+
+def _why_online(site: _sites.Site) -> str:
+    p = site.producer
+    if isinstance(p, _sites.NormScale):
+        return f"the {p.what} {p.node.name} absorbs only a diagonal scale, not a rotation"
+    if isinstance(p, _sites.ProductOutput):
+        return (f"the input is an elementwise product ({site.key.name}): its factor {p.layer.node.name} "
+                "absorbs only a diagonal scale, not a rotation")
+    return site.why_online
+
+
+def _weight_out_in(gm: fx.GraphModule, layer) -> torch.Tensor:
+    w = attr_tensor(gm, layer.weight).detach().double()
+    return w.t() if layer.kind == "addmm" else w
