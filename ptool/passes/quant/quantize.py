@@ -33,6 +33,7 @@ from ptool.ir.graph import (add_tensor, attr_tensor, eliminate_dead_code, is_op,
                             remove_unused_attributes)
 from ptool.ir.record import record_values
 from ptool.passes.base import Family, Pass, PassContext, PassResult
+from ptool.passes.distill import progress
 from ptool.passes.quant import quantizers as qz
 from ptool.passes.quant.ops import pack_nibbles  # also registers torch.ops.ptool_quant.*
 from ptool.verify import Lossy, Numerics
@@ -200,15 +201,21 @@ class Quantize(Pass):
                                 f"{self.name}:keep_float={self.keep_float}")
         stats = {s.node: _LayerStats(qz.Observer(self.observer, self.percentile)) for s in linears}
         inputs = list(dict.fromkeys(s.x for s in linears))
-        for call in ctx.calibration_calls:
-            values = record_values(gm, inputs, [call])[0]
-            for s in linears:
-                stats[s.node].observer.update(values[s.x])
-        if self.keep_float:
-            for call in ctx.calibration_calls[:4]:
+        calls = ctx.calibration_calls
+        probes = calls[:4] if self.keep_float else []
+        with progress(len(calls) + len(probes), f"{self.name}: calibrating") as bar:
+            for call in calls:
+                values = record_values(gm, inputs, [call])[0]
+                for s in linears:
+                    stats[s.node].observer.update(values[s.x])
+                if bar is not None:
+                    bar.update(1)
+            for call in probes:  # after the ranges are known: static probes use them
                 values = record_values(gm, inputs, [call])[0]
                 for s in linears:
                     stats[s.node].add_error(values[s.x], s.weight, self._simulate(s, stats[s.node]))
+                if bar is not None:
+                    bar.update(1)
         return stats
 
     def _simulate(self, site: _Site, stats: _LayerStats):
