@@ -93,6 +93,17 @@ class PassContext:
             )
         return self.calibration
 
+    def calls(self) -> list[tuple[tuple, dict]]:
+        """The calibration data as ``(args, kwargs)`` calls (empty without calibration)."""
+        if self.calibration_calls:
+            return list(self.calibration_calls)
+        return [(tuple(args), {}) for args in self.calibration or ()]
+
+    def require_calibration_calls(self, pass_name: str) -> list[tuple[tuple, dict]]:
+        """:meth:`calls`, or the clear error of :meth:`require_calibration` when there is no data."""
+        self.require_calibration(pass_name)
+        return self.calls()
+
 
 @dataclass(frozen=True, kw_only=True)
 class Pass:

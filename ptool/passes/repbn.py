@@ -399,9 +399,7 @@ class RepBatchNorm(Pass):
     # -- helpers --------------------------------------------------------------------------------
 
     def _calls(self, ctx: PassContext) -> list[tuple[tuple, dict]]:
-        data = ctx.require_calibration(self.name)
-        calls = ctx.calibration_calls
-        return list(calls) if calls else [(tuple(args), {}) for args in data]
+        return ctx.require_calibration_calls(self.name)
 
     def _init_repbn(self, site: _Site) -> _RepBN:
         n = site.count

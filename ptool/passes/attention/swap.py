@@ -156,7 +156,7 @@ class AttentionSwap(Pass):
                 f"pass '{self.name}' converts kernels with parameters and needs calibration data: pass "
                 "calibration=[inputs, ...], or transfer_steps=0 (and distill_steps=0) to swap without converting"
             )
-        return list(ctx.calibration_calls) if ctx.calibration_calls else [(tuple(a), {}) for a in ctx.calibration]
+        return ctx.calls()
 
     @staticmethod
     def _record(gm: fx.GraphModule, sites: list[AttentionSite], calls) -> dict[int, list[convert.SiteBatch]]:

@@ -368,7 +368,7 @@ def record_inputs(gm: fx.GraphModule, nodes: Sequence[fx.Node], calls: Sequence[
 
 def calls_of(ctx) -> list[tuple[tuple, dict]]:
     """The calibration calls, or the example call when there is no calibration data."""
-    return list(ctx.calibration_calls or [(tuple(ctx.example_inputs), dict(ctx.example_kwargs))])
+    return ctx.calls() or [(tuple(ctx.example_inputs), dict(ctx.example_kwargs))]
 
 
 def module_filter(patterns: Sequence[str]) -> Callable[[Layer], bool]:

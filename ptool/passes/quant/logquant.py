@@ -479,8 +479,7 @@ class LogQuant(Pass):
     # -- run ------------------------------------------------------------------------------------
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ctx.require_calibration(self.name)
-        calls = list(ctx.calibration_calls) if ctx.calibration_calls else [(tuple(a), {}) for a in ctx.calibration]
+        calls = ctx.require_calibration_calls(self.name)
         kinds, qs = self._kinds(), self._qs()
         result = PassResult()
         sites = _find_sites(gm, kinds, result)

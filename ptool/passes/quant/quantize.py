@@ -197,11 +197,10 @@ class Quantize(Pass):
     # calibration: activation ranges (static) and per-layer sensitivity (keep_float)
 
     def _calibrate(self, gm: fx.GraphModule, ctx: PassContext, linears: list[_Site]) -> dict[fx.Node, _LayerStats]:
-        ctx.require_calibration(f"{self.name}:mode={self.mode}" if self.mode == "int8-static" else
-                                f"{self.name}:keep_float={self.keep_float}")
+        calls = ctx.require_calibration_calls(f"{self.name}:mode={self.mode}" if self.mode == "int8-static" else
+                                              f"{self.name}:keep_float={self.keep_float}")
         stats = {s.node: _LayerStats(qz.Observer(self.observer, self.percentile)) for s in linears}
         inputs = list(dict.fromkeys(s.x for s in linears))
-        calls = ctx.calibration_calls
         probes = calls[:4] if self.keep_float else []
         with progress(len(calls) + len(probes), f"{self.name}: calibrating") as bar:
             for call in calls:
@@ -231,14 +230,13 @@ class Quantize(Pass):
         return lambda x: x @ w_hat.T
 
     def _fake_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight as the stored levels and scales give it back (what the kernels multiply by)."""
         if self.mode == "int4-weight":
             levels, scales, zeros = qz.quantize_weight_asymmetric(w, 4, self.group_size)
             groups = (levels.float() - zeros.float().repeat_interleave(self.group_size, 1))
             return groups * scales.repeat_interleave(self.group_size, 1)
-        if self.granularity == "per-tensor":
-            scale = (w.abs().max() / 127).clamp_min(torch.finfo(torch.float32).tiny)
-            return qz.fake_quantize(w.float(), scale, 0, qz.IntRange(8))
-        return qz.fake_quantize_weight(w.float(), 8)
+        levels, scales = self._int8_weight(w.float())
+        return levels.float() * scales[:, None]
 
     # -----------------------------------------------------------------------------------------
     # rewriting

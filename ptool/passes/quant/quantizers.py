@@ -169,7 +169,6 @@ class Observer:
     lo: float = math.inf
     hi: float = -math.inf
     samples: list[torch.Tensor] = field(default_factory=list)
-    _seen: int = 0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -179,7 +178,6 @@ class Observer:
             flat = x.flatten()
             step = max(1, flat.numel() * 8 // self.max_samples)
             self.samples.append(flat[::step].clone())
-            self._seen += 1
 
     def qparams(self, grid: IntRange) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lo > self.hi:

@@ -311,8 +311,7 @@ class RepQuant(Pass):
             raise ValueError(f"percentile must be in (50, 100]; got {self.percentile}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ctx.require_calibration(self.name)
-        calls = list(ctx.calibration_calls) if ctx.calibration_calls else [(tuple(a), {}) for a in ctx.calibration]
+        calls = ctx.require_calibration_calls(self.name)
         result = PassResult()
         sites = _sites(gm, result)
         if not sites:

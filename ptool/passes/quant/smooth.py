@@ -90,8 +90,7 @@ class SmoothQuant(Pass):
             raise ValueError(f"alpha must be in [0, 1] (the migration strength), got {self.alpha}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ctx.require_calibration(self.name)
-        calls = _sites.calls_of(ctx)
+        calls = ctx.require_calibration_calls(self.name)
         result = PassResult()
         sites, left_out = _sites.find_sites(gm, _sites.module_filter(self.layers))
         for label, reason in left_out:

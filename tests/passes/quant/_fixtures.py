@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 
 import ptool
+from ptool.frontends.torch_export import capture
+from ptool.passes.base import PassContext
 from tests.models import zoo
 
 
@@ -21,3 +24,22 @@ def heldout_rel(name: str, m2, seed: int = 7) -> float:
     args, kwargs = f.inputs(seed)
     with torch.no_grad():
         return ptool.verify.compare(f.run((args, kwargs)), m2(*args, **kwargs)).max_rel_error
+
+
+@functools.cache
+def _captured_minilm():
+    f = fixture("minilm")
+    return capture(f.model, f.example_inputs, f.example_kwargs).graph_module
+
+
+def run_on_minilm(quant_pass, calibration: int):
+    """``(graph, result)``: ``quant_pass`` run directly on a fresh copy of the captured MiniLM graph.
+
+    Skips the pass manager's extra verification runs, which cost time on this model.
+    """
+    f = fixture("minilm")
+    gm = copy.deepcopy(_captured_minilm())
+    calls = f.batches(calibration)
+    result = quant_pass.run(gm, PassContext(calibration=[a for a, _ in calls], calibration_calls=calls))
+    gm.recompile()
+    return gm, result

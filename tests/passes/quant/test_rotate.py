@@ -4,7 +4,6 @@ ONNX Runtime agreement."""
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 
@@ -14,13 +13,12 @@ import torch
 
 import ptool
 from ptool.errors import PassError
-from ptool.frontends.torch_export import capture
 from ptool.ir.graph import is_op
 from ptool.passes.base import PassContext
 from ptool.passes.options import build_pass
 from ptool.passes.quant.hadamard import has_hadamard, hadamard, orthogonal, random_orthogonal
 from ptool.passes.quant.rotate import Rotate
-from tests.passes.quant._fixtures import fixture, heldout_rel
+from tests.passes.quant._fixtures import fixture, heldout_rel, run_on_minilm
 
 aten = torch.ops.aten
 RTOL = 1e-5  # METHODS 7.2: exact passes, fp32
@@ -140,19 +138,10 @@ def test_second_run_changes_nothing():
 
 
 # ------------------------------------------------------------------------------ real activations
-@functools.cache
-def _minilm_graph():
-    f = fixture("minilm")
-    return capture(f.model, f.example_inputs, f.example_kwargs).graph_module
-
-
 def test_qsur_rises_on_real_minilm_activations():
     """BERT-family LayerNorm outputs carry a few huge channels; a Hadamard spreads them (QSUR up)."""
     f = fixture("minilm")
-    gm = copy.deepcopy(_minilm_graph())
-    calls = f.batches(CALIBRATION)
-    result = Rotate().run(gm, PassContext(calibration=[a for a, _ in calls], calibration_calls=calls))
-    gm.recompile()
+    gm, result = run_on_minilm(Rotate(), CALIBRATION)
     sites = result.notes["sites"]
     norm_readers = {k: v for k, v in sites.items() if k.endswith(("query+key+value", "intermediate:dense"))}
     assert len(norm_readers) == 12

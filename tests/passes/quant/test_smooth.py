@@ -3,7 +3,6 @@ outliers reduced on real MiniLM activations, ONNX Runtime agreement."""
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import numpy as np
@@ -12,12 +11,11 @@ import torch
 
 import ptool
 from ptool.errors import PassError
-from ptool.frontends.torch_export import capture
 from ptool.ir.graph import is_op
 from ptool.passes.base import PassContext
 from ptool.passes.options import build_pass
 from ptool.passes.quant.smooth import SmoothQuant, smoothing_scales
-from tests.passes.quant._fixtures import fixture, heldout_rel
+from tests.passes.quant._fixtures import fixture, heldout_rel, run_on_minilm
 
 aten = torch.ops.aten
 RTOL = 1e-5  # METHODS 7.2: exact passes, fp32
@@ -96,18 +94,7 @@ def test_second_run_changes_nothing():
 @functools.cache
 def _minilm_smoothed():
     """MiniLM smoothed by the pass directly (the manager's extra verification runs cost time here)."""
-    f = fixture("minilm")
-    gm = copy.deepcopy(_minilm_graph())
-    calls = f.batches(CALIBRATION)
-    result = SmoothQuant().run(gm, PassContext(calibration=[a for a, _ in calls], calibration_calls=calls))
-    gm.recompile()
-    return gm, result
-
-
-@functools.cache
-def _minilm_graph():
-    f = fixture("minilm")
-    return capture(f.model, f.example_inputs, f.example_kwargs).graph_module
+    return run_on_minilm(SmoothQuant(), CALIBRATION)
 
 
 def test_minilm_channel_max_ratio_falls_on_real_activations():
