@@ -2,6 +2,8 @@
 
 - Puts the repository root on ``sys.path`` so tests import fixtures as ``tests.models.zoo``
   whichever way pytest was launched (``pytest`` or ``python -m pytest``).
+- Points ``PTOOL_CHECKPOINT_DIR`` (where long steps checkpoint, ``ptool.checkpoint``) at a temporary
+  folder for the session, so tests never write to or resume from ``~/.cache``.
 - Skips ``gpu`` tests without CUDA, with the reason. ``tvm`` tests are never skipped: ``make test``
   installs apache-tvm, so a missing TVM is a set-up failure that must show as red.
 """
@@ -28,3 +30,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 has_gpu = torch.cuda.is_available()
             if not has_gpu:
                 item.add_marker(pytest.mark.skip(reason="no CUDA GPU on this machine"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _checkpoints_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PTOOL_CHECKPOINT_DIR", str(tmp_path_factory.mktemp("checkpoints")))
+        yield

@@ -3,11 +3,16 @@
 Without -p, the default exact pipeline runs (dce, cse, constant-fold, fold-bn); `-p none` runs no
 pass. With --verify, the chosen backend runs the converted model and its outputs are compared
 with the original torch model's; the output file appears only if everything succeeded.
+
+Long steps (attention transfer, distillation, repbn's fine-tune, the learned rotation) checkpoint:
+after Ctrl-C the command exits 130 and says where the state is; rerunning the same command
+resumes there (see :mod:`ptool.checkpoint`; ``--no-checkpoint`` turns this off).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -15,8 +20,9 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="path (.onnx, .pt2, HF folder), module:function, or omit for the default model")
+    from ptool.cli._model import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("-p", "--pass", dest="passes", action="append", metavar="PASS",
                    help="a pass, e.g. fold-bn or linear-attention:feature_map=elu (repeatable, or comma-separated; "
                         "'none' for no pass; default: dce,cse,constant-fold,fold-bn)")
@@ -29,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--verify fails if backend vs transformed torch differs by more than REL x output scale "
                         "(default 1e-4, the bar every backend meets in the test suite)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="do not checkpoint long steps (attention transfer, distillation, fine-tune); by default "
+                        "they save to $PTOOL_CHECKPOINT_DIR (~/.cache/ptool/checkpoints) and a rerun of a command "
+                        "stopped with Ctrl-C resumes")
 
 
 def pipeline_specs(values: list[str] | None) -> list[str]:
@@ -57,6 +67,7 @@ def check_output(path: Path) -> Path:
 
 def run(args: argparse.Namespace, ui) -> int:
     import ptool
+    from ptool import checkpoint
     from ptool.cli._model import resolve_model
     from ptool.errors import UsageError
     from ptool.passes.registry import parse_pipeline
@@ -68,12 +79,23 @@ def run(args: argparse.Namespace, ui) -> int:
         raise UsageError(f"--tolerance must be > 0, got {args.tolerance}")
 
     with ui.status("loading model"):
-        src = resolve_model(args.model)
+        src = resolve_model(args.model, allow_pickle=args.allow_pickle)
     if src.is_onnx and args.verify and args.backend == "tvm":
         raise UsageError("--backend tvm --verify needs a torch model; an ONNX input is verified with onnxruntime")
-    with ui.status(f"transforming ({', '.join(specs) or 'no passes'})"):
-        m2 = ptool.transform(src.obj, specs, example_inputs=src.args or None, example_kwargs=src.kwargs or None,
-                             calibration=src.calibration_items())
+    try:
+        with checkpoint.configured(_checkpoint_policy(args, ui)), \
+                ui.status(f"transforming ({', '.join(specs) or 'no passes'})"):
+            # ptool loaded the model, so the result shares (does not copy) its weights, unless --verify
+            # runs the original afterwards (training passes update shared weights); an ONNX model goes
+            # in as loaded, already checked
+            m2 = ptool.transform(src.loaded if src.is_onnx else src.obj, specs, example_inputs=src.args or None,
+                                 example_kwargs=src.kwargs or None, calibration=src.calibration_items(),
+                                 copy_model=args.verify)
+    except checkpoint.Interrupted as e:  # Ctrl-C in a long step, its state saved; nothing written yet
+        if ui.debug:
+            raise
+        ui.err(f"ptool: interrupted: rerun the same command to resume (checkpoint in {e.path})")
+        return 130
 
     ui.out(f"model: {src.label}")
     ui.out(f"pipeline: {' '.join(specs) or '(none)'}")
@@ -100,6 +122,20 @@ def run(args: argparse.Namespace, ui) -> int:
             shutil.rmtree(staging, ignore_errors=True)
     ui.out(f"wrote {output} ({_describe_onnx(output)})")
     return 0
+
+
+def _checkpoint_policy(args: argparse.Namespace, ui):
+    """Checkpoints as the environment says (off with --no-checkpoint); 'resumed' lines on our stderr."""
+    from ptool import checkpoint
+    from ptool.errors import UsageError
+
+    if args.no_checkpoint:
+        return checkpoint.Policy(None)
+    try:
+        rules = checkpoint.Policy.from_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return dataclasses.replace(rules, announce=lambda text: ui.err(f"ptool: {text}"))
 
 
 def _missing_parent(path: Path) -> Path | None:

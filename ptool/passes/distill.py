@@ -1,12 +1,15 @@
-"""What the passes that train (repbn's fine-tune, attention conversion) share: a progress bar and
-the distillation loss against the original model's outputs."""
+"""What the passes that train (repbn's fine-tune, attention conversion, the learned rotation) share:
+a progress bar, the distillation loss against the original model's outputs, and one Adam loop that
+checkpoints, so an interrupted run resumes where it stopped (:mod:`ptool.checkpoint`)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -16,14 +19,15 @@ from ptool.verify import flatten_outputs
 DistillLoss = Literal["mse", "cosine"]
 
 
-def progress(total: int, desc: str):
-    """A tqdm bar on an interactive stderr, else a silent stand-in (tqdm is imported lazily)."""
+def progress(total: int, desc: str, initial: int = 0):
+    """A tqdm bar on an interactive stderr, else a silent stand-in (tqdm is imported lazily);
+    ``initial``: steps already done (a resumed run)."""
     disable = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
     try:
         from tqdm import tqdm
     except ImportError:  # without tqdm, no bar
         return contextlib.nullcontext(None)
-    return tqdm(total=total, desc=desc, unit="step", disable=disable, leave=False)
+    return tqdm(total=total, desc=desc, unit="step", disable=disable, leave=False, initial=initial)
 
 
 def float_leaves(outputs: Any) -> list[torch.Tensor]:
@@ -56,27 +60,143 @@ def mean_distill_loss(model: torch.nn.Module, kind: DistillLoss, calls: Sequence
                    for (a, k), t in zip(calls, teacher)) / len(calls)
 
 
-def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_at: Callable[[int], torch.Tensor],
-          desc: str, postfix: Callable[[], dict[str, str]] | None = None) -> float:
-    """Minimize ``loss_at(step)`` over ``params`` for ``steps`` Adam steps; return the last loss.
+@dataclass(frozen=True)
+class Trained:
+    """What :func:`train` did.
 
-    The step size is cosine-annealed to 0, so the last steps settle instead of jumping. Gradients
-    are cleared at the end; a progress bar shows the loss (and ``postfix()``) on a terminal.
+    Attributes:
+        loss: the loss of the last step (NaN without steps).
+        steps: the steps of the run.
+        resumed_from: the step a checkpoint of an interrupted run resumed at (None: started at 0).
     """
+
+    loss: float
+    steps: int
+    resumed_from: int | None = None
+
+    def notes(self, prefix: str) -> dict[str, str]:
+        """``{"<prefix>_resumed": "resumed from step k of n"}`` if it resumed, else ``{}`` (for a pass's notes)."""
+        if self.resumed_from is None:
+            return {}
+        return {f"{prefix}_resumed": f"resumed from step {self.resumed_from} of {self.steps}"}
+
+
+def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_at: Callable[[int], torch.Tensor],
+          desc: str, postfix: Callable[[], dict[str, str]] | None = None, identity: Any = None,
+          anneal: bool = True) -> Trained:
+    """Minimize ``loss_at(step)`` over ``params`` for ``steps`` Adam steps.
+
+    The step size is cosine-annealed to 0 (unless ``anneal=False``), so the last steps settle
+    instead of jumping. Gradients are cleared at the end; a progress bar shows the loss (and
+    ``postfix()``) on a terminal.
+
+    The run checkpoints (:mod:`ptool.checkpoint`): its key hashes ``desc``, ``steps``, ``lr``, the
+    starting ``params``, ``identity`` and the first loss, so a rerun of the same call finds the
+    checkpoint and nothing else does. It saves the parameters, Adam's and the schedule's state,
+    the step and torch's RNG state every few seconds and on Ctrl-C (then raises
+    :class:`~ptool.checkpoint.Interrupted`); a rerun resumes there and ends with the parameters an
+    uninterrupted run ends with; the file is removed when the run completes.
+
+    Args:
+        params: what Adam trains (in place).
+        steps: optimizer steps.
+        lr: the Adam learning rate (the start of the cosine schedule).
+        loss_at: the loss of step ``step`` (with autograd; it may consume torch's RNG).
+        desc: the progress-bar label; also names the checkpoint.
+        postfix: extra progress-bar fields after each step.
+        identity: what else decides the result (the data, the loss's options): hashed into the
+            checkpoint key, so a changed input never resumes another run.
+        anneal: cosine-anneal the learning rate (else constant).
+
+    Returns:
+        :class:`Trained`: the last loss, and the step a checkpoint resumed at.
+
+    Raises:
+        ptool.checkpoint.Interrupted: Ctrl-C, after the state was saved.
+    """
+    from ptool import checkpoint
+
+    if steps <= 0:
+        return Trained(math.nan, steps)
+    params = list(params)
     optimizer = torch.optim.Adam(params, lr=lr)
-    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    last = math.nan
-    with torch.enable_grad(), progress(steps, desc) as bar:
-        for step in range(steps):
-            loss = loss_at(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            annealing.step()
-            last = float(loss.detach())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last:.4g}", **(postfix() if postfix else {}))
-    for p in params:
-        p.grad = None
-    return last
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if anneal else None
+    with torch.enable_grad():
+        first = loss_at(0)  # step 0's loss, and a fingerprint of everything the loss depends on
+    rules = checkpoint.policy()
+    ckpt = checkpoint.open_checkpoint(desc, steps, lr, anneal, params, identity, float(first.detach()))
+    start, last, resumed = 0, math.nan, None
+    state = ckpt.load() if ckpt is not None else None
+    if state is not None and _restore(state, params, optimizer, annealing, steps):
+        start = resumed = int(state["step"])
+        last = float(state["loss"])
+        first = None
+        rules.announce(f"{desc}: resumed from step {start} of {steps} ({ckpt.path})")
+    elif state is not None:  # the right key but not a state this run can take: start over
+        ckpt.remove()
+    done = saved = start
+    rng = torch.get_rng_state()  # after the last completed step: where a resumed run continues
+
+    def save() -> bool:
+        nonlocal saved
+        try:
+            ckpt.save({"step": done, "steps": steps, "loss": last, "rng": rng,
+                       "params": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
+                       "annealing": annealing.state_dict() if annealing is not None else None})
+        except OSError as e:  # a full or read-only disk must not cost the run itself
+            rules.announce(f"{desc}: cannot write checkpoint {ckpt.path} ({e}); not checkpointing this run")
+            return False
+        saved = done
+        return True
+
+    saved_at = time.monotonic()
+    try:
+        with torch.enable_grad(), progress(steps, desc, initial=start) as bar:
+            for step in range(start, steps):
+                loss = first if step == 0 else loss_at(step)
+                first = None
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                with checkpoint.interrupts_deferred():  # a Ctrl-C here lands once the step is whole
+                    optimizer.step()
+                    if annealing is not None:
+                        annealing.step()
+                    done, last, rng = step + 1, float(loss.detach()), torch.get_rng_state()
+                    if ckpt is not None and done < steps and time.monotonic() - saved_at >= rules.every_seconds:
+                        if not save():
+                            ckpt = None
+                        saved_at = time.monotonic()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last:.4g}", **(postfix() if postfix else {}))
+    except KeyboardInterrupt as e:
+        if ckpt is None or (done > saved and not save()) or not ckpt.path.is_file():
+            raise  # nothing to resume from (checkpoints off, unwritable, or no step finished)
+        raise checkpoint.Interrupted(ckpt.path) from e
+    finally:
+        for p in params:
+            p.grad = None
+    if ckpt is not None:
+        ckpt.remove()
+    return Trained(last, steps, resumed)
+
+
+def _restore(state: dict, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+             annealing: torch.optim.lr_scheduler.LRScheduler | None, steps: int) -> bool:
+    """Load a checkpoint's state into ``params``, ``optimizer``, ``annealing`` and torch's RNG;
+    False (nothing changed) if it does not fit."""
+    saved = state.get("params")
+    step = state.get("step")
+    if (not isinstance(saved, list) or len(saved) != len(params) or not isinstance(step, int)
+            or not 0 < step < steps or state.get("steps") != steps
+            or any(s.shape != p.shape or s.dtype != p.dtype for s, p in zip(saved, params))
+            or (state.get("annealing") is None) != (annealing is None)):
+        return False
+    optimizer.load_state_dict(state["optimizer"])
+    if annealing is not None:
+        annealing.load_state_dict(state["annealing"])
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    torch.set_rng_state(state["rng"])
+    return True

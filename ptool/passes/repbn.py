@@ -355,7 +355,7 @@ class RepBatchNorm(Pass):
         if self.layers and max(self.layers) >= len(norms):
             raise PassError(
                 f"pass '{self.name}': layers={'+'.join(map(str, self.layers))} but the graph has "
-                f"{len(norms)} LayerNorm(s) (allowed indices: 0..{len(norms) - 1})"
+                f"{len(norms)} LayerNorm(s) ({f'allowed indices: 0..{len(norms) - 1}' if norms else 'leave layers empty'})"
             )
         sites = []
         for i, node in enumerate(norms):
@@ -449,13 +449,14 @@ class RepBatchNorm(Pass):
         with _tapped(gm, {node: tap_for(rep) for node, rep in repbns.items()}):
             schedule.value = 0.0
             before = mean_distill_loss(gm, self.loss, calls, teacher)
-            last = train(params, steps=self.finetune_steps, lr=self.lr, loss_at=loss_at, desc="repbn fine-tune",
-                         postfix=lambda: {"lam": f"{schedule.value:.2f}"})
+            trained = train(params, steps=self.finetune_steps, lr=self.lr, loss_at=loss_at, desc="repbn fine-tune",
+                            postfix=lambda: {"lam": f"{schedule.value:.2f}"}, identity=(self, calls, teacher))
             schedule.value = 0.0
             after = mean_distill_loss(gm, self.loss, calls, teacher)
         return {
             "finetune_steps": self.finetune_steps,
             f"distill_{self.loss}_before": before,
             f"distill_{self.loss}_after": after,
-            "finetune_last_step_loss": last,
+            "finetune_last_step_loss": trained.loss,
+            **trained.notes("finetune"),
         }

@@ -14,7 +14,9 @@ that has parameters:
    reproduce the original model's outputs on the calibration data (MSE or cosine), updating the
    kernels' parameters or every parameter, with a step budget.
 
-Both report the fidelity before and after, so the report says what conversion bought.
+Both report the fidelity before and after, so the report says what conversion bought. Both
+checkpoint (:func:`ptool.passes.distill.train`): rerun after Ctrl-C, they resume where they stopped
+and say so in the notes (``transfer_resumed`` / ``distill_resumed``).
 """
 
 from __future__ import annotations
@@ -110,10 +112,12 @@ def transfer(kernels: dict[int, AttentionKernel], data: dict[int, list[SiteBatch
         return sum(_site_loss(kernel, data[i][step % len(data[i])], teachers[i][step % len(data[i])], mse_weight)
                    for i, kernel in trainable.items())
 
-    last = train([p for k in trainable.values() for p in k.parameters()], steps=steps, lr=lr, loss_at=loss_at,
-                 desc="attention transfer")
+    trained = train([p for k in trainable.values() for p in k.parameters()], steps=steps, lr=lr, loss_at=loss_at,
+                    desc="attention transfer",
+                    identity=(mse_weight, {i: repr(k) for i, k in trainable.items()}, {i: data[i] for i in trainable}))
     return {"transfer_cosine_before": before, "transfer_cosine_after": output_cosine(kernels, data),
-            "transfer_last_loss": last, **({"fitted_on_first_batch": fitted} if fitted else {})}
+            "transfer_last_loss": trained.loss, **({"fitted_on_first_batch": fitted} if fitted else {}),
+            **trained.notes("transfer")}
 
 
 def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls: Sequence[tuple[tuple, dict]],
@@ -125,6 +129,7 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls:
         return distill_loss(loss, float_leaves(model(*args, **kwargs)), teacher[step % len(calls)])
 
     before = mean_distill_loss(model, loss, calls, teacher)
-    train(params, steps=steps, lr=lr, loss_at=loss_at, desc="attention distillation")
+    trained = train(params, steps=steps, lr=lr, loss_at=loss_at, desc="attention distillation",
+                    identity=(loss, calls, teacher))
     return {f"distill_{loss}_before": before, f"distill_{loss}_after": mean_distill_loss(model, loss, calls, teacher),
-            "distill_steps": steps}
+            "distill_steps": steps, **trained.notes("distill")}

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal as orthogonal_parametrization
 
+from ptool.checkpoint import Finished
+from ptool.passes.distill import train
 from ptool.passes.quant.quantizers import IntRange
 from ptool.passes.quant.smooth import smoothing_scales
 
@@ -111,9 +113,13 @@ def _loss(module: _Transform, xr: torch.Tensor, wrs: list[torch.Tensor], targets
 
 def learn_transform(x: torch.Tensor, weights: list[torch.Tensor], init: torch.Tensor, *, blocks: int, steps: int,
                     lr: float, weight_bits: int, act_bits: int, seed: int = 0, rotate: bool = True,
-                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+                    finished: Finished | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
     """Train ``T`` for one site; return ``(T, T^-1)`` (each ``k x k`` float64) and the loss at the
     start and of the transform returned.
+
+    The training checkpoints (:func:`~ptool.passes.distill.train`): after Ctrl-C the same call
+    resumes mid-site. With ``finished``, a site trained before (same inputs and settings) returns
+    its stored result, and a newly trained one is stored, so a rerun skips the sites done.
 
     Args:
         x: the site's input on calibration data, ``(tokens, blocks * k)``.
@@ -121,7 +127,23 @@ def learn_transform(x: torch.Tensor, weights: list[torch.Tensor], init: torch.Te
         init: ``R0``, the starting ``k x k`` orthogonal matrix.
         blocks: how many times ``T`` repeats along the input (heads of a per-head site).
         rotate: learn ``K`` (else ``K = I``: only the scaling ``s`` is learned).
+        finished: the results of the pass's finished sites (see :func:`ptool.checkpoint.finished_units`).
     """
+    unit = ("learned rotation", x, weights, init, blocks, steps, lr, weight_bits, act_bits, seed, rotate)
+    stored = finished.get(*unit) if finished is not None else None
+    if stored is not None:
+        t, t_inv, losses = stored
+        return t, t_inv, (float(losses[0]), float(losses[1]))
+    t, t_inv, losses = _learn(x, weights, init, blocks=blocks, steps=steps, lr=lr, weight_bits=weight_bits,
+                              act_bits=act_bits, seed=seed, rotate=rotate)
+    if finished is not None:
+        finished.put((t, t_inv, losses), *unit)
+    return t, t_inv, losses
+
+
+def _learn(x: torch.Tensor, weights: list[torch.Tensor], init: torch.Tensor, *, blocks: int, steps: int,
+           lr: float, weight_bits: int, act_bits: int, seed: int, rotate: bool,
+           ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     if x.shape[0] > MAX_TOKENS:  # a fixed seeded subset: the objective every step and the final check share
@@ -143,13 +165,9 @@ def learn_transform(x: torch.Tensor, weights: list[torch.Tensor], init: torch.Te
         module.log_s.copy_(smoothing_scales(act_max.amax(0), w_max.amax(0), 0.5).log().float())
         if not float(objective()) < start:
             module.log_s.zero_()
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = objective()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    # plain Adam (no annealing); checkpointed, so an interrupted site resumes mid-training
+    train(list(module.parameters()), steps=steps, lr=lr, loss_at=lambda step: objective(), desc="learned rotation",
+          anneal=False, identity=(xr, wrs, targets, blocks, weight_bits, act_bits, rotate))
     with torch.no_grad():
         end = float(objective())
     if not end < start:

@@ -53,6 +53,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
+from ptool.checkpoint import Finished, finished_units
 from ptool.ir.graph import attr_tensor
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.passes.fold_affine._layers import fold_inputs, fold_inputs_matrix
@@ -125,6 +126,8 @@ class Rotate(Pass):
             return result
         report = SiteReport.before(gm, fresh, calls)
 
+        # the learned sites' results stay on disk until the pass ends: a rerun after Ctrl-C skips them
+        finished = finished_units(f"{self.name} learned", self, calls, gm.code) if self.method == "learned" else None
         globally = self._rotate_residual(gm, result)
         sites, left_out = _sites.find_sites(gm, select)  # norm gammas may have moved into the readers
         for label, reason in left_out:
@@ -132,7 +135,7 @@ class Rotate(Pass):
         done, learned = [], {}
         if self.method == "learned":
             self._scale_residual_readers(gm, [s for s in sites if all(x.node in globally for x in s.layers)],
-                                         calls, report, learned)
+                                         calls, report, learned, finished)
         for site in sites:
             if all(layer.node in globally for layer in site.layers):
                 how = report.how.get(site.label, "residual-reader")
@@ -143,11 +146,15 @@ class Rotate(Pass):
                 result.skip(site.label, f"not foldable: {_why_online(site)} (online=true inserts a matmul)")
                 continue
             else:
-                how = self._rotate_site(gm, site, report.values.get(site.layers[0].node), learned)
+                how = self._rotate_site(gm, site, report.values.get(site.layers[0].node), learned, finished)
                 site.mark_done(self.name)
                 result.hit()
             report.how[site.label] = how
             done.append(site)
+        if finished is not None:
+            finished.complete()
+            if finished.reused:
+                result.notes["learned_sites_resumed"] = f"{finished.reused} site(s) reused from an interrupted run"
         if not result.changed:
             return result
         gm.recompile()
@@ -178,7 +185,7 @@ class Rotate(Pass):
         return {layer.node for layer in plan.readers}
 
     def _scale_residual_readers(self, gm: fx.GraphModule, sites: list[_sites.Site], calls: list,
-                                report: SiteReport, learned: dict) -> None:
+                                report: SiteReport, learned: dict, finished: Finished | None = None) -> None:
         """``learned``: a trained channel scaling ``s`` on each rotated norm output (OSTQuant's norm
         scalings): a stored ``mul`` by ``1/s`` where the norm's gamma was, ``W diag(s)`` in its readers."""
         from ptool.passes.quant._learn import learn_transform
@@ -189,7 +196,8 @@ class Rotate(Pass):
             width = site.width(gm)
             t, t_inv, losses = learn_transform(values[site.layers[0].x], weights, torch.eye(width, dtype=torch.float64),
                                                blocks=1, steps=self.train_steps, lr=self.lr, rotate=False,
-                                               weight_bits=self.weight_bits, act_bits=self.act_bits, seed=self.seed)
+                                               weight_bits=self.weight_bits, act_bits=self.act_bits, seed=self.seed,
+                                               finished=finished)
             learned[site.label] = {"hadamard": losses[0], "learned": losses[1]}
             if losses[1] < losses[0]:
                 s = torch.diagonal(t_inv)
@@ -200,7 +208,8 @@ class Rotate(Pass):
                 report.how[site.label] = "residual-reader+scale"
 
     # ----------------------------------------------------------------------------- (b), (c)
-    def _rotate_site(self, gm: fx.GraphModule, site: _sites.Site, x: torch.Tensor | None, learned: dict) -> str:
+    def _rotate_site(self, gm: fx.GraphModule, site: _sites.Site, x: torch.Tensor | None, learned: dict,
+                     finished: Finished | None = None) -> str:
         """Rotate one site; return how (``per-head``, ``into-linear`` or ``online``).
 
         ``learned`` receives the site's simulated-quantization loss at the Hadamard and after training.
@@ -216,7 +225,7 @@ class Rotate(Pass):
             weights = [_weight_out_in(gm, layer) for layer in site.layers]
             t, t_inv, losses = learn_transform(x, weights, t, blocks=site.width(gm) // size, steps=self.train_steps,
                                                lr=self.lr, weight_bits=self.weight_bits, act_bits=self.act_bits,
-                                               seed=self.seed)
+                                               seed=self.seed, finished=finished)
             learned[site.label] = {"hadamard": losses[0], "learned": losses[1]}
         full, full_inv = (torch.block_diag(*[t] * (site.width(gm) // size)),
                           torch.block_diag(*[t_inv] * (site.width(gm) // size))) if per_head else (t, t_inv)
