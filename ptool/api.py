@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -57,6 +58,8 @@ def transform(
     dynamic_shapes: Any = None,
     verify: bool = True,
     instruments: Sequence[Any] = (),
+    copy_model: bool = True,
+    allow_pickle: bool = False,
 ):
     """Trace ``model``, run ``passes`` in order, verify after each, return a drop-in module.
 
@@ -73,6 +76,12 @@ def transform(
         dynamic_shapes: as in ``torch.export.export``.
         verify: compare outputs after every pass (recommended; exact passes must stay exact).
         instruments: objects called around each pass (``ptool.passes.instruments``).
+        copy_model: deep-copy an ``nn.Module`` before capturing it (default), so ``model`` is never
+            touched. ``False`` shares its weights with the result instead — half the memory, for
+            big models — and training passes (attention conversion, repbn fine-tune) then update
+            ``model``'s parameters too. Models ptool loads from a path are never copied.
+        allow_pickle: accept pickled weights in a model path (``pytorch_model.bin``, ``.pt``), read
+            with ``torch.load(weights_only=True)`` only.
 
     Returns:
         A :class:`ptool.transformed.TransformedModule` with ``.report`` (an ONNX input returns an
@@ -87,7 +96,7 @@ def transform(
     from ptool.passes.registry import parse_pipeline
 
     pipeline = parse_pipeline(passes)  # fail fast on bad pass specs, before any tracing
-    loaded = load_model(model)
+    loaded = load_model(model, allow_pickle=allow_pickle)
     if example_inputs is None and loaded.example_inputs is not None:
         example_inputs, example_kwargs = loaded.example_inputs, {**loaded.example_kwargs, **(example_kwargs or {})}
     elif example_inputs is None and loaded.example_kwargs and example_kwargs is None:
@@ -98,10 +107,13 @@ def transform(
         from ptool.frontends.onnx_import import transform_onnx
 
         return transform_onnx(loaded.obj, pipeline, example_inputs, example_kwargs or {}, calib, verify=verify)
-    return _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes, verify, instruments)
+    copy_model = copy_model and loaded.source == "<object>"  # a model ptool loaded itself is its own to share
+    return _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes, verify,
+                            instruments, copy_model)
 
 
-def _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes, verify, instruments):
+def _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes, verify, instruments,
+                     copy_model):
     from ptool.frontends.loaders import ModelKind
     from ptool.frontends.torch_export import capture, check_inputs, from_exported_program
     from ptool.passes.base import PassContext
@@ -115,7 +127,7 @@ def _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dy
         args, kwargs = check_inputs(example_inputs, example_kwargs)
     else:
         args, kwargs = check_inputs(example_inputs, example_kwargs)
-        captured = capture(loaded.obj, args, kwargs, dynamic_shapes=dynamic_shapes)
+        captured = capture(loaded.obj, args, kwargs, dynamic_shapes=dynamic_shapes, copy_model=copy_model)
     gm = captured.graph_module
 
     reference = [(args, kwargs)] + (list(itertools.islice(calib, VERIFY_BATCHES)) if calib else [])
@@ -140,25 +152,34 @@ def _unwrap(model: Any) -> tuple[Any, tuple | None, dict]:
 
 
 def export_onnx(model: Any, path: str | pathlib.Path, example_inputs: Any = None, *, example_kwargs: dict | None = None,
-                dynamic_shapes: Any = None, opset: int | None = None) -> pathlib.Path:
+                dynamic_shapes: Any = None, opset: int | None = None, external_data: bool | None = None) -> pathlib.Path:
     """Write an optimized ONNX file that ``onnx.checker`` and ONNX Runtime accept.
 
-    The file appears atomically: on any failure no (partial) file is left at ``path``.
+    The file appears atomically: on any failure no (partial) file is left at ``path``. The same
+    model and passes give a byte-identical file on every run.
+
+    ``external_data``: weights in ``<name>.onnx.data`` beside the file (relative path). Default:
+    only past 1.5 GiB of weights (protobuf caps a file at 2 GiB). External data is also the
+    memory-lean way: its weights stream to disk, while a single file is serialized in memory
+    (about twice the weights on top of the model at peak).
 
     Returns:
         The path written.
     """
+    from ptool.backends.onnx_export import DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES
     from ptool.backends.onnx_export import export_onnx as _export
     from ptool.frontends.torch_export import check_inputs
     from ptool.onnx_module import OnnxTransformedModule
 
     if isinstance(model, OnnxTransformedModule):  # already ONNX: write it (atomically, checked)
-        return model.save(path)
+        return model.save(path, external_data=external_data)
     module, ex_args, ex_kwargs = _unwrap(model)
     if example_inputs is None and ex_args is not None:
         example_inputs, example_kwargs = ex_args, {**ex_kwargs, **(example_kwargs or {})}
     args, kwargs = check_inputs(example_inputs, example_kwargs)
-    return _export(module, path, args, kwargs, dynamic_shapes=dynamic_shapes, opset=opset)
+    threshold = {None: DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES, True: 0, False: math.inf}[external_data]
+    return _export(module, path, args, kwargs, dynamic_shapes=dynamic_shapes, opset=opset,
+                   external_data_threshold_bytes=threshold)
 
 
 def compile(model: Any, backend: str = "torch", example_inputs: Any = None, *, example_kwargs: dict | None = None,

@@ -15,6 +15,7 @@ A path that exists wins over the ``module:function`` reading of the same text.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Any
 
 from ptool.errors import ModelLoadError, UsageError, did_you_mean
 
-__all__ = ["ResolvedModel", "resolve_model", "DEFAULT_LABEL", "split_specs"]
+__all__ = ["ResolvedModel", "add_model_arguments", "resolve_model", "DEFAULT_LABEL", "split_specs"]
 
 DEFAULT_LABEL = "default: all-MiniLM-L6-v2 sentence embedder on real sentences (seq 128, batch 1)"
 _FUNCTION_SPEC = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<func>[A-Za-z_]\w*)$")
@@ -135,8 +136,17 @@ def split_specs(values: list[str] | None) -> list[str]:
     return out
 
 
-def resolve_model(spec: str | None) -> ResolvedModel:
-    """Load ``MODEL`` (see the module docstring).
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``MODEL`` and ``--allow-pickle``: what every command that loads a model takes."""
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="path (.onnx, .pt2, HF folder), module:function, or omit for the default model")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled weights (pytorch_model.bin, .pt), read with torch.load(weights_only=True) "
+                        "only; refused by default because unpickling can run code")
+
+
+def resolve_model(spec: str | None, *, allow_pickle: bool = False) -> ResolvedModel:
+    """Load ``MODEL`` (see the module docstring); ``allow_pickle`` as in :func:`ptool.transform`.
 
     Raises:
         ModelLoadError / UsageError: a missing path, a bad folder or file, a module or function that
@@ -150,7 +160,7 @@ def resolve_model(spec: str | None) -> ResolvedModel:
         return _from_function(spec, m["module"], m["func"])
     from ptool.frontends.loaders import load_model
 
-    loaded = load_model(path)
+    loaded = load_model(path, allow_pickle=allow_pickle)
     args = tuple(loaded.example_inputs or ())
     kwargs = dict(loaded.example_kwargs or {})
     if loaded.kind.value == "onnx" and not args and not kwargs:

@@ -13,8 +13,9 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="path (.onnx, .pt2, HF folder), module:function, or omit for the default model")
+    from ptool.cli._model import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--backend", "--backends", dest="backends", action="append", metavar="LIST",
                    help="comma-separated backends: torch, onnxruntime, tvm (default: all three)")
     p.add_argument("-p", "--passes", "--pass", dest="passes", action="append", metavar="PASSES",
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace, ui) -> int:
     parse_pipeline(specs)
 
     with ui.status("loading model"):
-        src = resolve_model(args.model)
+        src = resolve_model(args.model, allow_pickle=args.allow_pickle)
     if src.is_onnx and not args.backends:
         backends = ["onnxruntime"]
     if src.is_onnx and set(backends) - {"onnxruntime"}:

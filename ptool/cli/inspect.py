@@ -14,8 +14,9 @@ from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="path (.onnx, .pt2, HF folder), module:function, or omit for the default model")
+    from ptool.cli._model import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--top", type=int, default=25, metavar="N", help="ops shown in the histogram (default 25)")
     p.add_argument("--all", action="store_true", help="show every op in the histogram")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace, ui) -> int:
     if args.top < 1:
         raise _bad("--top must be at least 1")
     with ui.status("loading model"):
-        src = resolve_model(args.model)
+        src = resolve_model(args.model, allow_pickle=args.allow_pickle)
     capture_seconds = None
     if src.is_onnx:
         figures = onnx_figures(src.obj)

@@ -18,10 +18,11 @@ If all fail, :class:`~ptool.errors.TraceError` carries the first line of torch.e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
-from collections.abc import Mapping
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -106,10 +107,15 @@ def capture(
     """Capture ``model`` as an unlifted GraphModule (see module docstring for the fallbacks).
 
     Args:
-        model: the user's module; it is deep-copied first (``copy_model``) and put in eval mode,
-            so the user's object is never mutated.
+        model: the user's module. With ``copy_model`` (the default) it is deep-copied first, so the
+            graph owns its weights and the user's object is never touched. Without, the graph
+            *shares* the module's parameter and buffer objects (no second copy of the weights:
+            what big models need); passes never write into weights in place, but training passes
+            (attention conversion, repbn's fine-tune) update the shared parameters. The module's
+            train/eval flags are restored either way.
         example_inputs / example_kwargs: one example call.
         dynamic_shapes: as in ``torch.export.export``.
+        copy_model: deep-copy ``model`` first (see above).
 
     Raises:
         InputError: the model does not run on the example inputs.
@@ -120,7 +126,23 @@ def capture(
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if copy_model:
         model = copy.deepcopy(model)
+    with _eval_mode(model):
+        return _capture_eval(model, args, kwargs, dynamic_shapes)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode; restore every submodule's flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _capture_eval(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: object) -> Captured:
     _validate_call(model, args, kwargs)
 
     errors = []

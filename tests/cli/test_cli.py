@@ -347,3 +347,17 @@ def test_convert_default_model(capsys, tmp_path):
     assert "all-MiniLM-L6-v2" in out and "fold-bn" in out
     assert "whole model vs original" in out
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect", "bench"])
+def test_pickled_weights_are_refused_unless_opted_in(capsys, tmp_path, command):
+    import torch
+
+    weights = tmp_path / "weights.pt"
+    torch.save({"fc.weight": torch.ones(2, 2)}, weights)
+    extra = ["-o", str(tmp_path / "out.onnx")] if command == "convert" else []
+    code, _, err = _run(capsys, command, str(weights), *extra)
+    assert code == 2 and "pickle file" in err and "--allow-pickle" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, command, str(weights), "--allow-pickle", *extra)
+    assert code == 2 and "holds a state dict" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()

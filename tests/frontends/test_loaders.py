@@ -55,3 +55,41 @@ def test_corrupt_pt2_is_a_load_error(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(ptool.ModelLoadError, match="not a loadable torch.export .pt2"):
         ptool.transform(str(path), ["dce"])
+
+
+def test_pickle_refusal_names_the_opt_in(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    with pytest.raises(ptool.ModelLoadError, match="allow_pickle=True / --allow-pickle"):
+        load_model(str(path))
+
+
+def test_opted_in_state_dict_is_read_safely_and_explained(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.ones(2, 2)}, path)
+    with pytest.raises(ptool.ModelLoadError, match="holds a state dict .weights without an architecture"):
+        ptool.transform(str(path), ["dce"], allow_pickle=True)
+
+
+class _Evil:
+    """A pickle payload that would run code if unpickled unsafely."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['PTOOL_PWNED']).write_text('x')",))
+
+
+def test_opted_in_pickle_never_runs_code(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PTOOL_PWNED", str(marker))
+    path = tmp_path / "model.pt"
+    torch.save({"payload": _Evil()}, path)
+    with pytest.raises(ptool.ModelLoadError, match="cannot be read with torch.load.weights_only=True.*never runs code"):
+        load_model(str(path), allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_opted_in_pickled_module_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(ptool.ModelLoadError, match="pickled nn.Module"):
+        load_model(str(path), allow_pickle=True)

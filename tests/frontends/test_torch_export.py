@@ -78,3 +78,41 @@ def test_user_model_left_in_its_mode():
     assert m.training  # ptool works on an eval-mode copy, not the user's object
     x = torch.randn(2, 4)
     torch.testing.assert_close(m2(x), m.eval()(x))
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _hedgehog_all_params(fixture):
+    calibration = [fixture.inputs(i) for i in range(1, 3)]
+    return dict(passes=["linear-attention:feature_map=hedgehog,transfer_steps=2,distill_steps=2,distill_params=all,"
+                        "distill_lr=0.1"],
+                example_inputs=fixture.example_inputs, example_kwargs=fixture.example_kwargs, calibration=calibration)
+
+
+def test_transform_never_touches_the_users_model_even_when_training_all_parameters():
+    from tests.models import zoo
+
+    fixture = zoo.llama()
+    fixture.model.train()
+    before = _snapshot(fixture.model)
+    m2 = ptool.transform(fixture.model, **_hedgehog_all_params(fixture))
+    after = fixture.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in fixture.model.modules())
+    trained = dict(m2.graph_module.named_parameters())
+    assert any(not torch.equal(before[k], trained[k]) for k in before if k in trained)  # distillation did train
+
+
+def test_copy_model_false_shares_the_weights_instead_of_copying():
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 8)).train()
+    m2 = ptool.transform(m, ["dce"], (torch.randn(4, 64),), copy_model=False)
+    params = dict(m2.graph_module.named_parameters())
+    assert params["0.weight"].data_ptr() == m[0].weight.data_ptr()  # no second copy of the weights
+    assert params["2.weight"].data_ptr() == m[2].weight.data_ptr()
+    assert all(mod.training for mod in m.modules())  # flags restored
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(m2(x), m.eval()(x))
+    copied = ptool.transform(m, ["dce"], (torch.randn(4, 64),))
+    assert dict(copied.graph_module.named_parameters())["0.weight"].data_ptr() != m[0].weight.data_ptr()
