@@ -164,6 +164,8 @@ def _session_options(*, optimize: bool) -> Any:
         # Verification compares the pass's rewrite, not ORT's own fusions (which may differ
         # between the two graphs and move float rounding around).
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # Verification sessions run a few calls: no pre-packed second copy of every weight.
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 

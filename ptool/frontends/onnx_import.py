@@ -311,13 +311,19 @@ def transform_onnx(
     if reference:
         session = ort_session(proto, optimize=False)
         start_outputs = [run_session(session, f) for f in reference]
+        del session  # ORT holds a copy of every weight: free it before the passes run
     records = run_onnx_pipeline(model_ir, pipeline, ctx, reference, reference_outputs=start_outputs)
 
+    final = None
+    if start_outputs is not None:
+        # The whole model as the user will run it: ORT with its own graph optimizations on. Run
+        # before the proto is built, so ORT's weights and the proto's are never both in memory.
+        session = ort_session(model_ir, optimize=True)
+        final = [run_session(session, f) for f in reference]
+        del session
     module = OnnxTransformedModule(ir.to_proto(model_ir), Report(records=records, capture="onnx",
                                                                  verified_on=len(reference)), example_args, {})
-    if start_outputs is not None:
-        # The whole model as the user will run it: ORT with its own graph optimizations on.
-        final = [run_session(module.session, f) for f in reference]
+    if final is not None:
         module.report.total = compare_many(start_outputs, final)
     return module
 

@@ -29,6 +29,7 @@ from ptool.errors import PtoolError, VerificationError, first_line
 from ptool.passes.base import Pass, PassContext
 from ptool.passes.manager import judge
 from ptool.report import PassRecord
+from ptool.verify import Fidelity
 
 ReferenceInputs = Sequence[Mapping[str, np.ndarray]]
 
@@ -126,15 +127,17 @@ def run_onnx_pipeline(
                 f"pass '{spec}' failed on the ONNX model ({type(e).__name__}: {first_line(e)}); passes already run: {ran}"
             ) from e
         seconds = time.perf_counter() - start
-        try:
-            checked = _checked(model_ir)
-        except Exception as e:
-            raise PtoolError(
-                f"pass '{spec}' produced an invalid ONNX model ({first_line(e)}); passes already run: {ran}"
-            ) from e
-
         fidelity, violation = None, None
-        if outputs is not None:
+        if not (result.changed or result.rewritten):  # same model, same outputs: no check, no ORT session
+            fidelity = Fidelity.perfect() if outputs is not None else None
+        else:
+            try:
+                checked = _checked(model_ir)
+            except Exception as e:
+                raise PtoolError(
+                    f"pass '{spec}' produced an invalid ONNX model ({first_line(e)}); passes already run: {ran}"
+                ) from e
+        if outputs is not None and fidelity is None:
             try:
                 new_outputs = run_reference(checked, reference_inputs)
             except Exception as e:
