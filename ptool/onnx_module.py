@@ -48,34 +48,37 @@ class InputSpec:
         return f"{self.name}: {self.dtype or 'non-tensor'} {dims}"
 
 
-def input_specs(proto: Any) -> list[InputSpec]:
+def input_specs(model: Any) -> list[InputSpec]:
     """The runtime inputs of an ONNX model, in graph order (initializers listed as inputs excluded).
 
     Args:
-        proto: an ``onnx.ModelProto``.
+        model: an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
     """
     import onnx
 
-    initializers = {t.name for t in proto.graph.initializer} | {t.values.name for t in proto.graph.sparse_initializer}
-    specs = []
-    for value_info in proto.graph.input:
-        if value_info.name in initializers:
-            continue
-        tensor_type = value_info.type.tensor_type if value_info.type.HasField("tensor_type") else None
-        if tensor_type is None:
-            specs.append(InputSpec(value_info.name, 0, None, None))
-            continue
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        except (KeyError, TypeError, ValueError):
-            dtype = None
-        dims = None
-        if tensor_type.HasField("shape"):
-            dims = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
-            )
-        specs.append(InputSpec(value_info.name, tensor_type.elem_type, dtype, dims))
-    return specs
+    if not isinstance(model, onnx.ModelProto):
+        import onnx_ir as ir
+
+        return [_spec_of(ir.serde.serialize_value(v)) for v in model.graph.inputs if not v.is_initializer()]
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    return [_spec_of(value_info) for value_info in graph.input if value_info.name not in initializers]
+
+
+def _spec_of(value_info: Any) -> InputSpec:
+    import onnx
+
+    tensor_type = value_info.type.tensor_type if value_info.type.HasField("tensor_type") else None
+    if tensor_type is None:
+        return InputSpec(value_info.name, 0, None, None)
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    except (KeyError, TypeError, ValueError):
+        dtype = None
+    dims = None
+    if tensor_type.HasField("shape"):
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+    return InputSpec(value_info.name, tensor_type.elem_type, dtype, dims)
 
 
 _FAMILY = {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex"}
@@ -140,6 +143,10 @@ def feeds_from_call(
     return {s.name: _to_numpy(s.name, given[s.name], s) for s in specs}
 
 
+def _ir_weight_bytes(model: Any) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
 def weight_bytes(proto: Any) -> int:
     """Bytes of tensor data held by the model's initializers (loaded or external)."""
     total = 0
@@ -190,8 +197,7 @@ def ort_session(model: Any, *, optimize: bool = True) -> Any:
     providers = ["CPUExecutionProvider"]
     try:
         if isinstance(model, ir.Model):
-            size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-            if size <= LARGE_MODEL_BYTES:
+            if _ir_weight_bytes(model) <= LARGE_MODEL_BYTES:
                 return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=providers)
             ir_model = model
         else:
@@ -221,29 +227,52 @@ class OnnxTransformedModule(nn.Module):
     output, else a tuple in graph-output order. The session (CPU, ORT graph optimizations on, no
     thread spinning) opens on the first call.
 
+    The model is kept as given: an ``onnx_ir.Model`` (what ``transform`` returns) shares the
+    tensors it did not rewrite with the model it was read from, so a big model is not held twice;
+    ``onnx_model`` builds the ``ModelProto`` on first access, and from then on the proto is the
+    model (edits to it are what runs and what is saved).
+
     Attributes:
-        onnx_model: the transformed ``onnx.ModelProto`` (weights in memory).
+        onnx_model: the transformed ``onnx.ModelProto``.
         report: what each pass did (:class:`ptool.report.Report`, ``capture="onnx"``).
         example_inputs / example_kwargs: the example call used to verify (torch tensors).
         input_names / output_names: the graph's runtime inputs and outputs.
     """
 
     def __init__(self, onnx_model: Any, report: Report, example_inputs: tuple = (), example_kwargs: dict | None = None):
+        import onnx
+
         super().__init__()
-        self.onnx_model = onnx_model
+        is_proto = isinstance(onnx_model, onnx.ModelProto)
+        self._proto = onnx_model if is_proto else None
+        self._ir = None if is_proto else onnx_model
         self.report = report
         self.example_inputs = tuple(example_inputs)
         self.example_kwargs = dict(example_kwargs or {})
         self._specs = input_specs(onnx_model)
         self.input_names = [s.name for s in self._specs]
-        self.output_names = [o.name for o in onnx_model.graph.output]
+        outputs = onnx_model.graph.output if is_proto else onnx_model.graph.outputs
+        self.output_names = [o.name for o in outputs]
         self._session = None
+
+    @property
+    def onnx_model(self) -> Any:
+        """The transformed ``onnx.ModelProto`` (built from the IR on first access)."""
+        if self._proto is None:
+            import onnx_ir as ir
+
+            self._proto, self._ir = ir.to_proto(self._ir), None
+        return self._proto
+
+    def _model(self) -> Any:
+        """The model in whichever form is current: the IR, or the proto once it was asked for."""
+        return self._ir if self._ir is not None else self._proto
 
     @property
     def session(self) -> Any:
         """The ONNX Runtime ``InferenceSession`` (opened on first use)."""
         if self._session is None:
-            self._session = ort_session(self.onnx_model, optimize=True)
+            self._session = ort_session(self._model(), optimize=True)
         return self._session
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple:
@@ -277,8 +306,9 @@ class OnnxTransformedModule(nn.Module):
         import onnx_ir as ir
 
         path = pathlib.Path(path)
+        model = self._ir if self._ir is not None else ir.from_proto(self._proto)
         if external_data is None:
-            external_data = weight_bytes(self.onnx_model) > LARGE_MODEL_BYTES
+            external_data = _ir_weight_bytes(model) > LARGE_MODEL_BYTES
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -287,7 +317,7 @@ class OnnxTransformedModule(nn.Module):
         data_name = path.name + ".data" if external_data else None
         try:
             staged = staging / path.name
-            ir.save(ir.from_proto(self.onnx_model), staged, external_data=data_name)
+            ir.save(model, staged, external_data=data_name)
             onnx.checker.check_model(str(staged))
             if data_name:
                 os.replace(staging / data_name, path.parent / data_name)
@@ -301,6 +331,7 @@ class OnnxTransformedModule(nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_session"] = None  # sessions do not pickle or deepcopy; reopened on demand
+        state["_proto"], state["_ir"] = self.onnx_model, None  # the proto pickles
         return state
 
     def __repr__(self) -> str:

@@ -316,12 +316,12 @@ def transform_onnx(
 
     final = None
     if start_outputs is not None:
-        # The whole model as the user will run it: ORT with its own graph optimizations on. Run
-        # before the proto is built, so ORT's weights and the proto's are never both in memory.
+        # The whole model as the user will run it: ORT with its own graph optimizations on (a
+        # session of its own, closed again: a big model's ORT weights are not kept while it is saved).
         session = ort_session(model_ir, optimize=True)
         final = [run_session(session, f) for f in reference]
         del session
-    module = OnnxTransformedModule(ir.to_proto(model_ir), Report(records=records, capture="onnx",
+    module = OnnxTransformedModule(model_ir, Report(records=records, capture="onnx",
                                                                  verified_on=len(reference)), example_args, {})
     if final is not None:
         module.report.total = compare_many(start_outputs, final)
