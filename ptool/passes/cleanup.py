@@ -114,6 +114,11 @@ class ConstantFold(Pass):
     numerics: ClassVar[Numerics] = Close(atol=0.0, rtol=1e-6)
     max_growth_bytes: int = 1 << 20
 
+    def __post_init__(self) -> None:
+        if self.max_growth_bytes < 0:
+            raise ValueError(f"max_growth_bytes must be >= 0 (0: only folds that add no bytes), "
+                             f"got {self.max_growth_bytes}")
+
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
         values: dict[torch.fx.Node, Any] = {}

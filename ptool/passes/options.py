@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
@@ -17,6 +18,9 @@ from ptool.errors import PassError, did_you_mean
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _LIST_SEP = "+"  # "layers=0+1+2": commas already separate options
+# Integer options reach torch (seeds, window widths, step counts), which takes 64-bit integers:
+# a larger value would fail deep inside a pass with an OverflowError instead of here.
+_INT_RANGE = (-(2**63), 2**63 - 1)
 
 
 def split_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -29,7 +33,7 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
     options: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq:
+        if not eq or not key.strip():
             raise PassError(f"pass '{name}': option '{item}' must be written key=value")
         key = key.strip().replace("-", "_")
         if key in options:
@@ -94,9 +98,17 @@ def parse_value(tp: Any, text: str, *, where: str) -> Any:
         raise PassError(f"{where}: '{text}' is not a boolean (allowed: true | false)")
     if tp in (int, float):
         try:
-            return tp(text)
+            value = tp(text)
         except ValueError:
             raise PassError(f"{where}: '{text}' is not a{'n' if tp is int else ''} {tp.__name__}") from None
+        if tp is float and not math.isfinite(value):
+            # nan/inf pass every range check written as a comparison that rejects (nan > 0 is
+            # False but so is nan <= 0), and nan != nan breaks the spec round trip.
+            raise PassError(f"{where}: '{text}' is not a finite float")
+        if tp is int and not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+            low, high = _INT_RANGE
+            raise PassError(f"{where}: '{text}' is out of range (integers are 64-bit: {low}..{high})")
+        return value
     if tp is str:
         return text
     raise PassError(f"{where}: options of type {tp} cannot be set from a string")

@@ -58,6 +58,8 @@ class LinearAttention(AttentionSwap):
         super().__post_init__()
         if self.feature_dim < 0 or self.chunk_size < 1 or self.window < 0:
             raise ValueError("feature_dim and window must be >= 0 and chunk_size >= 1")
+        if self.diag_layers < -1:
+            raise ValueError(f"diag_layers must be >= 0, or -1 for TransNormer's first half; got {self.diag_layers}")
 
     def build_kernel(self, site: AttentionSite, position: int, selected: int) -> AttentionKernel:
         local = self.local

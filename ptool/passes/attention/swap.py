@@ -84,6 +84,8 @@ class AttentionSwap(Pass):
             raise ValueError("transfer_steps and distill_steps must be >= 0")
         if not (self.transfer_lr > 0 and self.distill_lr > 0):
             raise ValueError("transfer_lr and distill_lr must be > 0")
+        if not self.transfer_mse_weight >= 0:  # a negative weight would train the values away from the teacher
+            raise ValueError(f"transfer_mse_weight must be >= 0, got {self.transfer_mse_weight}")
 
     def build_kernel(self, site: AttentionSite, position: int, selected: int) -> AttentionKernel:
         """The kernel for ``site`` (``position``-th of ``selected`` sites being replaced).
@@ -100,8 +102,9 @@ class AttentionSwap(Pass):
         call = (tuple(ctx.example_inputs), dict(ctx.example_kwargs)) if ctx.example_inputs or ctx.example_kwargs else None
         sites = sites_of(gm, call)
         if self.layers and (not sites or max(self.layers) >= len(sites)):
+            allowed = f"allowed indices: 0..{len(sites) - 1}" if sites else "leave layers empty"
             raise PassError(f"pass '{self.name}': layers={'+'.join(map(str, self.layers))} but the graph has "
-                            f"{len(sites)} attention site(s) (allowed indices: 0..{max(len(sites) - 1, 0)})")
+                            f"{len(sites)} attention site(s) ({allowed})")
         chosen = []
         for site in sites:
             if self.layers and site.index not in self.layers:

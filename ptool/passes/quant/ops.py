@@ -23,7 +23,12 @@ graph says exactly what runs. Each op has
 
 - a **float decomposition** (:func:`decompositions`) for backends that take the torch graph
   and know no integer kernels (TVM): the same arithmetic in plain aten ops, so the results
-  match but run in float.
+  match but run in float;
+- a **straight-through gradient** for the linears (:func:`_register_gradients`), so a pass that
+  trains after ``quantize`` (repbn's fine-tune, attention distillation) can backpropagate through
+  the quantized layers: the rounding of ``x`` counts as the identity (zero outside a static
+  grid's range, as in quantization-aware training), ``dy/dx`` is the dequantized weight, and the
+  bias gets ``sum(dy)``. The stored integer weights and scales get no gradient.
 
 Storage: int8 weights transposed ``(in, out)`` with one scale per output channel; int4 weights
 as MatMulNBits wants them: ``(out, in/2)`` bytes, two unsigned levels per byte (low nibble
@@ -151,6 +156,44 @@ linear_static_int8.register_fake(lambda x, xs, xz, weight_t, weight_scale, bias:
 linear_int4.register_fake(lambda x, packed, scales, zeros, bias, in_features: _rows_out(x, packed.shape[0]))
 embedding_int8.register_fake(lambda ids, table, scales: scales.new_empty(*ids.shape, table.shape[1]))
 embedding_int4.register_fake(lambda ids, packed, scales, zeros, width: scales.new_empty(*ids.shape, width))
+
+
+def _register_gradients() -> None:
+    """Straight-through gradients of the quantized linears (module docstring); embeddings need
+    none (their inputs are integer ids)."""
+
+    def bias_grad(grad: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        return grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype) if bias is not None else None
+
+    def setup_int8(ctx, inputs, output):
+        x, *grid, weight_t, weight_scale, bias = inputs  # grid: () dynamic, (x_scale, x_zero) static
+        ctx.static = bool(grid)
+        ctx.save_for_backward(x, weight_t, weight_scale, bias, *grid)
+
+    def backward_int8(ctx, grad):
+        x, weight_t, weight_scale, bias, *grid = ctx.saved_tensors
+        grad_x = grad @ (weight_t.to(grad.dtype) * weight_scale.to(grad.dtype)).T  # weight_t: (in, out)
+        if ctx.static:  # no gradient where the static grid clips x
+            x_scale, x_zero = grid
+            level = torch.round(x / x_scale) + x_zero
+            grad_x = grad_x * ((level >= 0) & (level <= 255)).to(grad_x.dtype)
+        return grad_x.to(x.dtype), *([None] * (4 if ctx.static else 2)), bias_grad(grad, bias)
+
+    def setup_int4(ctx, inputs, output):
+        x, packed, scales, zeros, bias, ctx.in_features = inputs
+        ctx.save_for_backward(x, packed, scales, zeros, bias)
+
+    def backward_int4(ctx, grad):
+        x, packed, scales, zeros, bias = ctx.saved_tensors
+        weight = _dequantize_groups(packed, scales, zeros, ctx.in_features)  # (out, in)
+        return (grad @ weight.to(grad.dtype)).to(x.dtype), None, None, None, bias_grad(grad, bias), None
+
+    linear_dynamic_int8.register_autograd(backward_int8, setup_context=setup_int8)
+    linear_static_int8.register_autograd(backward_int8, setup_context=setup_int8)
+    linear_int4.register_autograd(backward_int4, setup_context=setup_int4)
+
+
+_register_gradients()
 
 
 def decompositions() -> dict:

@@ -162,8 +162,9 @@ class Quantize(Pass):
             result.hit(len(group))
             if len(group) > 1:
                 result.notes.setdefault("fused", []).append(" + ".join(s.node.name for s in group))
-        eliminate_dead_code(gm)
-        remove_unused_attributes(gm)
+        if result.changed:  # a pass that rewrote nothing leaves the graph alone (even its dead code)
+            eliminate_dead_code(gm)
+            remove_unused_attributes(gm)
         result.notes.update({"mode": self.mode, "weight_bytes_before": before, "weight_bytes_after": after})
         if stats:
             result.notes["layer_error"] = {s.label: stats[s.node].error for s in linears}

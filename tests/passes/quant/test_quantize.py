@@ -213,3 +213,36 @@ def test_reference_op_matches_float_when_weights_are_exact():
     levels, scales = qz.quantize_weight(w, 8)
     y = torch.ops.ptool_quant.linear_dynamic_int8(x, levels.T.contiguous(), scales.squeeze(-1), None)
     np.testing.assert_allclose(y.numpy(), (x @ w.T).numpy(), rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_through_quantized_linears_is_straight_through(mode):
+    """Found by the pipeline fuzz: repbn's fine-tune or attention distillation after quantize hit
+    "no autograd formula" in the quantized ops. dy/dx is the dequantized weight (zero where a
+    static grid clips x), dy/db = sum(dy); the integer weights get none."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    w, b = torch.randn(6, 8, generator=gen), torch.randn(6, generator=gen, requires_grad=True)
+    grad_y = torch.randn(2, 5, 6, generator=gen)
+    q = torch.ops.ptool_quant
+    if mode == "int4-weight":
+        levels = torch.randint(0, 16, (6, 8), generator=gen)
+        scales, zeros = torch.rand(6, 2, generator=gen) * 0.1, ops.pack_nibbles(torch.full((6, 2), 8))
+        packed = ops.pack_nibbles(levels)
+        y = q.linear_int4(x, packed, scales, zeros, b, 8)
+        w_deq, inside = ops._dequantize_groups(packed, scales, zeros, 8), torch.ones_like(x)
+    else:
+        levels, w_scale = qz.quantize_weight(w, 8)
+        w_t, w_scale = levels.T.contiguous(), w_scale.squeeze(-1)
+        w_deq = (w_t.float() * w_scale).T
+        if mode == "int8-dynamic":
+            y, inside = q.linear_dynamic_int8(x, w_t, w_scale, b), torch.ones_like(x)
+        else:  # a grid covering [-1.28, 1.27]: x outside it is clipped and gets no gradient
+            x_scale, x_zero = torch.tensor(0.01), torch.tensor(128.0)
+            y = q.linear_static_int8(x, x_scale, x_zero, w_t, w_scale, b)
+            level = torch.round(x.detach() / x_scale) + x_zero
+            inside = ((level >= 0) & (level <= 255)).float()
+            assert 0 < inside.mean() < 1
+    y.backward(grad_y)
+    torch.testing.assert_close(x.grad, (grad_y @ w_deq) * inside, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad, grad_y.sum((0, 1)))
