@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -305,27 +304,21 @@ class OnnxTransformedModule(nn.Module):
         import onnx
         import onnx_ir as ir
 
+        from ptool.staging import move_into_place, staging_folder
+
         path = pathlib.Path(path)
         model = self._ir if self._ir is not None else ir.from_proto(self._proto)
         if external_data is None:
             external_data = _ir_weight_bytes(model) > LARGE_MODEL_BYTES
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        except OSError as e:
-            raise BackendError(f"cannot write ONNX model to '{path}': {e.strerror or e}") from None
         data_name = path.name + ".data" if external_data else None
         try:
-            staged = staging / path.name
-            ir.save(model, staged, external_data=data_name)
-            onnx.checker.check_model(str(staged))
-            if data_name:
-                os.replace(staging / data_name, path.parent / data_name)
-            os.replace(staged, path)
+            with staging_folder(path) as folder:
+                staged = folder / path.name
+                ir.save(model, staged, external_data=data_name)
+                onnx.checker.check_model(str(staged))
+                move_into_place(folder, path)
         except Exception as e:
             raise BackendError(f"could not save the ONNX model to '{path}': {first_line(e)}") from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return path
 
     def __getstate__(self) -> dict:

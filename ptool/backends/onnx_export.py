@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -225,31 +223,24 @@ def _initializer_bytes(model: Any) -> int:
 
 
 def _write_atomically(model: Any, path: Path, threshold: int) -> None:
-    """Save to a temp folder beside ``path``, check, then ``os.replace`` into place."""
+    """Save into a staging folder beside ``path``, check, then move into place (:mod:`ptool.staging`)."""
     import onnx
     import onnx_ir as ir
 
+    from ptool.staging import move_into_place, staging_folder
+
+    data_name = f"{path.name}.data" if _initializer_bytes(model) > threshold else None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as e:
+        with staging_folder(path) as folder:
+            staged = folder / path.name
+            try:
+                ir.save(model, staged, **({"external_data": data_name} if data_name else {}))
+            except Exception as e:
+                raise BackendError(f"writing ONNX to '{path}' failed: {_root_cause(e)}") from e
+            try:
+                onnx.checker.check_model(str(staged))  # by path: works for models over 2 GB
+            except Exception as e:
+                raise BackendError(f"exported ONNX fails onnx.checker: {_root_cause(e)}") from e
+            move_into_place(folder, path)
+    except OSError as e:  # the folder cannot be created, or the files not moved
         raise BackendError(f"cannot write to '{path.parent}': {e.strerror or e}") from e
-    try:
-        tmp_model = tmp_dir / path.name
-        data_name = f"{path.name}.data" if _initializer_bytes(model) > threshold else None
-        try:
-            if data_name is None:
-                ir.save(model, tmp_model)
-            else:
-                ir.save(model, tmp_model, external_data=data_name)
-        except Exception as e:
-            raise BackendError(f"writing ONNX to '{path}' failed: {_root_cause(e)}") from e
-        try:
-            onnx.checker.check_model(str(tmp_model))  # by path: works for models over 2 GB
-        except Exception as e:
-            raise BackendError(f"exported ONNX fails onnx.checker: {_root_cause(e)}") from e
-        if data_name is not None:
-            os.replace(tmp_dir / data_name, path.parent / data_name)
-        os.replace(tmp_model, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -71,6 +69,7 @@ def run(args: argparse.Namespace, ui) -> int:
     from ptool.cli._model import resolve_model
     from ptool.errors import UsageError
     from ptool.passes.registry import parse_pipeline
+    from ptool.staging import move_into_place, staging_folder
 
     output = check_output(Path(args.output))
     specs = pipeline_specs(args.passes)
@@ -102,24 +101,19 @@ def run(args: argparse.Namespace, ui) -> int:
     ui.out(str(m2.report))
 
     created_dir = _missing_parent(output)
-    staging = None
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".ptool", dir=output.parent))
-        staged = staging / output.name
-        if args.verify:
-            _verify(args, ui, src, m2, staged)
-        if not staged.exists():
-            with ui.status(f"exporting ONNX to {output}"):
-                _export(src, m2, staged, args.opset)
-        _move_into_place(staging, output)
+        with staging_folder(output) as folder:
+            staged = folder / output.name
+            if args.verify:
+                _verify(args, ui, src, m2, staged)
+            if not staged.exists():
+                with ui.status(f"exporting ONNX to {output}"):
+                    _export(src, m2, staged, args.opset)
+            move_into_place(folder, output)
     except BaseException:
         if created_dir is not None:
             shutil.rmtree(created_dir, ignore_errors=True)
         raise
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     ui.out(f"wrote {output} ({_describe_onnx(output)})")
     return 0
 
@@ -155,13 +149,6 @@ def _export(src, m2, staged: Path, opset: int | None) -> None:
         m2.save(staged)
     else:
         ptool.export_onnx(m2, staged, opset=opset)
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    """Move the staged files beside ``output``: weights (``.data``) first, the ``.onnx`` last."""
-    files = sorted(staging.iterdir(), key=lambda p: p.name == output.name)
-    for f in files:
-        os.replace(f, output.parent / f.name)
 
 
 def _verify(args, ui, src, m2, staged: Path) -> None:
