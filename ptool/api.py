@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -107,7 +108,7 @@ def transform(
         from ptool.frontends.onnx_import import transform_onnx
 
         return transform_onnx(loaded.obj, pipeline, example_inputs, example_kwargs or {}, calib, verify=verify)
-    copy_model = copy_model and loaded.source == "<object>"  # a model ptool loaded itself is its own to share
+    copy_model = copy_model and not isinstance(model, (str, os.PathLike))  # loaded from a path: ours to share
     return _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes, verify,
                             instruments, copy_model)
 

@@ -14,10 +14,11 @@ is opened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,8 +143,22 @@ def feeds_from_call(
     return {s.name: _to_numpy(s.name, given[s.name], s) for s in specs}
 
 
-def _ir_weight_bytes(model: Any) -> int:
+def ir_weight_bytes(model: Any) -> int:
+    """Bytes of tensor data held by an ``onnx_ir.Model``'s initializers."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+@contextlib.contextmanager
+def saved_with_external_data(model: Any, prefix: str = "ptool-") -> Iterator[pathlib.Path]:
+    """``model`` (``ModelProto`` or ``onnx_ir.Model``) written to a temporary folder with its
+    weights in a file beside it — how a model past protobuf's 2 GiB reaches ORT or the checker.
+    Yields the ``.onnx`` path; the folder is removed afterwards."""
+    import onnx_ir as ir
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        path = pathlib.Path(folder) / "model.onnx"
+        ir.save(model if isinstance(model, ir.Model) else ir.from_proto(model), path, external_data="model.onnx.data")
+        yield path
 
 
 def weight_bytes(proto: Any) -> int:
@@ -196,17 +211,13 @@ def ort_session(model: Any, *, optimize: bool = True) -> Any:
     providers = ["CPUExecutionProvider"]
     try:
         if isinstance(model, ir.Model):
-            if _ir_weight_bytes(model) <= LARGE_MODEL_BYTES:
+            if ir_weight_bytes(model) <= LARGE_MODEL_BYTES:
                 return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=providers)
-            ir_model = model
         else:
             assert isinstance(model, onnx.ModelProto)
             if weight_bytes(model) <= LARGE_MODEL_BYTES:
                 return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-            ir_model = ir.from_proto(model)
-        with tempfile.TemporaryDirectory(prefix="ptool-ort-") as folder:
-            path = pathlib.Path(folder) / "model.onnx"
-            ir.save(ir_model, path, external_data="model.onnx.data")
+        with saved_with_external_data(model, "ptool-ort-") as path:
             return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:
         raise BackendError(f"ONNX Runtime cannot load the model: {first_line(e)}") from None
@@ -309,7 +320,7 @@ class OnnxTransformedModule(nn.Module):
         path = pathlib.Path(path)
         model = self._ir if self._ir is not None else ir.from_proto(self._proto)
         if external_data is None:
-            external_data = _ir_weight_bytes(model) > LARGE_MODEL_BYTES
+            external_data = ir_weight_bytes(model) > LARGE_MODEL_BYTES
         data_name = path.name + ".data" if external_data else None
         try:
             with staging_folder(path) as folder:

@@ -216,20 +216,15 @@ def _rename_outputs(model: Any, names: list[str]) -> None:
         value.name = name
 
 
-def _initializer_bytes(model: Any) -> int:
-    return sum(
-        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
-    )
-
-
 def _write_atomically(model: Any, path: Path, threshold: int) -> None:
     """Save into a staging folder beside ``path``, check, then move into place (:mod:`ptool.staging`)."""
     import onnx
     import onnx_ir as ir
 
+    from ptool.onnx_module import ir_weight_bytes
     from ptool.staging import move_into_place, staging_folder
 
-    data_name = f"{path.name}.data" if _initializer_bytes(model) > threshold else None
+    data_name = f"{path.name}.data" if ir_weight_bytes(model) > threshold else None
     try:
         with staging_folder(path) as folder:
             staged = folder / path.name

@@ -84,10 +84,9 @@ def run(args: argparse.Namespace, ui) -> int:
     try:
         with checkpoint.configured(_checkpoint_policy(args, ui)), \
                 ui.status(f"transforming ({', '.join(specs) or 'no passes'})"):
-            # ptool loaded the model, so the result shares (does not copy) its weights, unless --verify
-            # runs the original afterwards (training passes update shared weights); an ONNX model goes
-            # in as loaded, already checked
-            m2 = ptool.transform(src.loaded if src.is_onnx else src.obj, specs, example_inputs=src.args or None,
+            # the model as loaded (and checked); the result shares its weights instead of copying them,
+            # unless --verify runs the original afterwards (training passes update shared weights)
+            m2 = ptool.transform(src.loaded, specs, example_inputs=src.args or None,
                                  example_kwargs=src.kwargs or None, calibration=src.calibration_items(),
                                  copy_model=args.verify)
     except checkpoint.Interrupted as e:  # Ctrl-C in a long step, its state saved; nothing written yet

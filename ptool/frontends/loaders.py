@@ -133,21 +133,15 @@ def _explain_pickle(path: pathlib.Path) -> None:
 def _checked_onnx(proto: Any, where: str) -> Any:
     """``onnx.checker`` on an in-memory model; past 2 GiB (protobuf's cap) through a temporary file
     with external data, which the path-based checker reads without the weights."""
-    import tempfile
-
     import onnx
 
-    from ptool.onnx_module import LARGE_MODEL_BYTES, weight_bytes
+    from ptool.onnx_module import LARGE_MODEL_BYTES, saved_with_external_data, weight_bytes
 
     try:
         if weight_bytes(proto) <= LARGE_MODEL_BYTES:
             onnx.checker.check_model(proto)
         else:
-            import onnx_ir as ir
-
-            with tempfile.TemporaryDirectory(prefix="ptool-check-") as folder:
-                path = pathlib.Path(folder) / "model.onnx"
-                ir.save(ir.from_proto(proto), path, external_data="model.onnx.data")
+            with saved_with_external_data(proto, "ptool-check-") as path:
                 onnx.checker.check_model(str(path))
     except Exception as e:
         raise ModelLoadError(f"ONNX model {where} fails onnx.checker: {str(e).splitlines()[0][:200]}") from None

@@ -71,8 +71,9 @@ def _checked(model: ir.Model) -> ir.Model | Any:
     is too large to serialize in memory — ORT loading it is then the check)."""
     import onnx
 
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if size > _CHECKER_MAX_BYTES:
+    from ptool.onnx_module import ir_weight_bytes
+
+    if ir_weight_bytes(model) > _CHECKER_MAX_BYTES:
         return model
     proto = ir.to_proto(model)
     onnx.checker.check_model(proto)
