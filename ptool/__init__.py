@@ -27,6 +27,7 @@ _LAZY = {
     "export_onnx": "ptool.api",
     "compile": "ptool.api",
     "list_passes": "ptool.api",
+    "autotune": "ptool.backends.autotune.tuner",
     "passes": "ptool.passes",
     "verify": "ptool.verify",
 }
@@ -34,6 +35,7 @@ _LAZY = {
 __all__ = [
     "BackendError", "InputError", "ModelLoadError", "PassError", "PtoolError", "TraceError",
     "UsageError", "VerificationError", "transform", "export_onnx", "compile", "list_passes",
+    "autotune",
 ]
 
 

@@ -365,8 +365,8 @@ def render_markdown(data: dict, argv: list[str]) -> str:
         "- Max abs error and cosine compare each row's outputs with the eager baseline's, over the example input "
         "plus up to 4 more batches.",
         "- Build = compile + first call; mem = process RSS growth over the build (weights copied into the backend).",
-        "- TVM is **untuned** here (default Relax schedules, no BLAS in the pip build, no autotuning yet): "
-        "expect it to be far slower than torch on matmul-heavy models.",
+        "- TVM is **untuned** here: ptool's default CPU schedules (`ptool/backends/tvm_schedules.py`), no "
+        "MetaSchedule tuning and no BLAS (the pip build has none); `ptool tune` searches further.",
         "- On a shared VM other work shows up as spread (p10-p90); compare ratios within one table rather than "
         "absolute numbers across runs. When the load average exceeds the core count, eager torch suffers most: "
         "its OpenMP threads spin-wait for descheduled peers (on this 2-core VM at load 3.5, MiniLM eager took "

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import ptool  # noqa: E402
 from _sections import write_section  # noqa: E402
-from ptool.default_model import encode, load_embedder, packed_batches, reference_sentences  # noqa: E402
+from _minilm import calibration_batches, heldout_batches, log, mean_cosine  # noqa: E402
+from ptool.default_model import load_embedder, packed_batches  # noqa: E402
 from ptool.frontends.huggingface import sample_sentences  # noqa: E402
 
 SEQ, BATCH = 128, 8
@@ -59,25 +60,11 @@ VARIANTS = {
 }
 
 
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def data(calibration_batches: int):
-    calib = packed_batches(reference_sentences(), SEQ, BATCH, count=calibration_batches)
-    sentences = sample_sentences()
-    ids, mask = encode(sentences, SEQ)
-    padded = [(ids[i:i + BATCH], mask[i:i + BATCH]) for i in range(0, len(sentences) // BATCH * BATCH, BATCH)]
-    packed = packed_batches(sentences, SEQ, BATCH)  # one batch: the first 8 full rows (~45 sentences)
+def data(calibration: int):
+    calib = calibration_batches(SEQ, BATCH, calibration)
+    padded = heldout_batches(SEQ, BATCH)
+    packed = packed_batches(sample_sentences(), SEQ, BATCH)  # one batch: the first 8 full rows (~45 sentences)
     return calib, padded, packed
-
-
-def mean_cosine(reference, model, batches) -> float:
-    values = []
-    with torch.no_grad():
-        for args in batches:
-            values.append(torch.nn.functional.cosine_similarity(reference(*args), model(*args), dim=-1))
-    return float(torch.cat(values).mean())
 
 
 def convert(model, spec: str, calib, *, trainable: bool, after: bool, transfer_steps: int, distill_steps: int):

@@ -93,15 +93,20 @@ def export_onnx(
 
 
 def _custom_translations() -> dict | None:
-    """ONNX translations of ptool's own graph ops (quantized layers), if any can be in the graph.
+    """ONNX translations of ptool's own graph ops (quantized and shift layers), if any can be in the graph.
 
-    A graph can only hold them once ``ptool.passes.quant.ops`` has registered them, so an
-    unquantized export never imports it.
+    A graph can only hold them once their module (``ptool.passes.quant.ops``,
+    ``ptool.passes.shiftadd.ops``, ``ptool.passes.shiftadd.binary_ops``) has registered them, so a
+    plain export imports none of them.
     """
     import sys
 
-    ops = sys.modules.get("ptool.passes.quant.ops")
-    return ops.onnx_translations() if ops is not None else None
+    table = {}
+    for name in ("ptool.passes.quant.ops", "ptool.passes.shiftadd.ops", "ptool.passes.shiftadd.binary_ops"):
+        ops = sys.modules.get(name)
+        if ops is not None:
+            table.update(ops.onnx_translations())
+    return table or None
 
 
 def _export_ir(

@@ -97,6 +97,18 @@ def _torch_dtype(onnx_type: str) -> torch.dtype | None:
     return table.get(onnx_type)
 
 
+
+def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any]]:
+    """The autotuner's ORT candidates: defaults; every core for intra-op threads (ORT's default is
+    one per *physical* core); the ``extended`` and ``basic`` graph-optimization levels (``all`` adds
+    layout transforms that sometimes cost more than they save). Only the CPU provider is wired here."""
+    variants: list[dict[str, Any]] = [{}]
+    if fingerprint.cores > 1:
+        variants.append({"intra_op_threads": fingerprint.cores})
+    variants += [{"graph_optimization_level": "extended"}, {"graph_optimization_level": "basic"}]
+    return variants
+
+
 def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel:  # noqa: A001
     """Export ``module`` to ONNX and open an ONNX Runtime session on it.
 

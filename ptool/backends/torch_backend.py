@@ -32,6 +32,17 @@ class Options:
     dynamic: bool | None = None
 
 
+
+def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any]]:
+    """The autotuner's torch candidates: eager, and ``torch.compile`` (Inductor) where a C++ compiler exists."""
+    import shutil
+
+    variants: list[dict[str, Any]] = [{}]
+    if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"):
+        variants.append({"compile": True})
+    return variants
+
+
 def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel:  # noqa: A001
     """Wrap ``module`` (optionally ``torch.compile`` d, warmed up on the example call).
 

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("ptool.cli.inspect", "op histogram, norm / attention sites, parameters, FLOPs"),
     "convert": ("ptool.cli.convert", "transform a model and export it to ONNX"),
     "bench": ("ptool.cli.bench", "latency / memory / fidelity table across backends"),
+    "tune": ("ptool.cli.tune", "autotune passes x backend x options within an error bound"),
     "demo": ("ptool.cli.demo", "convert the default model and compare torch, ONNX Runtime and TVM"),
 }
 

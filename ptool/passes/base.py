@@ -116,6 +116,9 @@ class Pass:
     family: ClassVar[Family]
     numerics: ClassVar[Numerics]
     needs_calibration: ClassVar[bool] = False
+    tuning_candidates: ClassVar[tuple[str, ...]] = ()
+    """Specs the autotuner tries (approximate passes; exact ones are always applied). A pass joins
+    the search space by declaring them here, not by an edit to the tuner."""
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         """Rewrite ``gm`` in place and say what changed."""

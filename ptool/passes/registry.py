@@ -28,12 +28,16 @@ def _pass_classes() -> tuple[type[Pass], ...]:
     from ptool.passes.quant.rotate import Rotate
     from ptool.passes.quant.smooth import SmoothQuant
     from ptool.passes.repbn import RepBatchNorm
+    from ptool.passes.shiftadd.shift_linear import ShiftLinear
+    from ptool.passes.shiftadd.binary_attention import BinaryAttention
 
     return (
         DeadCodeElimination, CommonSubexpressionElimination, ConstantFold,
         FoldBatchNorm, MergeBranches, FoldAffine, RepBatchNorm,
         LinearAttention, SigmoidAttention, SoftplusAttention, SparseAttention,
         Quantize, SmoothQuant, Rotate, LogQuant, RepQuant,
+        ShiftLinear,
+        BinaryAttention,
     )
 
 

@@ -105,6 +105,7 @@ class Quantize(Pass):
     name: ClassVar[str] = "quantize"
     family: ClassVar[Family] = Family.QUANTIZATION
     numerics: ClassVar[Numerics] = Lossy("cosine", 0.97)
+    tuning_candidates: ClassVar[tuple[str, ...]] = ("quantize", "quantize:mode=int4-weight")
 
     mode: Mode = "int8-dynamic"
     granularity: Literal["per-channel", "per-tensor"] = "per-channel"

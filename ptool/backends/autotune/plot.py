@@ -1,0 +1,79 @@
+"""Latency vs fidelity as a PNG: one point per candidate, the Pareto front marked, excluded ones grey.
+
+matplotlib is imported here only, with the non-interactive Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from ptool.backends.autotune.record import Row, Status
+
+#: Errors are drawn on a log axis; exact rows (error 0) sit on this floor.
+ERROR_FLOOR = 1e-9
+
+
+def pareto_front(rows: Sequence[Row]) -> list[Row]:
+    """The rows no other row beats on both latency and error (among rows within ``max_error``)."""
+    ok = sorted((r for r in rows if r.status == Status.OK and r.median_ms is not None),
+                key=lambda r: (r.median_ms, r.error or 0.0))
+    front, best_error = [], float("inf")
+    for r in ok:
+        if (r.error or 0.0) < best_error:
+            front.append(r)
+            best_error = r.error or 0.0
+    return front
+
+
+def plot_rows(rows: Sequence[Row], path: Path, *, max_error: float, title: str = "") -> Path:
+    """Draw the latency-fidelity plot of ``rows`` to ``path`` (PNG); returns ``path``.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'ptool[dev]'``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if r.median_ms is not None and r.error is not None]
+    front = pareto_front(rows)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    try:
+        placed: list[tuple[float, float]] = []
+        for r in sorted(measured, key=lambda r: r.median_ms):
+            y = max(r.error, ERROR_FLOOR)
+            # Points close together (same error, similar latency) get their labels stacked, not overprinted.
+            near = sum(1 for px, py in placed if abs(math.log10(px / r.median_ms)) < 1.0
+                       and abs(math.log10(py / y)) < 0.3)
+            placed.append((r.median_ms, y))
+            if r.status == Status.OK:
+                ax.scatter(r.median_ms, y, s=60 if r.winner else 30, marker="*" if r.winner else "o",
+                           color="tab:red" if r.winner else ("tab:blue" if r in front else "tab:cyan"), zorder=3)
+                color = "black"
+            else:
+                ax.scatter(r.median_ms, y, s=25, marker="x", color="0.6", zorder=2)
+                color = "0.55"
+            ax.annotate(r.label, (r.median_ms, y), fontsize=6.5, color=color, xytext=(4, 3 + 9 * near),
+                        textcoords="offset points", arrowprops={"arrowstyle": "-", "color": "0.8", "lw": 0.5}
+                        if near else None)
+        if front:
+            ax.step([r.median_ms for r in front], [max(r.error, ERROR_FLOOR) for r in front], where="post",
+                    color="tab:blue", linewidth=1, label="Pareto front", zorder=1)
+        ax.axhline(max(max_error, ERROR_FLOOR), color="tab:red", linestyle="--", linewidth=0.8,
+                   label=f"max_error {max_error:g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("latency, median ms (log)")
+        ax.set_ylabel(f"error vs original (log; exact = {ERROR_FLOOR:g})")
+        ax.set_title(title or "ptool autotune: latency vs fidelity (grey x: excluded)", fontsize=9)
+        ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return path

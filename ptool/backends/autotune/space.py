@@ -1,0 +1,154 @@
+"""The search space: pass pipelines x backends x backend options, declared by the parts themselves.
+
+Passes join the space by declaring the configurations worth trying as a class variable::
+
+    class Quantize(Pass):
+        tuning_candidates: ClassVar[tuple[str, ...]] = ("quantize:mode=int8-dynamic",)
+
+(a classmethod returning the specs works too). Exact passes need no declaration: the exact
+default pipeline (cleanup, fold-bn) is the base of every candidate. Each approximate candidate is
+tried on top of that base and kept only while its fidelity stays within ``max_error``.
+
+Backends declare their option variants with a module-level ``tuning_variants(fingerprint,
+tvm_trials=0)`` returning a list of option dicts (the first is the backend's default); a backend
+without one is tried with its defaults only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ptool.errors import UsageError, did_you_mean
+
+if TYPE_CHECKING:
+    from ptool.backends.autotune.fingerprint import DeviceFingerprint
+
+__all__ = ["TuningConfig", "backend_variants", "declared_pass_candidates", "available_backends", "split_passes"]
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """One point of the search space, re-appliable: ``ptool.transform`` then ``ptool.compile``.
+
+    Attributes:
+        passes: pass specs, in order (the exact base pipeline plus at most one approximate pass).
+        backend: ``torch``, ``onnxruntime`` or ``tvm``.
+        options: backend options as sorted ``(key, value)`` pairs (values JSON-serializable).
+    """
+
+    passes: tuple[str, ...]
+    backend: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def make(cls, passes: Sequence[str], backend: str, options: dict[str, Any] | None = None) -> TuningConfig:
+        return cls(tuple(passes), backend, tuple(sorted((options or {}).items())))
+
+    @property
+    def options_dict(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    @property
+    def backend_label(self) -> str:
+        """``onnxruntime[intra_op_threads=2]`` (the backend alone with default options)."""
+        opts = ",".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.backend}[{opts}]" if opts else self.backend
+
+    def label(self, base: Sequence[str] = ()) -> str:
+        """A short row label: extra passes over ``base`` (or ``exact``) + backend and options."""
+        extra = [p for p in self.passes if p not in base]
+        return f"{' + '.join(extra) if extra else 'exact'} | {self.backend_label}"
+
+    def to_dict(self) -> dict:
+        return {"passes": list(self.passes), "backend": self.backend, "options": dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TuningConfig:
+        return cls.make(d["passes"], d["backend"], d.get("options") or {})
+
+    def apply(self, model: Any, example_inputs: Any = None, *, example_kwargs: dict | None = None,
+              calibration: Any = None, device: str = "cpu") -> Any:
+        """Transform ``model`` with :attr:`passes` and compile it for :attr:`backend`; returns the callable."""
+        import ptool
+
+        m2 = ptool.transform(model, list(self.passes), example_inputs, example_kwargs=example_kwargs,
+                             calibration=calibration)
+        return ptool.compile(m2, backend=self.backend, device=device, **self.options_dict)
+
+    def __str__(self) -> str:
+        return f"passes [{', '.join(self.passes) or 'none'}] on {self.backend_label}"
+
+
+def declared_pass_candidates() -> list[str]:
+    """The specs every registered pass declares through ``tuning_candidates`` (see the module docstring)."""
+    from ptool.passes.registry import registry
+
+    specs: list[str] = []
+    for cls in registry().values():
+        declared = getattr(cls, "tuning_candidates", ())
+        if callable(declared):
+            declared = declared()
+        specs.extend(str(s) for s in declared or ())
+    return specs
+
+
+def split_passes(specs: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """User pass specs -> (exact ones, joining the base pipeline; approximate ones, each a candidate).
+
+    Raises:
+        PassError: an unknown pass or option (parsed here, once, before anything runs).
+    """
+    from ptool.passes.registry import parse_pass
+
+    exact, approximate = [], []
+    for spec in specs or ():
+        p = parse_pass(spec)
+        (exact if p.exact else approximate).append(p.spec())
+    return exact, approximate
+
+
+# -- backends ----------------------------------------------------------------------------------------
+
+
+_REQUIRES = {"onnxruntime": "onnxruntime", "tvm": "tvm", "torch": "torch"}
+
+
+def available_backends() -> list[str]:
+    """Backends whose library is installed, in :data:`ptool.backends.BACKENDS` order."""
+    from ptool.backends import BACKENDS
+
+    return [b for b in BACKENDS if importlib.util.find_spec(_REQUIRES[b]) is not None]
+
+
+def check_backends(names: Sequence[str] | str | None) -> list[str]:
+    """Validate ``backends=`` (a list or a comma-separated string); default: every installed one."""
+    from ptool.backends import BACKENDS
+
+    if names is None:
+        return available_backends()
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"backends= is empty (allowed: {', '.join(BACKENDS)})")
+    for b in names:
+        if b not in BACKENDS:
+            raise UsageError(f"unknown backend '{b}' (allowed: {', '.join(BACKENDS)}){did_you_mean(b, BACKENDS)}")
+        if importlib.util.find_spec(_REQUIRES[b]) is None:
+            raise UsageError(f"backend '{b}' needs the '{_REQUIRES[b]}' package, which is not installed")
+    return list(dict.fromkeys(names))
+
+
+def backend_variants(backend: str, fp: DeviceFingerprint, *, tvm_trials: int = 0) -> list[dict[str, Any]]:
+    """Option dicts to try for ``backend`` (the first is its default), as the backend declares them."""
+    from ptool.backends import _MODULES
+
+    declare = getattr(importlib.import_module(_MODULES[backend]), "tuning_variants", None)
+    variants = declare(fp, tvm_trials=tvm_trials) if declare else [{}]
+    for v in variants:
+        json.dumps(v)  # records are JSON: a declaration must stick to JSON values
+    return variants

@@ -1,0 +1,474 @@
+"""``autotune``: search pass pipelines x backends x backend options for the fastest one within ``max_error``.
+
+The search, in two stages so approximate passes cost one fidelity check before any compile:
+
+1. the exact base pipeline (``dce, cse, constant-fold, fold-bn`` + the user's exact passes) on
+   every backend variant (see :mod:`ptool.backends.autotune.space`);
+2. each approximate candidate: transformed once and checked in eager torch on the held-out inputs;
+   past ``max_error`` it gets one ``excluded`` row with the reason and is never compiled; otherwise
+   it runs on the best variant of each backend from stage 1.
+
+Every candidate is timed with :func:`ptool.benchmark.measure` (warm-up, median, p10/p90; a slow one
+gets fewer runs, :func:`ptool.benchmark.plan_repeats`), and the best few are re-timed side by side
+with :func:`ptool.benchmark.measure_interleaved` before the winner is picked, so machine noise
+cannot crown a candidate. Fidelity is always measured on held-out inputs vs the original model in
+eager torch, never on the calibration data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ptool.backends.autotune.fingerprint import device_fingerprint
+from ptool.backends.autotune.record import Row, Status, model_key, read_record
+from ptool.backends.autotune.result import TuneResult
+from ptool.backends.autotune.space import (
+    TuningConfig,
+    backend_variants,
+    check_backends,
+    declared_pass_candidates,
+    split_passes,
+)
+from ptool.errors import UsageError
+
+__all__ = ["TuningInterrupted", "autotune", "default_record_dir"]
+
+#: How many of the fastest candidates are re-timed side by side before the winner is picked.
+RUN_OFF = 3
+
+ErrorMetric = Literal["cosine", "max_rel_error"]
+Progress = Callable[[int, int, str], Any]
+
+
+class TuningInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the search; what was measured is saved (``result.status == "interrupted"``)."""
+
+    def __init__(self, result: TuneResult) -> None:
+        super().__init__(f"tuning interrupted; {sum(r.status in Status.DONE for r in result.table)} candidates "
+                         f"measured, record saved to {result.record_path}")
+        self.result = result
+
+
+def default_record_dir() -> Path:
+    """Where records go when ``record_dir`` is not given: ``~/.cache/ptool/tuning``."""
+    return Path.home() / ".cache" / "ptool" / "tuning"
+
+
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict
+
+
+def _calls(items: Iterable | None, what: str) -> list[_Call]:
+    from ptool.api import _as_call
+
+    if items is None:
+        return []
+    try:
+        items = list(items)
+    except TypeError:
+        raise UsageError(f"{what} must be an iterable of input tuples (or dicts of keyword inputs)") from None
+    return [_Call(*_as_call(i)) for i in items]
+
+
+def _error_of(fid: Any, metric: ErrorMetric) -> float:
+    if fid.mismatched_leaves:
+        return math.inf
+    return 1.0 - fid.cosine if metric == "cosine" else fid.max_rel_error
+
+
+def _fidelity(fn: Callable, reference: list, held_out: list[_Call]) -> Any:
+    import torch
+
+    from ptool.verify import compare_many
+
+    with torch.no_grad():
+        outputs = [fn(*c.args, **c.kwargs) for c in held_out]
+    return compare_many(reference, outputs)
+
+
+def _progress(progress: bool | Progress) -> tuple[Progress, Callable[[], None]]:
+    """``progress`` -> ``(update(done, total, label), close())``: a rich bar with an ETA on a terminal."""
+    import sys
+
+    if callable(progress):
+        return progress, lambda: None
+    if not progress or not sys.stderr.isatty():
+        return (lambda done, total, label: None), lambda: None
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), transient=True)
+    bar.start()
+    task = bar.add_task("tuning", total=1)
+    return (lambda done, total, label: bar.update(task, completed=done, total=total, description=label[:60])), bar.stop
+
+
+def autotune(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    example_kwargs: dict | None = None,
+    device: str = "cpu",
+    max_error: float = 0.01,
+    error_metric: ErrorMetric = "cosine",
+    budget_s: float | None = None,
+    backends: Sequence[str] | str | None = None,
+    variants: dict[str, list[dict]] | None = None,
+    passes: Sequence[str] | None = None,
+    held_out_inputs: Iterable | None = None,
+    calibration: Iterable | None = None,
+    record_dir: str | Path | None = None,
+    force: bool = False,
+    tvm_trials: int = 0,
+    repeat: int = 20,
+    max_seconds_per_candidate: float = 5.0,
+    progress: bool | Progress = True,
+) -> TuneResult:
+    """Find the fastest (passes x backend x options) configuration whose error stays within ``max_error``.
+
+    Args:
+        model: what :func:`ptool.transform` takes (module, ExportedProgram, path).
+        example_inputs / example_kwargs: the call that is timed.
+        device: ``cpu`` (the only device this build targets).
+        max_error: the largest error allowed vs the original model, measured as ``error_metric``:
+            ``cosine`` -> ``1 - cosine similarity`` of the outputs (default), ``max_rel_error`` ->
+            max |out - ref| / max |ref|. Worst over the held-out inputs.
+        budget_s: stop starting new candidates after this many seconds (those left are listed as
+            ``not measured``); None: no limit.
+        backends: backend names (default: every installed one).
+        variants: backend -> list of option dicts to try instead of the ones the backend declares
+            (e.g. ``{"torch": [{}]}``: eager only).
+        passes: approximate pass specs to try (each alone on top of the exact base pipeline); exact
+            specs join the base. Default: the candidates the registered passes declare.
+        held_out_inputs: input tuples fidelity is measured on (never the calibration ones).
+            Default: the example call alone (the result notes it).
+        calibration: input tuples for passes that need data.
+        record_dir: where the record is looked up and saved (default ``~/.cache/ptool/tuning``).
+        force: measure again even when a matching record exists.
+        tvm_trials: MetaSchedule trials for a tuned TVM variant (0: untuned TVM only).
+        repeat: timed calls per candidate (fewer for slow ones: about ``max_seconds_per_candidate``).
+        progress: a progress bar with an ETA on a terminal (True), none (False), or a callable
+            ``progress(done, total, label)``.
+
+    Returns:
+        A :class:`TuneResult`: ``.config`` (the winner), ``.table``, ``.compiled``, ``.save(dir)``.
+
+    Raises:
+        UsageError: a bad argument (device, max_error, budget, backend). PassError: a bad pass spec.
+        TuningInterrupted: Ctrl-C; the partial record is saved first (``.result`` holds it).
+    """
+    import torch
+
+    from ptool.frontends.loaders import load_model
+    from ptool.frontends.torch_export import check_inputs
+    from ptool.passes.pipelines import default_pipeline
+
+    started = time.perf_counter()
+    from ptool.backends import DEVICES
+
+    if device not in DEVICES:
+        raise UsageError(f"unknown device '{device}' (allowed: {', '.join(DEVICES)})")
+    if not (isinstance(max_error, (int, float)) and max_error >= 0 and math.isfinite(max_error)):
+        raise UsageError(f"max_error must be a finite number >= 0, got {max_error!r}")
+    if error_metric not in ("cosine", "max_rel_error"):
+        raise UsageError(f"error_metric '{error_metric}' is not allowed (allowed: cosine, max_rel_error)")
+    if budget_s is not None and not budget_s > 0:
+        raise UsageError(f"budget_s must be > 0 seconds, got {budget_s!r}")
+    if tvm_trials < 0:
+        raise UsageError(f"tvm_trials must be >= 0, got {tvm_trials}")
+    backend_names = check_backends(backends)
+    exact_extra, approximate = split_passes(declared_pass_candidates() if passes is None else passes)
+    base = default_pipeline() + [p for p in exact_extra if p not in default_pipeline()]
+
+    loaded = load_model(model)
+    source = loaded.obj
+    if example_inputs is None and loaded.example_inputs is not None:
+        example_inputs, example_kwargs = loaded.example_inputs, {**loaded.example_kwargs, **(example_kwargs or {})}
+    args, kwargs = check_inputs(example_inputs, example_kwargs)
+    if isinstance(source, torch.export.ExportedProgram):
+        eager = source.module()
+    elif isinstance(source, torch.nn.Module):
+        eager = source.eval()
+    else:
+        raise UsageError("autotune takes a torch model (nn.Module, ExportedProgram, .pt2 or a Hugging Face folder); "
+                         "an ONNX model runs on onnxruntime only: use ptool.compile")
+    held = _calls(held_out_inputs, "held_out_inputs")
+    calib = _calls(calibration, "calibration")
+    notes = []
+    if not held:
+        held = [_Call(args, kwargs)]
+        notes.append("no held-out inputs given: fidelity measured on the example call only")
+    calib_items = [c.args if not c.kwargs else c.kwargs for c in calib] or None
+
+    fp = device_fingerprint(device)
+    variant_sets = {b: [dict(v) for v in (variants or {}).get(b, ())] or backend_variants(b, fp, tvm_trials=tvm_trials)
+                    for b in backend_names}
+    from ptool.backends import backend_options
+
+    for b in variants or {}:
+        if b not in backend_names:
+            raise UsageError(f"variants= names backend '{b}', which is not among the backends tuned "
+                             f"({', '.join(backend_names)})")
+    for b, options in variant_sets.items():
+        for v in options:
+            backend_options(b, v)  # a bad option fails here, not as a failed row later
+    stage1 = [TuningConfig.make(base, b, v) for b in backend_names for v in variant_sets[b]]
+    from ptool.checkpoint import run_key
+
+    mkey = model_key(source, args, kwargs)
+    settings = {
+        "max_error": float(max_error), "error_metric": error_metric, "backends": backend_names,
+        "base_passes": base, "approximate_passes": approximate,
+        "variants": variant_sets, "repeat": repeat,
+        "held_out": run_key([(c.args, c.kwargs) for c in held]),
+        "calibration": run_key([(c.args, c.kwargs) for c in calib]),
+    }
+    key = run_key(fp.key, mkey, settings)
+    folder = Path(record_dir) if record_dir is not None else default_record_dir()
+    private = {"_model": eager, "_call": (args, kwargs), "_calibration": calib_items}
+
+    previous = None if force else read_record(folder, key)
+    if previous is not None and previous.get("status") == "complete":
+        result = TuneResult.from_record(previous, **private)
+        result.reused, result.seconds = True, time.perf_counter() - started
+        result.record_path = folder
+        return result
+    done_rows = {r["label"]: Row.from_dict(r) for r in (previous or {}).get("rows", []) if r["status"] in Status.DONE}
+
+    search = _Search(eager, args, kwargs, held, calib_items, base, max_error, error_metric, repeat,
+                     max_seconds_per_candidate, done_rows)
+    update, close = _progress(progress)
+    status = "complete"
+    try:
+        search.run(stage1, approximate, backend_names, budget_s, started, update)
+        if search.budget_hit:
+            status = "budget"
+        search.run_off()
+    except KeyboardInterrupt:
+        status = "interrupted"
+        search.mark_interrupted()
+    finally:
+        close()
+    rows = search.rows
+    _mark_winner(rows)
+    win = next((r for r in rows if r.winner), None)
+    if search.reused:
+        notes.append(f"{search.reused} rows reused from an unfinished record of the same run")
+    result = TuneResult(TuningConfig.from_dict(win.config) if win else None, rows, fp, key, mkey, status,
+                        False, time.perf_counter() - started, settings, notes, **private)
+    if win is not None and win.label in search.compiled:
+        result._compiled = search.compiled[win.label]
+    from ptool.backends.autotune.record import write_json
+    from ptool.checkpoint import interrupts_deferred
+
+    if record_dir is not None:
+        result.save(folder)
+    else:
+        with interrupts_deferred():
+            write_json(folder / "records" / f"{key}.json", result.to_dict())
+        result.record_path = folder / "records" / f"{key}.json"
+    if status == "interrupted":
+        raise TuningInterrupted(result)
+    return result
+
+
+def _mark_winner(rows: list[Row]) -> None:
+    from ptool.backends.autotune.plot import pareto_front
+
+    front = pareto_front(rows)
+    for r in rows:
+        r.pareto = r in front
+        r.winner = False
+    if front:
+        front[0].winner = True  # the fastest row within max_error
+
+
+class _Search:
+    """The measuring loop's state: rows so far, live compiled candidates, the transformed pipelines."""
+
+    def __init__(self, eager, args, kwargs, held, calibration, base, max_error, metric, repeat, max_seconds,
+                 done_rows):
+        import torch
+
+        self.eager, self.args, self.kwargs, self.held = eager, args, kwargs, held
+        self.calibration, self.base = calibration, base
+        self.max_error, self.metric, self.repeat, self.max_seconds = max_error, metric, repeat, max_seconds
+        self.done_rows = done_rows
+        self.rows: list[Row] = []
+        self.compiled: dict[str, Callable] = {}  # live callables of the current best few (for the run-off)
+        self.transformed: dict[tuple[str, ...], Any] = {}
+        self.budget_hit = False
+        self.reused = 0
+        self.current: Row | None = None
+        with torch.no_grad():
+            self.reference = [eager(*c.args, **c.kwargs) for c in held]
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def run(self, stage1: list[TuningConfig], approximate: list[str], backends: list[str], budget_s: float | None,
+            started: float, update: Progress) -> None:
+        total = len(stage1) + len(approximate) * (1 + len(backends))
+        done = 0
+        self.planned = list(stage1)
+
+        def over_budget() -> bool:
+            self.budget_hit = self.budget_hit or (budget_s is not None and time.perf_counter() - started > budget_s)
+            return self.budget_hit
+
+        for config in stage1:
+            update(done, total, config.label(self.base))
+            self._candidate(config, skip=over_budget())
+            done += 1
+        best = self._best_variant_per_backend(backends)
+        for spec in approximate:
+            pipeline = (*self.base, spec)
+            update(done, total, f"checking {spec}")
+            reason = None if over_budget() else self._check_pipeline(pipeline)
+            done += 1
+            if reason is not None:  # one row: it is left out on every backend, none was compiled
+                self.rows.append(self._excluded_row(pipeline, spec, reason))
+                done += len(backends)
+            for b in backends if reason is None else ():
+                config = TuningConfig.make(pipeline, b, best.get(b, {}))
+                update(done, total, config.label(self.base))
+                self._candidate(config, skip=over_budget())
+                done += 1
+            self.transformed.pop(pipeline, None)
+        update(total, total, "done")
+
+    def _best_variant_per_backend(self, backends: list[str]) -> dict[str, dict]:
+        best: dict[str, dict] = {}
+        for b in backends:
+            ok = [r for r in self.rows if r.status == Status.OK and r.config["backend"] == b and r.median_ms]
+            if ok:
+                best[b] = min(ok, key=lambda r: r.median_ms).config["options"]
+        return best
+
+    # -- one candidate ----------------------------------------------------------------------------
+
+    def _transform(self, pipeline: tuple[str, ...]) -> Any:
+        import ptool
+
+        if pipeline not in self.transformed:
+            self.transformed[pipeline] = ptool.transform(self.eager, list(pipeline), self.args,
+                                                         example_kwargs=self.kwargs, calibration=self.calibration)
+        return self.transformed[pipeline]
+
+    def _check_pipeline(self, pipeline: tuple[str, ...]) -> str | None:
+        """Transform and check in eager torch: the reason it is excluded, or None if within max_error."""
+        from ptool.errors import first_line
+
+        try:
+            m2 = self._transform(pipeline)
+        except Exception as e:
+            return f"transform failed: {type(e).__name__}: {first_line(e)}"
+        error = _error_of(_fidelity(m2, self.reference, self.held), self.metric)
+        if error > self.max_error:
+            return f"{self._metric_name()} {error:.2e} > max_error {self.max_error:g} (held-out, eager torch)"
+        return None
+
+    def _excluded_row(self, pipeline: tuple[str, ...], spec: str, reason: str) -> Row:
+        """The row of an approximate pass left out: its fidelity, and a short eager-torch timing so the
+        plot can show it (greyed) next to the candidates it lost to."""
+        from ptool.benchmark import measure
+
+        config = TuningConfig.make(pipeline, "torch")
+        row = Row(f"{spec} | (any backend)", config.to_dict(), False, Status.EXCLUDED, reason)
+        m2 = self.transformed.get(pipeline)
+        if m2 is not None:
+            fid = _fidelity(m2, self.reference, self.held)
+            row.error, row.cosine, row.max_abs_error = _error_of(fid, self.metric), fid.cosine, fid.max_abs_error
+            self._set_timing(row, measure(m2, self.args, self.kwargs, warmup=1, repeat=3), "eager torch")
+        return row
+
+    def _metric_name(self) -> str:
+        return "1-cosine" if self.metric == "cosine" else "max_rel_error"
+
+    def _candidate(self, config: TuningConfig, *, skip: bool) -> None:
+        import ptool
+        from ptool.benchmark import measure, memory_snapshot, plan_repeats
+        from ptool.errors import first_line
+
+        label = config.label(self.base)
+        if label in self.done_rows:
+            self.rows.append(self.done_rows[label])
+            self.reused += 1
+            return
+        exact = all(ptool.passes.registry.parse_pass(p).exact for p in config.passes)
+        row = Row(label, config.to_dict(), exact)
+        self.rows.append(row)
+        if skip:
+            row.reason = "time budget spent before it started"
+            return
+        self.current = row
+        before = memory_snapshot().rss_mb
+        t0 = time.perf_counter()
+        try:
+            m2 = self._transform(config.passes)
+            fn = ptool.compile(m2, backend=config.backend, **config.options_dict)
+            fid = _fidelity(fn, self.reference, self.held)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            row.status, row.reason = Status.FAILED, f"{type(e).__name__}: {first_line(e)}"
+            self.current = None
+            return
+        row.build_s = time.perf_counter() - t0
+        after = memory_snapshot().rss_mb
+        row.memory_mb = after - before if before is not None and after is not None else None
+        row.error, row.cosine, row.max_abs_error = _error_of(fid, self.metric), fid.cosine, fid.max_abs_error
+        one = measure(fn, self.args, self.kwargs, warmup=1, repeat=1).median_ms / 1e3
+        count = plan_repeats({"c": one}, repeat=self.repeat, max_seconds=self.max_seconds)["c"]
+        t = measure(fn, self.args, self.kwargs, warmup=2 if count >= self.repeat else 0, repeat=count)
+        self._set_timing(row, t, "solo")
+        if row.error > self.max_error:
+            row.status = Status.EXCLUDED
+            row.reason = f"{self._metric_name()} {row.error:.2e} > max_error {self.max_error:g}"
+        else:
+            row.status = Status.OK
+            self.compiled[label] = fn
+            self._keep_best_few()
+        self.current = None
+
+    @staticmethod
+    def _set_timing(row: Row, t: Any, how: str) -> None:
+        row.median_ms, row.p10_ms, row.p90_ms, row.spread, row.runs = t.median_ms, t.p10_ms, t.p90_ms, t.spread, t.runs
+        row.peak_rss_mb = t.peak_rss_mb
+        row.timing = how
+
+    def _keep_best_few(self) -> None:
+        """Hold only the fastest RUN_OFF compiled candidates (memory: each holds a copy of the weights)."""
+        by_label = {r.label: r for r in self.rows}
+        keep = sorted(self.compiled, key=lambda k: by_label[k].median_ms)[:RUN_OFF]
+        self.compiled = {k: self.compiled[k] for k in keep}
+
+    def run_off(self) -> None:
+        """Re-time the best few side by side (round-robin), so the winner is not a noise artefact."""
+        from ptool.benchmark import measure_interleaved
+
+        if len(self.compiled) < 2:
+            return
+        by_label = {r.label: r for r in self.rows}
+        timings = measure_interleaved(self.compiled, self.args, self.kwargs, warmup=1,
+                                      repeat={k: max(3, min(self.repeat, by_label[k].runs)) for k in self.compiled})
+        for label, t in timings.items():
+            self._set_timing(by_label[label], t, "run-off")
+
+    def mark_interrupted(self) -> None:
+        """The row being measured becomes ``interrupted``; stage-1 candidates not reached, ``not measured``."""
+        if self.current is not None:
+            self.current.status, self.current.reason = Status.INTERRUPTED, "Ctrl-C while it was being measured"
+        self.current = None
+        seen = {r.label for r in self.rows}
+        for config in getattr(self, "planned", ()):
+            label = config.label(self.base)
+            if label not in seen:
+                self.rows.append(Row(label, config.to_dict(), True, Status.NOT_MEASURED, "Ctrl-C before it started"))

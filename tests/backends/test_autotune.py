@@ -1,0 +1,197 @@
+"""ptool.autotune: device fingerprint, search, exclusion by max_error, budget, the saved record and its reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import ptool
+from ptool.backends.autotune.fingerprint import ISA_FLAGS, DeviceFingerprint, _cpuinfo, device_fingerprint
+from ptool.backends.autotune.plot import pareto_front
+from ptool.backends.autotune.record import Row, Status
+from ptool.errors import PassError, UsageError
+
+ORT_ONE = {"onnxruntime": [{}, {"intra_op_threads": 1}]}
+
+
+def mlp() -> tuple[nn.Module, torch.Tensor, list[tuple[torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 16)).eval()
+    x = torch.randn(4, 64)
+    held = [(torch.randn(4, 64, generator=torch.Generator().manual_seed(s)),) for s in (1, 2)]
+    return model, x, held
+
+
+# -- fingerprint ------------------------------------------------------------------------------------
+
+
+def test_fingerprint_reads_this_machine():
+    fp = device_fingerprint()
+    assert fp.device == "cpu"
+    assert fp.cores == len(os.sched_getaffinity(0))
+    assert fp.versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert fp.versions["ptool"] == ptool.__version__
+    if os.path.exists("/proc/cpuinfo"):
+        text = open("/proc/cpuinfo").read()
+        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":")[1].split())
+        assert fp.isa == tuple(f for f in ISA_FLAGS if f in flags)
+        name = next(line for line in text.splitlines() if line.startswith("model name")).split(":", 1)[1].strip()
+        assert fp.cpu_model == name
+
+
+def test_fingerprint_key_is_stable_and_changes_with_any_field():
+    fp = device_fingerprint()
+    assert fp.key == device_fingerprint().key and len(fp.key) == 12
+    assert DeviceFingerprint.from_dict(json.loads(json.dumps(fp.to_dict()))) == fp
+    other = DeviceFingerprint.from_dict({**fp.to_dict(), "versions": {**fp.versions, "onnxruntime": "0.0"}})
+    assert other.key != fp.key
+    assert DeviceFingerprint.from_dict({**fp.to_dict(), "isa": ["avx2"]}).key != fp.key
+
+
+def test_cpuinfo_parses_amx_and_degrades_without_the_file(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Intel Xeon Platinum 8480+\n"
+                    "flags\t\t: fpu sse avx2 avx512f avx512_vnni amx_tile amx_bf16 amx_int8\n\n"
+                    "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    assert _cpuinfo(info) == ("Intel Xeon Platinum 8480+",
+                              ("avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"))
+    assert _cpuinfo(tmp_path / "missing") == (None, ())
+
+
+# -- the search -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One measured run (quantize must break a 1e-7 bound) and its immediate rerun from the record."""
+    model, x, held = mlp()
+    folder = tmp_path_factory.mktemp("tuned")
+    kw = dict(backends=["torch", "onnxruntime"], variants={"torch": [{}], **ORT_ONE}, passes=["quantize"],
+              max_error=1e-7, held_out_inputs=held, record_dir=folder, repeat=10, progress=False)
+    t0 = time.perf_counter()
+    first = ptool.autotune(model, (x,), **kw)
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    second = ptool.autotune(model, (x,), **kw)
+    second_s = time.perf_counter() - t0
+    return model, x, held, folder, first, first_s, second, second_s, kw
+
+
+def test_table_holds_every_candidate_with_measured_figures(tuned):
+    model, x, held, _, first, *_ = tuned
+    labels = {r.label: r for r in first.table}
+    assert set(labels) == {"exact | torch", "exact | onnxruntime", "exact | onnxruntime[intra_op_threads=1]",
+                           "quantize | (any backend)"}
+    for label in ("exact | torch", "exact | onnxruntime", "exact | onnxruntime[intra_op_threads=1]"):
+        r = labels[label]
+        assert r.status == Status.OK and r.exact
+        assert r.error <= 1e-7 and r.cosine > 1 - 1e-7
+        assert 0 < r.p10_ms <= r.median_ms <= r.p90_ms and r.runs >= 3
+        assert r.build_s > 0
+    assert first.status == "complete" and not first.reused
+
+
+def test_approximate_pass_past_max_error_is_excluded_with_the_reason(tuned):
+    first = tuned[4]
+    (row,) = [r for r in first.table if r.label.startswith("quantize")]
+    assert row.status == Status.EXCLUDED
+    assert "max_error 1e-07" in row.reason and "1-cosine" in row.reason
+    assert row.error > 1e-7 and f"1-cosine {row.error:.2e}" in row.reason
+    assert row.timing == "eager torch" and row.runs == 3  # a short timing, only to place it on the plot
+    assert "quantize" not in first.config.passes
+
+
+def test_winner_is_the_fastest_valid_candidate_and_runs(tuned):
+    model, x, held, _, first, *_ = tuned
+    ok = [r for r in first.table if r.status == Status.OK]
+    assert first.winner.median_ms == min(r.median_ms for r in ok)
+    assert first.config.to_dict() == first.winner.config
+    with torch.no_grad():
+        ref = model(held[0][0])
+    torch.testing.assert_close(first(held[0][0]), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_record_is_saved_with_table_fingerprint_and_plot(tuned):
+    _, _, _, folder, first, *_ = tuned
+    data = json.loads((folder / "tuning_record.json").read_text())
+    assert data["key"] == first.key and data["status"] == "complete"
+    assert data["fingerprint"] == device_fingerprint().to_dict()
+    assert data["winner"] == first.config.to_dict()
+    assert [r["label"] for r in data["rows"]] == [r.label for r in first.table]
+    png = (folder / "latency_vs_fidelity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 300 and height > 200
+    assert "quantize | (any backend)" in (folder / "table.txt").read_text()
+
+
+def test_second_run_reuses_the_record_in_under_a_tenth_of_the_time(tuned):
+    *_, first, first_s, second, second_s, _ = tuned
+    assert second.reused and second.key == first.key
+    assert [r.to_dict() for r in second.table] == [r.to_dict() for r in first.table]
+    assert second_s < 0.1 * first_s, (first_s, second_s)
+
+
+def test_force_or_other_settings_measure_again(tuned):
+    model, x, held, folder, first, *_, kw = tuned
+    again = ptool.autotune(model, (x,), **{**kw, "variants": {"torch": [{}]}, "backends": ["torch"],
+                                           "passes": []})
+    assert not again.reused and again.key != first.key
+    assert [r.label for r in again.table] == ["exact | torch"]
+
+
+def test_budget_stops_starting_candidates(tmp_path):
+    model, x, held = mlp()
+    result = ptool.autotune(model, (x,), backends=["onnxruntime"], variants=ORT_ONE, passes=[],
+                            held_out_inputs=held, record_dir=tmp_path, budget_s=1e-6, progress=False)
+    assert result.status == "budget"
+    assert [r.status for r in result.table] == [Status.NOT_MEASURED, Status.NOT_MEASURED]
+    assert all("budget" in r.reason for r in result.table)
+    assert result.config is None
+
+
+def test_pareto_front_keeps_rows_no_other_beats_on_both_axes():
+    def row(label, ms, err, status=Status.OK):
+        return Row(label, {}, True, status, median_ms=ms, error=err)
+
+    rows = [row("a", 1.0, 1e-3), row("b", 2.0, 1e-6), row("c", 3.0, 1e-4), row("d", 0.5, 0.5, Status.EXCLUDED)]
+    assert [r.label for r in pareto_front(rows)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "cuda"}, "unknown device 'cuda' (allowed: cpu)"),
+    ({"max_error": -1}, "max_error must be a finite number >= 0"),
+    ({"backends": ["onnxrutime"]}, "did you mean 'onnxruntime'"),
+    ({"budget_s": 0}, "budget_s must be > 0"),
+    ({"variants": {"onnxruntime": [{"intra_op_thread": 2}]}, "backends": ["onnxruntime"]},
+     "has no option 'intra_op_thread'"),
+])
+def test_bad_arguments_are_one_line_errors(kwargs, message, tmp_path):
+    model, x, _ = mlp()
+    with pytest.raises(UsageError) as e:
+        ptool.autotune(model, (x,), record_dir=tmp_path, progress=False, **kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_pass_is_a_pass_error(tmp_path):
+    model, x, _ = mlp()
+    with pytest.raises(PassError, match="quantise"):
+        ptool.autotune(model, (x,), passes=["quantise"], record_dir=tmp_path, progress=False)
+
+
+def test_backends_declare_their_variants():
+    from ptool.backends.autotune.space import backend_variants
+
+    fp = device_fingerprint()
+    assert backend_variants("tvm", fp) == [{}]
+    assert backend_variants("tvm", fp, tvm_trials=16) == [{}, {"tune_trials": 16}]
+    ort = backend_variants("onnxruntime", fp)
+    assert ort[0] == {} and {"graph_optimization_level": "extended"} in ort
+    assert ({"intra_op_threads": fp.cores} in ort) == (fp.cores > 1)
+    assert backend_variants("torch", fp)[0] == {}

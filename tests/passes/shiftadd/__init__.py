@@ -1,0 +1,1 @@
+"""Tests of the shift-add passes (ptool/passes/shiftadd)."""
