@@ -156,6 +156,8 @@ VALID: dict[str, dict[str, st.SearchStrategy]] = {
     "log-quant": {"bits": st.integers(2, 8), "search_steps": st.integers(2, INT64[1]), "eq_n": st.integers(0, 1000),
                   "gelu_shift": _floats(0)},
     "repquant": {"bits": st.integers(2, 16), "percentile": _PERCENT},
+    "shift-linear": {"exclude": _PATTERNS, "keep_float": _NONNEG},
+    "binary-attention": {**_ATTENTION, "bits": st.integers(8, 64)},
 }
 
 _NEGATIVE = st.integers(INT64[0], -1)
@@ -186,6 +188,8 @@ OUT_OF_RANGE: dict[str, dict[str, st.SearchStrategy]] = {
                   "eq_n": _NEGATIVE | st.integers(1001, INT64[1]), "gelu_shift": _floats(None, 0, exclude_max=True)},
     "repquant": {"bits": st.integers(INT64[0], 1) | st.integers(17, INT64[1]),
                  "percentile": _floats(None, 50) | _floats(100, exclude_min=True)},
+    "shift-linear": {"keep_float": _NEGATIVE},
+    "binary-attention": {**_ATTENTION_BAD, "bits": st.integers(INT64[0], 7) | st.integers(65, INT64[1])},
 }
 
 
@@ -402,6 +406,10 @@ CLAIMS: dict[str, typing.Callable[[Any], bool]] = {
     # converted with the default recipe; which sites and the seed do not matter
     **{name: (lambda p: p == dataclasses.replace(type(p)(), seed=p.seed, layers=p.layers))
        for name in ("linear-attention", "sigmoid-attention", "softplus-attention", "sparse-attention")},
+    # the random hash at 16+ bits (cosine >= 0.997 on the fixtures); shift and shift2 weights
+    # (>= 0.945 on MobileNetV2, where every pointwise conv is rewritten); ternary and binary may not
+    "binary-attention": lambda p: p == dataclasses.replace(type(p)(), seed=p.seed, layers=p.layers, bits=p.bits),
+    "shift-linear": lambda p: p.mode in ("shift", "shift2"),
 }
 
 
@@ -486,6 +494,12 @@ def claimed_pass(name: str) -> st.SearchStrategy[Pass]:
     if name in ("linear-attention", "sigmoid-attention", "softplus-attention", "sparse-attention"):
         return st.builds(lambda s, layers: dataclasses.replace(reference, seed=s, layers=layers),
                          st.integers(0, 2**32), _SITE_CHOICES)
+    if name == "binary-attention":
+        return st.builds(lambda s, layers, bits: dataclasses.replace(reference, seed=s, layers=layers, bits=bits),
+                         st.integers(0, 2**32), _SITE_CHOICES, st.sampled_from([16, 32, 64]))
+    if name == "shift-linear":
+        return st.builds(lambda mode, sites: dataclasses.replace(reference, mode=mode, sites=sites),
+                         st.sampled_from(["shift", "shift2"]), st.sampled_from(["all", "mlp"]))
     return st.just(reference)
 
 

@@ -129,7 +129,7 @@ class RandomHashKernel(_BinaryAttend, AttentionKernel):
         return f"{super().extra_repr()}, bits={self.bits}, hash=random"
 
 
-class LearnedHashKernel(_BinaryAttend, EcoFormerKernel):
+class EcoFormerHashKernel(_BinaryAttend, EcoFormerKernel):
     """Binary attention with EcoFormer's kernelized hash, fitted and distilled on calibration data.
 
     The hash, its fit (:meth:`EcoFormerKernel.fit`) and its differentiable rows
@@ -154,7 +154,7 @@ class LearnedHashKernel(_BinaryAttend, EcoFormerKernel):
         return out.to(q.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, hash=learned"
+        return f"{super().extra_repr()}, bits={self.bits}, hash=ecoformer"
 
 
 def _straight_through_signs(y: torch.Tensor) -> torch.Tensor:
@@ -233,7 +233,7 @@ class ProjectedHashKernel(_BinaryAttend, AttentionKernel):
 
 
 HASH_KERNELS: dict[str, type[AttentionKernel]] = {"random": RandomHashKernel, "learned": ProjectedHashKernel,
-                                                  "ecoformer": LearnedHashKernel}
+                                                  "ecoformer": EcoFormerHashKernel}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,8 +241,10 @@ class BinaryAttention(AttentionSwap):
     """Swap softmax attention for Hamming-similarity attention on binary codes of q and k (additions only).
 
     Args:
-        hash: ``random`` (SimHash, no data needed) or ``learned`` (EcoFormer's kernelized hash,
-            fitted and distilled on ``calibration=``; ``transfer_steps`` sets the distillation).
+        hash: ``random`` (SimHash, no data needed), ``learned`` (per-head q and k projections,
+            started from SimHash and trained on ``calibration=`` against the softmax rows through a
+            straight-through sign; ``transfer_steps`` / ``distill_steps`` set the training) or
+            ``ecoformer`` (EcoFormer's kernel-supervised hash, fitted then trained the same way).
         bits: code length, 8..64 (one int32 word per 32 bits).
     """
 

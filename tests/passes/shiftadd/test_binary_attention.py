@@ -11,7 +11,7 @@ from ptool.passes.attention.kernel import SiteShape, softmax_attention
 from ptool.passes.shiftadd import arith, binary_ops
 from ptool.passes.shiftadd.binary_attention import (
     BinaryAttention,
-    LearnedHashKernel,
+    EcoFormerHashKernel,
     ProjectedHashKernel,
     RandomHashKernel,
     key_keep_rows,
@@ -128,7 +128,7 @@ def test_random_kernel_is_simhash_through_the_op():
     assert not torch.equal(other.projection, kernel.projection)  # sites get independent hashes
 
 
-@pytest.mark.parametrize("cls", [ProjectedHashKernel, LearnedHashKernel])
+@pytest.mark.parametrize("cls", [ProjectedHashKernel, EcoFormerHashKernel])
 def test_learned_kernels_forward_the_op_and_train_through_the_sign(cls):
     q, k, v = _qkv(seed=1)
     kernel = cls(SiteShape.of(q, k, v), bits=16, seed=0)
