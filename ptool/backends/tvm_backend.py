@@ -243,6 +243,8 @@ def _safe_take_pass() -> Any:
     from tvm import relax
     from tvm.relax import expr_functor
 
+    from ptool.backends.tvm_schedules import relax_function_pass
+
     take_op = tvm.ir.Op.get("relax.take")
 
     @expr_functor.mutator
@@ -255,15 +257,7 @@ def _safe_take_pass() -> Any:
                 return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode=mode)
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="ptool.SafeTake")
-    def _pass(mod: Any, _ctx: Any) -> Any:
-        mutator = _SafeTake(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
-    return _pass
+    return relax_function_pass("ptool.SafeTake", _SafeTake)
 
 
 def _dlight_pass(target: Any) -> Any:

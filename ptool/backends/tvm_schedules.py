@@ -263,6 +263,22 @@ def _first_schedule(func: Any, target: Any, rules: list[Any]) -> Any:
     return None
 
 
+def relax_function_pass(name: str, mutator_class: Any, finish: Any = None) -> Any:
+    """A module pass running ``mutator_class(mod)`` (a Relax ``PyExprMutator``) over every Relax
+    function, then ``finish(mod)`` if given."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        mutator = mutator_class(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        out = mutator.builder_.get()
+        return finish(out) if finish is not None else out
+
+    return _pass
+
+
 def fast_math_pass() -> Any:
     """exp, erf, tanh, softmax and GELU through TVM's polynomial approximations (``topi.fast_*``).
 
@@ -282,15 +298,7 @@ def fast_math_pass() -> Any:
                 return self.builder_.call_te(gelu, self.visit_expr(call.args[0]))
             return super().visit_call_(call)
 
-    @tvm.transform.module_pass(opt_level=0, name="ptool.FastMath")
-    def _pass(mod: Any, _ctx: Any) -> Any:
-        mutator = _FastMath(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
-    return _pass
+    return relax_function_pass("ptool.FastMath", _FastMath)
 
 
 def rule_assignments(mod: Any, target: Any, rules: list[Any] | None = None) -> dict[str, str | None]:
@@ -353,15 +361,7 @@ def reshape_after_add_pass() -> Any:
                 return relax.op.reshape(summed, out_shape)
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="ptool.ReshapeAfterAdd")
-    def _pass(mod: Any, _ctx: Any) -> Any:
-        mutator = _Mover(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(mutator.builder_.get())
-
-    return _pass
+    return relax_function_pass("ptool.ReshapeAfterAdd", _Mover, finish=relax.transform.DeadCodeElimination())
 
 
 def _type_of(expr: Any) -> Any:
