@@ -377,3 +377,10 @@ def module_filter(patterns: Sequence[str]) -> Callable[[Layer], bool]:
         return lambda layer: True
     return lambda layer: any(p in module_path(layer.node) for p in patterns)
 
+
+def exclude_pattern(node: fx.Node, patterns: tuple[str, ...]) -> str | None:
+    """The first ``fnmatch`` pattern matching ``node``'s module path or node name (``exclude=`` options)."""
+    import fnmatch
+
+    path = module_path(node)
+    return next((p for p in patterns if fnmatch.fnmatch(path, p) or fnmatch.fnmatch(node.name, p)), None)

@@ -22,7 +22,6 @@ and convolutions are not quantized.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -35,6 +34,7 @@ from ptool.ir.record import record_values
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.passes.distill import progress
 from ptool.passes.quant import quantizers as qz
+from ptool.passes.quant._sites import exclude_pattern
 from ptool.passes.quant.ops import pack_nibbles  # also registers torch.ops.ptool_quant.*
 from ptool.verify import Lossy, Numerics
 
@@ -182,8 +182,7 @@ class Quantize(Pass):
     def _excluded(self, sites: list[_Site], result: PassResult) -> set[fx.Node]:
         out = set()
         for s in sites:
-            path = module_path(s.node)
-            pattern = next((p for p in self.exclude if fnmatch.fnmatch(path, p) or fnmatch.fnmatch(s.node.name, p)), None)
+            pattern = exclude_pattern(s.node, self.exclude)
             if pattern is not None:
                 out.add(s.node)
                 result.skip(s.label, f"kept float: matches exclude pattern '{pattern}'")

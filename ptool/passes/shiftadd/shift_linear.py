@@ -42,7 +42,6 @@ inputs with outlier channels lose resolution exactly as in int8 dynamic quantiza
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -57,7 +56,7 @@ from ptool.ir.noise import node_args
 from ptool.ir.record import record_values
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.passes.fold_affine._layers import through_last_dim
-from ptool.passes.quant._sites import calls_of, users
+from ptool.passes.quant._sites import calls_of, exclude_pattern, users
 from ptool.passes.quant.quantize import find_sites as find_linear_sites
 from ptool.passes.shiftadd import ops as shift_ops  # registers torch.ops.ptool_shift.*
 from ptool.passes.shiftadd.arith import MAX_EXP
@@ -344,9 +343,7 @@ class ShiftLinear(Pass):
         return sites
 
     def _excluded(self, site: _Site, result: PassResult) -> bool:
-        path = module_path(site.node)
-        pattern = next((p for p in self.exclude if fnmatch.fnmatch(path, p) or fnmatch.fnmatch(site.node.name, p)),
-                       None)
+        pattern = exclude_pattern(site.node, self.exclude)
         if pattern is not None:
             result.skip(site.label, f"kept float: matches exclude pattern '{pattern}'")
         return pattern is not None
