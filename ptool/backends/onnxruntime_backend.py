@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: export to ONNX, run an ``InferenceSession`` on the CPU provider.
+"""ONNX Runtime backend: export to ONNX, run an ``InferenceSession`` (CPU provider by default; CUDA,
+TensorRT, OpenVINO or oneDNN when the installed ORT build has them).
 
 Thread spinning is off by default (``allow_spinning=False``): ORT's worker threads otherwise
 busy-wait after each run and steal the cores from whatever runs next in the process (torch timed
@@ -19,6 +20,15 @@ from ptool.backends.onnx_export import DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES, ex
 from ptool.errors import BackendError
 
 NAME = "onnxruntime"
+
+#: ptool's provider names -> ORT's. Only providers the installed build lists are accepted.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dnnl": "DnnlExecutionProvider",
+}
 
 _LEVELS = {
     "disable": "ORT_DISABLE_ALL",
@@ -43,6 +53,12 @@ class Options:
         opset: ONNX opset for the export (None: the exporter's default).
         optimize: run the onnxscript optimizer on export.
         external_data_threshold_bytes: weights above this go to a ``.onnx.data`` file.
+        provider: execution provider (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``dnnl``); it
+            must be in this ORT build (:func:`available_providers`); the CPU provider stays as the
+            fallback for ops the chosen one lacks.
+        transformer_fusions: run ORT's transformer optimizer (``onnxruntime.transformers``,
+            model type ``bert``) on the exported graph: LayerNorm, SkipLayerNorm, BiasGelu and,
+            where it recognizes the pattern, Attention fusions. The fused-op counts go to ``info``.
         dynamic_shapes: as in ``torch.export.export`` (only for modules not yet captured).
     """
 
@@ -54,9 +70,13 @@ class Options:
     opset: int | None = None
     optimize: bool = True
     external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES
+    provider: Literal["cpu", "cuda", "tensorrt", "openvino", "dnnl"] = "cpu"
+    transformer_fusions: bool = False
     dynamic_shapes: Any = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ValueError(f"option 'provider' must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
         for name in ("intra_op_threads", "inter_op_threads"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -98,15 +118,40 @@ def _torch_dtype(onnx_type: str) -> torch.dtype | None:
 
 
 
+def available_providers() -> list[str]:
+    """ptool's names of the execution providers this ORT build has (``cpu`` always)."""
+    import onnxruntime as ort
+
+    present = set(ort.get_available_providers())
+    return [name for name, ort_name in PROVIDERS.items() if ort_name in present]
+
+
 def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any]]:
     """The autotuner's ORT candidates: defaults; every core for intra-op threads (ORT's default is
     one per *physical* core); the ``extended`` and ``basic`` graph-optimization levels (``all`` adds
-    layout transforms that sometimes cost more than they save). Only the CPU provider is wired here."""
+    layout transforms that sometimes cost more than they save); ORT's transformer fusions; and
+    every other execution provider this ORT build has."""
     variants: list[dict[str, Any]] = [{}]
     if fingerprint.cores > 1:
         variants.append({"intra_op_threads": fingerprint.cores})
-    variants += [{"graph_optimization_level": "extended"}, {"graph_optimization_level": "basic"}]
+    variants += [{"graph_optimization_level": "extended"}, {"graph_optimization_level": "basic"},
+                 {"transformer_fusions": True}]
+    variants += [{"provider": name} for name in available_providers() if name != "cpu"]
     return variants
+
+
+def _fuse_transformer(path: Path) -> tuple[Path, dict[str, int]]:
+    """ORT's transformer optimizer over the exported model, saved next to it; fused-op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        model = optimize_model(str(path), model_type="bert", opt_level=0)
+    except Exception as e:
+        raise BackendError(f"onnxruntime's transformer optimizer failed: {first_line(e)}") from e
+    counts = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    fused = path.with_name(path.stem + ".fused.onnx")
+    model.save_model_to_file(str(fused), use_external_data_format=path.with_suffix(".onnx.data").exists())
+    return fused, counts
 
 
 def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel:  # noqa: A001
@@ -117,6 +162,9 @@ def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel: 
     """
     import onnxruntime as ort
 
+    if opts.provider not in available_providers():
+        raise BackendError(f"ORT execution provider {opts.provider!r} is not in this onnxruntime build "
+                           f"(available: {', '.join(available_providers())})")
     keepalive = None
     if opts.onnx_path is not None:
         path = Path(opts.onnx_path)
@@ -134,8 +182,12 @@ def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel: 
         external_data_threshold_bytes=opts.external_data_threshold_bytes,
         output_names=example.outputs.names(),
     )
+    fused: dict[str, int] | None = None
+    if opts.transformer_fusions:
+        path, fused = _fuse_transformer(path)
+    providers = list(dict.fromkeys([PROVIDERS[opts.provider], "CPUExecutionProvider"]))
     try:
-        session = ort.InferenceSession(str(path), _session_options(opts), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), _session_options(opts), providers=providers)
     except Exception as e:
         raise BackendError(f"onnxruntime cannot load the exported model: {first_line(e)}") from e
 
@@ -180,6 +232,7 @@ def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel: 
         example=example,
         run_flat=run,
         onnx_path=path,
-        info={"providers": session.get_providers(), "input_names": [f[0] for f in feeds]},
+        info={"providers": session.get_providers(), "input_names": [f[0] for f in feeds],
+              **({"fused_ops": fused} if fused is not None else {})},
         keepalive=(keepalive, session),
     )

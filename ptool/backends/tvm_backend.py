@@ -69,9 +69,11 @@ class Options:
         safe_indexing: bounds-checked gathers instead of a segfault on out-of-range indices.
         opset: ONNX opset for the ``onnx`` frontend's export.
         dynamic_shapes: as in ``torch.export.export`` (only for modules not yet captured).
-        tune_trials: MetaSchedule trials over the model's fused kernels (0: no tuning, the default
-            schedules). The database is kept in ``tuning_dir``, so a second build of the same model
-            for the same target reuses it instead of tuning again.
+        tune_trials: MetaSchedule trials in all (0: no tuning, the default schedules), split evenly
+            over the heavy kernels (matmul, batched matmul, conv2d); ptool's own schedule of each
+            is measured too and kept where MetaSchedule found nothing faster
+            (:mod:`ptool.backends.tvm_tuning`). The database is kept in ``tuning_dir``, so a second
+            build of the same model for the same target reuses it instead of tuning again.
         tuning_dir: where the MetaSchedule database lives (None: ``~/.cache/ptool/tvm-tuning/<key>``,
             the key hashing the Relax module and the target).
     """
@@ -101,39 +103,18 @@ def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any
 
 
 def _metaschedule_build(mod: Any, target: Any, opts: Options) -> tuple[Any, dict[str, Any]]:
-    """Tune ``mod`` with MetaSchedule (or reuse the database in ``tuning_dir``) and build it.
-
-    Returns the executable and facts for ``info``: trials, tuning seconds, whether the database
-    was reused.
-    """
-    import hashlib
-
+    """Tune ``mod``'s heavy kernels with MetaSchedule (or reuse the database in ``tuning_dir``),
+    then build it with the database applied and ptool's rules for the rest
+    (:mod:`ptool.backends.tvm_tuning`). Returns the executable and facts for ``info``."""
     import tvm
-    from tvm import relax
 
-    if opts.safe_indexing:
-        mod = _safe_take_pass()(mod)
-    from tvm_ffi import structural_hash  # tvm.ir.structural_hash moved here in 0.27
+    from ptool.backends import tvm_tuning
 
-    key = hashlib.blake2b(f"{structural_hash(mod)}|{target}".encode(), digest_size=8).hexdigest()
-    work_dir = Path(opts.tuning_dir) if opts.tuning_dir else Path.home() / ".cache" / "ptool" / "tvm-tuning" / key
-    marker = work_dir / f"ptool_trials_{key}.txt"  # per module: a shared tuning_dir never passes one model's
-    # database off as another's
-    done = int(marker.read_text()) if marker.is_file() and marker.read_text().strip().isdigit() else 0
-    reused = done >= opts.tune_trials
-    work_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    # Tune (or, with 0 trials, only apply the saved database), then the default build lowers the rest.
-    tuning = relax.pipeline.static_shape_tuning_pipeline(
-        total_trials=0 if reused else opts.tune_trials, target=target, work_dir=str(work_dir),
-        max_trials_per_task=None if reused else max(8, opts.tune_trials // 8))
-    mod = tuning(mod)
-    if not reused:
-        marker.write_text(str(opts.tune_trials))
-    tuned = time.perf_counter() - t0
-    executable = tvm.compile(mod, target=target)
-    return executable, {"tune_trials": opts.tune_trials, "tuning_seconds": round(tuned, 3),
-                        "tuning_reused": reused, "tuning_dir": str(work_dir)}
+    work_dir, key = tvm_tuning.database_dir(mod, target, opts.tuning_dir)
+    legalized = tvm.transform.Sequential(_front_passes(target, opts))(mod)
+    facts = tvm_tuning.tune(legalized, target, opts.tune_trials, work_dir, key)
+    del legalized
+    return tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, opts, database=work_dir)), facts
 
 
 def host_cpu() -> str:
@@ -291,9 +272,8 @@ def _dlight_pass(target: Any) -> Any:
     return _pass
 
 
-def _pipeline(target: Any, opts: Options) -> Any:
-    """The default Relax CPU pipeline, with ptool's extra passes slotted in."""
-    import tvm
+def _front_passes(target: Any, opts: Options) -> list[Any]:
+    """ptool's Relax rewrites, library dispatch and legalization (fusion included)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from ptool.backends import tvm_schedules
@@ -301,16 +281,26 @@ def _pipeline(target: Any, opts: Options) -> Any:
     before = [_safe_take_pass()] if opts.safe_indexing else []
     before += [tvm_schedules.fast_math_pass()] if opts.fast_math else []
     before += [tvm_schedules.reshape_after_add_pass()] if opts.schedules else []  # residual add -> epilogue
-    after_legalize = [tvm_schedules.schedule_pass(target)] if opts.schedules else []
+    return before + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+
+
+def _pipeline(target: Any, opts: Options, database: Path | None = None) -> Any:
+    """The default Relax CPU pipeline, with ptool's extra passes slotted in (and a MetaSchedule
+    database applied before ptool's rules when one is given)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from ptool.backends import tvm_schedules, tvm_tuning
+
+    after_legalize = [tvm_tuning.apply_database_pass(database)] if database is not None else []
+    after_legalize += [tvm_schedules.schedule_pass(target)] if opts.schedules else []
     after_legalize += [_dlight_pass(target)] if opts.dlight else []
 
     @tvm.transform.module_pass(opt_level=0, name="ptool.CPUPipeline")
     def _run(mod: Any, _ctx: Any) -> Any:
         with target:
             seq = tvm.transform.Sequential(
-                before
-                + cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
+                _front_passes(target, opts)
                 + after_legalize
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)

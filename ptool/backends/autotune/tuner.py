@@ -17,6 +17,7 @@ eager torch, never on the calibration data.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -409,6 +410,7 @@ class _Search:
             row.reason = "time budget spent before it started"
             return
         self.current = row
+        gc.collect()  # what earlier candidates left behind is freed now, not during this build
         before = memory_snapshot().rss_mb
         t0 = time.perf_counter()
         try:
@@ -423,7 +425,8 @@ class _Search:
             return
         row.build_s = time.perf_counter() - t0
         after = memory_snapshot().rss_mb
-        row.memory_mb = after - before if before is not None and after is not None else None
+        # RSS can still shrink while building (the allocator returns pages): growth, floored at 0
+        row.memory_mb = max(0.0, after - before) if before is not None and after is not None else None
         row.error, row.cosine, row.max_abs_error = _error_of(fid, self.metric), fid.cosine, fid.max_abs_error
         one = measure(fn, self.args, self.kwargs, warmup=1, repeat=1).median_ms / 1e3
         count = plan_repeats({"c": one}, repeat=self.repeat, max_seconds=self.max_seconds)["c"]

@@ -1,0 +1,97 @@
+"""MetaSchedule tuning of the heavy kernels with ptool's schedule as the baseline (real tuning, real
+builds): what is tuned, that both schedules are measured and the faster kept, that the database is
+applied, and that a second build reuses it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from ptool.backends import compile_module
+from ptool.backends.tvm_tuning import KernelTuning
+
+pytestmark = [pytest.mark.tvm, pytest.mark.slow]
+
+TRIALS = 4
+"""Two trials per kernel: enough to exercise search, build, run and database, in about a minute."""
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """(model, input, first build, its seconds, second build, its seconds, tuning folder)."""
+    model, x = _mlp(), torch.randn(32, 64)
+    folder = tmp_path_factory.mktemp("tvm-tuning")
+    t0 = time.perf_counter()
+    first = compile_module(model, "tvm", (x,), tune_trials=TRIALS, tuning_dir=str(folder))
+    t1 = time.perf_counter()
+    second = compile_module(model, "tvm", (x,), tune_trials=TRIALS, tuning_dir=str(folder))
+    t2 = time.perf_counter()
+    return model, x, first, t1 - t0, second, t2 - t1, folder
+
+
+def test_only_the_matmul_kernels_are_tuned_and_both_schedules_measured(tuned):
+    _, _, first, *_ = tuned
+    info = first.info
+    assert info["tuning_reused"] is False and info["tune_trials"] == TRIALS
+    assert info["tuned_kernels"] == 2  # the two Linear kernels (with bias / GELU fused), nothing else
+    kernels = info["kernels"]
+    assert sorted(k["kernel"] for k in kernels) == ["fused_matmul1_add1", "fused_matmul_add_gelu"]
+    for k in kernels:
+        assert k["ptool_us"] > 0 and k["metaschedule_us"] > 0
+        faster = "ptool" if k["ptool_us"] <= k["metaschedule_us"] else "metaschedule"
+        assert k["chosen"] == faster
+
+
+def test_tuned_build_matches_torch(tuned):
+    model, x, first, _, second, *_ = tuned
+    with torch.no_grad():
+        ref = model(x)
+    assert (first(x) - ref).abs().max().item() < 1e-5
+    assert torch.equal(first(x), second(x))
+
+
+def test_second_build_reuses_the_database(tuned):
+    _, _, first, t_first, second, t_second, folder = tuned
+    assert second.info["tuning_reused"] is True and second.info["tuning_seconds"] == 0.0
+    assert second.info["kernels"] == first.info["kernels"]  # the per-kernel table survives the reuse
+    assert second.info["tuned_with_seconds"] == first.info["tuning_seconds"]
+    assert t_second < 0.2 * t_first
+    records = (folder / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) >= TRIALS + 2  # MetaSchedule's trials + ptool's two baselines
+
+
+def test_database_schedules_the_tuned_kernels(tuned):
+    """Applying the database marks exactly the tuned kernels scheduled (ptool's rules get the rest)."""
+    import tvm
+    from tvm import tirx
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from ptool.backends import tvm_backend, tvm_tuning
+
+    model, x, first, *_ , folder = tuned
+    mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=False)
+    target = tvm_backend.host_target()
+    with target:
+        legalized = tvm.transform.Sequential(tvm_backend._front_passes(target, tvm_backend.Options()))(mod)
+        applied = tvm_tuning.apply_database_pass(folder)(legalized)
+    scheduled = sorted(gv.name_hint for gv, f in applied.functions_items()
+                       if isinstance(f, tirx.PrimFunc) and f.attrs is not None
+                       and f.attrs.get("tirx.is_scheduled", False))
+    assert scheduled == sorted(k["kernel"] for k in first.info["kernels"])
+    summary = json.loads(next(folder.glob("ptool_kernels_*.json")).read_text())
+    assert summary["kernels"] == first.info["kernels"] and summary["trials"] == TRIALS
+
+
+def test_kernel_winner_is_the_faster_schedule():
+    assert KernelTuning("k", 1, ptool_us=10.0, tuned_us=12.0).winner == "ptool"
+    assert KernelTuning("k", 1, ptool_us=10.0, tuned_us=8.0).winner == "metaschedule"
+    assert KernelTuning("k", 1, ptool_us=None, tuned_us=8.0).winner == "metaschedule"
+    assert KernelTuning("k", 1, ptool_us=10.0, tuned_us=None).winner == "ptool"
