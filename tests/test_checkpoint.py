@@ -30,6 +30,7 @@ import torch
 
 from ptool import checkpoint
 from ptool.passes.distill import Trained, train
+from tests._signals import default_sigint
 
 STEPS = 20
 
@@ -179,17 +180,20 @@ def test_policy_from_env(monkeypatch, tmp_path):
     assert checkpoint.policy().directory == Path.home() / ".cache" / "ptool" / "checkpoints"
 
 
-@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason="SIGINT is not Python's default handler in this process")
 def test_interrupts_deferred_holds_ctrl_c_to_the_end_of_the_block():
+    # Python's own handler, whatever this process inherited (a backgrounded run ignores SIGINT)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     finished = False
-    with pytest.raises(KeyboardInterrupt):
-        with checkpoint.interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)  # the handler runs here: recorded, not raised
-            finished = True
-    assert finished
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with checkpoint.interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)  # the handler runs here: recorded, not raised
+                finished = True
+        assert finished
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_cli_no_checkpoint_and_env_policy(monkeypatch, tmp_path):
@@ -385,7 +389,8 @@ def test_cli_sigint_then_rerun_resumes(tmp_path):
     steps = 1000  # a few ms each; the first run is stopped a step or two in, the margin keeps it from finishing
     argv = [sys.executable, "-c", _CLI, "convert", "-p",
             f"linear-attention:feature_map=hedgehog,transfer_steps={steps}", "-o", str(out)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 240
     while not _files(folder) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._signals import default_sigint
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # One script, parameterised by argv: export a transformed fixture to argv[1]; with argv[2] set,
@@ -47,7 +49,7 @@ _EXPORT_SCRIPT = textwrap.dedent("""
 def _start(script: Path, *argv: str, hash_seed: str = "0") -> subprocess.Popen:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
 def _digest(path: Path) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ptool.cli import main
+from tests._signals import default_sigint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +79,7 @@ def test_ctrl_c_saves_what_was_measured_and_exits_130(models):
     # torch.compile takes seconds to build: the interrupt lands while candidates are being measured.
     proc = subprocess.Popen([sys.executable, "-m", "ptool.cli", "tune", "tune_models:mlp",
                              "--backends", "torch,onnxruntime", "-p", "none", "-o", "out"], cwd=models, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     record = models / "out" / "tuning_record.json"
     try:
         line = proc.stdout.readline()  # "model: ..." is printed just before the search starts
