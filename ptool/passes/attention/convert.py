@@ -10,9 +10,16 @@ that has parameters:
    implies (Hedgehog), ``KL(A || softmax(estimate))`` for kernels that estimate scores (SEA), plus
    ``mse_weight * MSE(o_hat, o) / mean(o^2)`` on the attended values (LoLCATs' output term,
    normalised so one weight fits every layer). Adam, cosine-annealed, fixed seed.
+   Kernels with a closed-form start fit it first: ``fit_batches(batches)`` on every calibration
+   batch (SEA's low-rank estimator), else ``fit(q, k, mask)`` on the first (EcoFormer's hash).
+   Kernels whose parameters get no gradient through their output (``output_trains_parameters =
+   False``: SEA, whose top-k is a step function) train on the row term alone.
 2. **End-to-end distillation** (:func:`distill`), optional: the converted model is trained to
    reproduce the original model's outputs on the calibration data (MSE or cosine), updating the
-   kernels' parameters or every parameter, with a step budget.
+   kernels' parameters, every parameter, or the kernels plus LoRA adapters on the q/k/v/o
+   projections (LoLCATs; :mod:`.adapters`), with a step budget. Optionally a layer-wise term pulls
+   every kernel's output towards the original attention output at its site on the same input
+   (much denser signal than the final output alone).
 
 Both report the fidelity before and after, so the report says what conversion bought. Both
 checkpoint (:func:`ptool.passes.distill.train`): rerun after Ctrl-C, they resume where they stopped
@@ -53,8 +60,10 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _site_loss(kernel: AttentionKernel, batch: SiteBatch, teacher: _Teacher, mse_weight: float) -> torch.Tensor:
     q, k, v, mask = batch
-    out = kernel(q, k, v, mask).float()
-    loss = mse_weight * (out - teacher.out).pow(2).mean() / teacher.power
+    loss = torch.zeros(())
+    if getattr(kernel, "output_trains_parameters", True):  # else the output term has no gradient: skip its cost
+        out = kernel(q, k, v, mask).float()
+        loss = mse_weight * (out - teacher.out).pow(2).mean() / teacher.power
     estimate = getattr(kernel, "estimate_logits", None)
     rows = None
     if estimate is not None:
@@ -97,12 +106,16 @@ def transfer(kernels: dict[int, AttentionKernel], data: dict[int, list[SiteBatch
     """
     before = output_cosine(kernels, data)
     fitted = []
-    for i, kernel in kernels.items():  # kernels with a closed-form or search fit (EcoFormer's hash) fit first
-        fit = getattr(kernel, "fit", None)
-        if fit is not None and steps > 0:
+    for i, kernel in kernels.items():  # kernels with a closed-form or search fit (EcoFormer, SEA) fit first
+        fit_all, fit = getattr(kernel, "fit_batches", None), getattr(kernel, "fit", None)
+        if steps <= 0 or (fit_all is None and fit is None):
+            continue
+        if fit_all is not None:  # on every calibration batch
+            fit_all(data[i])
+        else:  # on the first batch
             q, k, _, mask = data[i][0]
             fit(q, k, mask)
-            fitted.append(i)
+        fitted.append(i)
     trainable = {i: k for i, k in kernels.items() if k.trainable}
     if not trainable or steps <= 0:
         return {"transfer_cosine": before}
@@ -116,20 +129,73 @@ def transfer(kernels: dict[int, AttentionKernel], data: dict[int, list[SiteBatch
                     desc="attention transfer",
                     identity=(mse_weight, {i: repr(k) for i, k in trainable.items()}, {i: data[i] for i in trainable}))
     return {"transfer_cosine_before": before, "transfer_cosine_after": output_cosine(kernels, data),
-            "transfer_last_loss": trained.loss, **({"fitted_on_first_batch": fitted} if fitted else {}),
+            "transfer_last_loss": trained.loss, **({"fitted": fitted} if fitted else {}),
             **trained.notes("transfer")}
 
 
+def softmax_output(batch: SiteBatch, shape: SiteShape) -> torch.Tensor:
+    """The softmax attention output of one recorded site batch: what the original model computed there."""
+    return _teacher(batch, shape).out.detach()
+
+
 def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls: Sequence[tuple[tuple, dict]],
-            teacher: Sequence[list[torch.Tensor]], *, steps: int, lr: float, loss: DistillLoss) -> dict:
-    """Stage 2: train ``params`` so ``model`` reproduces the ``teacher`` outputs on ``calls``."""
+            teacher: Sequence[list[torch.Tensor]], *, steps: int, lr: float, loss: DistillLoss,
+            kernels: dict[int, AttentionKernel] | None = None,
+            site_outputs: dict[int, list[torch.Tensor]] | None = None, site_weight: float = 0.0) -> dict:
+    """Stage 2: train ``params`` so ``model`` reproduces the ``teacher`` outputs on ``calls``.
+
+    Args:
+        model: the converted model (its kernels are submodules).
+        params: what Adam trains.
+        calls: the calibration calls; ``teacher``: the original model's outputs on them.
+        steps, lr: Adam steps (one call each) and learning rate (cosine-annealed).
+        loss: ``mse`` or ``cosine`` on the outputs.
+        kernels, site_outputs, site_weight: the layer-wise term: with ``site_weight > 0``, each
+            kernel's output (captured by a forward hook) is pulled towards ``site_outputs[i][call]``
+            (the original attention output at that site), ``site_weight * mean_i MSE / mean(t^2)``.
+
+    Returns:
+        The output loss before and after (``distill_<loss>_before/after``), the steps, resume notes.
+    """
+    layerwise = bool(site_weight > 0 and kernels and site_outputs)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    if layerwise:
+        for i, kernel in kernels.items():
+            hooks.append(kernel.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, out)))
+        powers = {i: [t.pow(2).mean().clamp_min(1e-12) for t in ts] for i, ts in site_outputs.items()}
+
+    def site_term(j: int) -> torch.Tensor:  # after a forward of call j
+        terms = [(captured[i].float() - site_outputs[i][j]).pow(2).mean() / powers[i][j] for i in site_outputs]
+        return torch.stack(terms).mean()
 
     def loss_at(step: int) -> torch.Tensor:
-        args, kwargs = calls[step % len(calls)]
-        return distill_loss(loss, float_leaves(model(*args, **kwargs)), teacher[step % len(calls)])
+        j = step % len(calls)
+        args, kwargs = calls[j]
+        captured.clear()
+        value = distill_loss(loss, float_leaves(model(*args, **kwargs)), teacher[j])
+        return value + site_weight * site_term(j) if layerwise else value
 
-    before = mean_distill_loss(model, loss, calls, teacher)
-    trained = train(params, steps=steps, lr=lr, loss_at=loss_at, desc="attention distillation",
-                    identity=(loss, calls, teacher))
-    return {f"distill_{loss}_before": before, f"distill_{loss}_after": mean_distill_loss(model, loss, calls, teacher),
-            "distill_steps": steps, **trained.notes("distill")}
+    def mean_site_term() -> float:
+        with torch.no_grad():
+            total = 0.0
+            for j, (args, kwargs) in enumerate(calls):
+                model(*args, **kwargs)
+                total += float(site_term(j))
+            return total / len(calls)
+
+    notes = {}
+    try:
+        before = mean_distill_loss(model, loss, calls, teacher)
+        if layerwise:
+            notes["distill_site_mse_before"] = mean_site_term()
+        trained = train(params, steps=steps, lr=lr, loss_at=loss_at, desc="attention distillation",
+                        identity=(loss, calls, teacher, site_weight if layerwise else 0.0))
+        after = mean_distill_loss(model, loss, calls, teacher)
+        if layerwise:
+            notes["distill_site_mse_after"] = mean_site_term()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {f"distill_{loss}_before": before, f"distill_{loss}_after": after, **notes, "distill_steps": steps,
+            **trained.notes("distill")}

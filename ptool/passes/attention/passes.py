@@ -87,10 +87,14 @@ class SparseAttention(AttentionSwap):
         k: keys kept per query for ``topk``/``sea``: a fraction of the keys if < 1, else a count.
         window: band width of ``window``.
         block_size: block length of ``block-diag``.
-        feature_dim: ``sea``'s estimator feature width (0: default).
+        feature_dim: ``sea``'s estimator width: the rank of ``lowrank``, the per-sign feature
+            count of ``features`` (0: default, see :class:`~ptool.passes.attention.sparse.SEAAttention`).
         tail: ``topk``/``sea``: ``mean`` puts the softmax mass outside the top-k (exact for
             ``topk``, the estimator's for ``sea``) on the mean of those values; ``drop``
             renormalizes over the top-k (DRSformer, SEA).
+        estimator: ``sea``'s key estimator: ``lowrank`` (rank-``r`` bilinear scores, fitted in
+            closed form on the calibration data, then KL-distilled) or ``features`` (a learned
+            positive-feature linear attention, closer to SEA's Performer estimator).
     """
 
     name: ClassVar[str] = "sparse-attention"
@@ -102,6 +106,7 @@ class SparseAttention(AttentionSwap):
     block_size: int = 64
     feature_dim: int = 0
     tail: Literal["mean", "drop"] = "mean"
+    estimator: Literal["lowrank", "features"] = "lowrank"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +117,8 @@ class SparseAttention(AttentionSwap):
         from ptool.passes.attention.sparse import SPARSE_KERNELS
 
         extra = {"tail": self.tail} if self.method in ("topk", "sea") else {}
+        if self.method == "sea":
+            extra["estimator"] = self.estimator
         return SPARSE_KERNELS[self.method](site.shape(), k=self.k, window=self.window, block_size=self.block_size,
                                            feature_dim=self.feature_dim, seed=self.seed, **extra)
 

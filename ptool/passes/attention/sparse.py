@@ -5,7 +5,8 @@ differs only in how ``S(i)`` is chosen:
 
 * ``topk`` - the ``k_count`` keys with the largest exact scores (DRSformer's TKSA on tokens);
 * ``sea`` - the ``k_count`` keys with the largest *estimated* scores (SEA-style: a cheap learned
-  low-rank estimator picks the keys, the exact softmax runs on the gathered keys only);
+  low-rank estimator, fitted in closed form on calibration data, picks the keys; the exact
+  softmax runs on the gathered keys only);
 * ``window`` - a band ``|i - j| <= window // 2`` (causal: ``i - window < j <= i``);
 * ``block-diag`` - non-overlapping blocks of ``block_size`` tokens (TransNormer's DiagAttention
   with a softmax inside each block, causal inside blocks on causal sites);
@@ -22,7 +23,8 @@ kernel *is* softmax attention: ``topk``/``sea`` with ``k >= M``, ``window >= 2 M
 
 Cost: ``window``, ``block-diag`` and ``axial`` never form the ``N x M`` scores (``O(N w D)``,
 ``O(N block D)``, ``O(N (R + C + P) D)``); ``sea``'s exact part is ``O(N k D)`` but its estimator
-is still an ``N x M`` (rank ``2 * feature_dim``) map; ``topk`` materializes the full exact scores -
+is still an ``N x M`` map, of rank ``r`` (``lowrank``: ``r / D`` of the exact scores' cost, a quarter by
+default for ``D >= 32``) or ``2 * feature_dim`` (``features``); ``topk`` materializes the full exact scores -
 it is a quality device, no FLOP saving without a sparse kernel. Queries are aligned to the *last*
 ``N`` keys when ``M > N`` (as :func:`kernel.causal_allowed` does); ``M < N`` is refused where
 positions matter.
@@ -36,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptool.passes.attention.kernel import AttentionKernel, SiteShape, allowed, causal_allowed
-from ptool.passes.attention.linear_core import linear_weights
+from ptool.passes.attention.kernel import AttentionKernel, SiteShape, allowed, causal_allowed, key_keep
 
 
 class ConfiguredKernel(AttentionKernel):
@@ -196,14 +197,24 @@ class TopKAttention(ConfiguredKernel):
 class SEAAttention(ConfiguredKernel):
     """SEA-style sparse attention: a learned estimator picks the keys, exact softmax on them only.
 
-    1. Estimator (a linear attention in a learned low-dim space): per head, ``u = (x sqrt(scale)) W``
-       with ``W`` ``(D, m)`` trainable (separate for q and k, both initialized to the same seeded
-       semi-orthogonal matrix), features ``phi(x) = [softmax(u), softmax(-u)]`` (Hedgehog's
-       positive exp-based map, ``2m`` features), estimate ``E = phi(q) phi(k)^T`` normalized per
-       row (:func:`linear_core.linear_weights`). ``m = feature_dim`` or, by default,
-       ``max(8, D // 4)`` - the estimate then costs ``2m / D`` (half, for ``D >= 32``) of the
-       exact scores.
-    2. Per query, the ``k_count`` visible keys with the largest ``E`` (masked / future keys are
+    1. Estimator: cheap approximate attention scores ``(B, H, N, M)``, one of
+
+       * ``lowrank`` (default): a rank-``r`` bilinear form, ``s_ij = (q_i A_h) . (k_j B_h) * scale``
+         with ``A_h``, ``B_h`` ``(D, r)`` per head, ``r = feature_dim`` or by default
+         ``max(min(D, 8), D // 4)``: ``r / D`` of the exact scores' multiply-adds (a quarter for
+         ``D >= 32``). :meth:`fit_batches` initializes it in closed form on calibration data: with
+         ``C_q = E[q q^T]``, ``C_k = E[k k^T]`` over the real tokens, ``A B^T`` is the rank-``r``
+         ``M`` minimising ``E[(q^T (I - M) k)^2]`` - ``C_q^{1/2} M C_k^{1/2}`` is the truncated
+         SVD of ``C_q^{1/2} C_k^{1/2}`` (the whitened Eckart-Young solution; Loki's key-PCA
+         is the special case ``C_q = I``). The KL distillation below then refines the ranking;
+       * ``features``: a linear attention in a learned low-dim space (closer to SEA's Performer
+         estimator): ``u = (x sqrt(scale)) W`` with ``W`` ``(D, m)`` per head (separate for q and
+         k, both starting at the same seeded semi-orthogonal matrix), ``phi(x) = [softmax(u),
+         softmax(-u)]`` (Hedgehog's map, ``2m`` features), scores ``log(phi(q) phi(k)^T)``;
+         ``m = feature_dim`` or ``max(8, D // 4)`` - ``2m / D`` of the exact scores (half, for
+         ``D >= 32``). On all-MiniLM-L6-v2 it picks worse keys than ``lowrank`` at twice its
+         cost (BENCHMARKS.md).
+    2. Per query, the ``k_count`` visible keys with the largest estimate (masked / future keys are
        filled with ``finfo.min`` first).
     3. The selected keys and values are gathered (``torch.gather`` -> ``(B, H, N, k, D)``) and the
        exact softmax runs over them: ``O(N k D)``, no dense ``N x M`` mask.
@@ -212,21 +223,34 @@ class SEAAttention(ConfiguredKernel):
     only what feeds the exact part (q, k, v upstream); the estimator learns through
     :meth:`estimate_logits` and :func:`estimator_kl` (SEA's ``KL(teacher || softmax(estimate))``).
 
-    Limits (honest): ``E`` is still an ``N x M`` map - of rank ``2m`` rather than ``D``. Real SEA
-    compresses it to a fixed width ``T_M`` with an MLP+CNN decoder and interpolates the selected
-    columns back (memory linear in ``N``); that decoder and the CSR kernels are out of scope.
+    Limits (honest): the estimate is still an ``N x M`` map - of rank ``r`` (``2m``) rather than
+    ``D``. Real SEA compresses it to a fixed width ``T_M`` with an MLP+CNN decoder and interpolates
+    the selected columns back (memory linear in ``N``); that decoder and the CSR kernels are out of
+    scope.
 
-    Reads ``k``, ``feature_dim``, ``seed``.
+    Reads ``k``, ``feature_dim``, ``seed``, ``tail``, ``estimator``.
     """
 
-    def __init__(self, shape: SiteShape, *, tail: str = "mean", **options) -> None:
+    # The estimator's parameters get no gradient through ``forward`` (top-k is a step function),
+    # so attention transfer trains them on the row KL alone and skips the output term.
+    output_trains_parameters = False
+
+    def __init__(self, shape: SiteShape, *, tail: str = "mean", estimator: str = "lowrank", **options) -> None:
         super().__init__(shape, **options)
         self.tail = _checked_tail(tail)
-        d, m = shape.head_dim, self.feature_dim or max(8, shape.head_dim // 4)
-        gen = torch.Generator().manual_seed(self.seed)
-        a = torch.randn(max(d, m), max(d, m), generator=gen)
-        basis = torch.linalg.qr(a).Q[:d, :m] * math.sqrt(max(d, m))  # orthogonal columns, unit-ish rows
-        init = basis.expand(shape.heads, d, m).clone()
+        if estimator not in ("lowrank", "features"):
+            raise ValueError(f"estimator must be 'lowrank' or 'features', got {estimator!r}")
+        self.estimator = estimator
+        d = shape.head_dim
+        if estimator == "lowrank":
+            r = min(d, self.feature_dim or max(min(d, 8), d // 4))
+            init = torch.eye(d, r).expand(shape.heads, d, r).clone()  # the first r coordinates until fit
+        else:
+            m = self.feature_dim or max(8, d // 4)
+            gen = torch.Generator().manual_seed(self.seed)
+            a = torch.randn(max(d, m), max(d, m), generator=gen)
+            basis = torch.linalg.qr(a).Q[:d, :m] * math.sqrt(max(d, m))  # orthogonal columns, unit-ish rows
+            init = basis.expand(shape.heads, d, m).clone()
         self.proj_q = nn.Parameter(init.clone())
         self.proj_k = nn.Parameter(init)
 
@@ -234,21 +258,52 @@ class SEAAttention(ConfiguredKernel):
         u = (x.float() * math.sqrt(self.shape.scale)) @ proj
         return torch.cat([u.softmax(-1), (-u).softmax(-1)], dim=-1)
 
-    def _estimate(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The estimator's rows ``phi(q) phi(k)^T`` normalized over all keys ``(B, H, N, M)``."""
-        return linear_weights(self._features(q, self.proj_q), self._features(k, self.proj_k))
+    def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The estimator's unnormalized log-scores ``(B, H, N, M)`` (softmax over keys = its rows)."""
+        if self.estimator == "lowrank":
+            return ((q.float() @ self.proj_q) @ (k.float() @ self.proj_k).transpose(-1, -2)) * self.shape.scale
+        e = self._features(q, self.proj_q) @ self._features(k, self.proj_k).transpose(-1, -2)
+        return torch.log(e.clamp_min(torch.finfo(e.dtype).tiny))
 
     @staticmethod
-    def _log_rows(est: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:
-        logits = torch.log(est.clamp_min(torch.finfo(est.dtype).tiny))
+    def _log_rows(scores: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:
         if ok is not None:
-            logits = logits.masked_fill(~ok, torch.finfo(logits.dtype).min)
-        return logits.log_softmax(-1)
+            scores = scores.masked_fill(~ok, torch.finfo(scores.dtype).min)
+        return scores.log_softmax(-1)
 
     def estimate_logits(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The estimator's log attention rows ``(B, H, N, M)`` (log-softmax normalized, masked
         entries ``finfo.min``): differentiable w.r.t. the estimator, for :func:`estimator_kl`."""
-        return self._log_rows(self._estimate(q, k), visible(mask, q.shape[-2], k.shape[-2], self.shape.causal, q.device))
+        return self._log_rows(self._scores(q, k), visible(mask, q.shape[-2], k.shape[-2], self.shape.causal, q.device))
+
+    def fit_batches(self, batches) -> None:
+        """``lowrank``: the closed-form initialization (class docstring) from calibration
+        ``(q, k, v, mask)`` batches of this site, over their real (unpadded) tokens; ``features``:
+        nothing. Called by attention transfer before training."""
+        if self.estimator != "lowrank":
+            return
+        d, r = self.shape.head_dim, self.proj_q.shape[-1]
+        cq = torch.zeros(self.shape.heads, d, d, dtype=torch.float64)
+        ck = torch.zeros_like(cq)
+        nq = nk = 0
+        for q, k, _, mask in batches:
+            keep = key_keep(mask, torch.float64)  # (B, 1|H, M, 1) or None
+            qd, kd = q.detach().double(), k.detach().double()
+            kw = kd if keep is None else kd * keep
+            qw = qd * keep if keep is not None and q.shape[-2] == k.shape[-2] else qd  # self-attention: same tokens
+            cq += torch.einsum("bhnd,bhne->hde", qw, qd)
+            ck += torch.einsum("bhnd,bhne->hde", kw, kd)
+            nk += float(kd.shape[0] * kd.shape[2]) if keep is None else float(keep.expand(kd.shape[0], 1, -1, 1).sum())
+            nq += float(qd.shape[0] * qd.shape[2]) if qw is qd else float(keep.expand(qd.shape[0], 1, -1, 1).sum())
+        if not (nq and nk):
+            return
+        with torch.no_grad():
+            for h in range(self.shape.heads):
+                root_q, inv_q = _sqrt_and_inverse(cq[h] / nq)
+                root_k, inv_k = _sqrt_and_inverse(ck[h] / nk)
+                u, s, vh = torch.linalg.svd(root_q @ root_k)
+                self.proj_q[h] = (inv_q @ u[:, :r] * s[:r].sqrt()).float()
+                self.proj_k[h] = (inv_k @ vh[:r].T * s[:r].sqrt()).float()
 
     def _select(self, q, k, mask):
         """Selected keys: indices ``(B, H, N, kc)``, which of them count (visible and within the
@@ -258,8 +313,9 @@ class SEAAttention(ConfiguredKernel):
         kc = self.k_count(m)
         ok = visible(mask, n, m, self.shape.causal, q.device)
         with torch.no_grad():
-            est = self._estimate(q, k)
-            idx = _tie_broken(self._log_rows(est, ok)).topk(kc, dim=-1).indices
+            rows = self._log_rows(self._scores(q, k), ok)
+            idx = _tie_broken(rows).topk(kc, dim=-1).indices
+            est = rows.exp()
         use = torch.ones(kc, device=q.device)
         if ok is not None:
             use = torch.gather(ok.expand(b, h, n, m), -1, idx).float()
@@ -306,6 +362,14 @@ class SEAAttention(ConfiguredKernel):
             count = (vis.sum(-1, keepdim=True) - use.sum(-1, keepdim=True)).clamp_min(1)
             out = (1 - tail) * out + tail * (vis_sum - sel_sum) / count
         return out.to(q.dtype)
+
+
+def _sqrt_and_inverse(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C^{1/2}, C^{-1/2})`` of a symmetric PSD matrix, eigenvalues floored at ``1e-6 max``
+    (a direction the data never uses gets a large but finite inverse)."""
+    e, u = torch.linalg.eigh(c)
+    e = e.clamp_min(float(e.max().clamp_min(1e-30)) * 1e-6)
+    return (u * e.sqrt()) @ u.T, (u * e.rsqrt()) @ u.T
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.fx as fx
 from ptool.errors import PassError, first_line
 from ptool.ir.graph import eliminate_dead_code
 from ptool.ir.record import record_values
-from ptool.passes.attention import convert
+from ptool.passes.attention import adapters, convert
 from ptool.passes.attention.kernel import AttentionKernel
 from ptool.passes.attention.sites import AttentionSite, find_sites
 from ptool.passes.base import Pass, PassContext, PassResult
@@ -55,8 +55,16 @@ class AttentionSwap(Pass):
             next to the attention-row cross-entropy in the transfer loss.
         distill_steps: end-to-end distillation steps against the original model (0: none).
         distill_lr: Adam learning rate of the distillation.
-        distill_params: what distillation trains: the new ``kernels`` or ``all`` parameters.
+        distill_params: what distillation trains: the new ``kernels``, ``all`` parameters, or
+            ``lora``: the kernels plus rank-``distill_rank`` adapters on the q/k/v projections feeding
+            each replaced site and the output projection reading it (LoLCATs); the adapters are
+            merged into those weights afterwards (:mod:`ptool.passes.attention.adapters`).
+        distill_rank: the adapters' rank for ``distill_params=lora``.
         distill_loss: ``mse`` or ``cosine`` between converted and original outputs.
+        distill_site_weight: weight of the layer-wise term of the distillation loss: at every
+            replaced site, ``MSE(kernel output, softmax attention output of the original model on
+            the same input) / mean(teacher^2)``, averaged over sites, added to the output loss
+            (0: outputs only). Denser signal than the final output alone.
         seed: seeds kernel initialisation and training.
     """
 
@@ -73,8 +81,10 @@ class AttentionSwap(Pass):
     transfer_mse_weight: float = 1.0
     distill_steps: int = 0
     distill_lr: float = 1e-3
-    distill_params: Literal["kernels", "all"] = "kernels"
+    distill_params: Literal["kernels", "all", "lora"] = "kernels"
+    distill_rank: int = 8
     distill_loss: Literal["mse", "cosine"] = "mse"
+    distill_site_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,6 +96,10 @@ class AttentionSwap(Pass):
             raise ValueError("transfer_lr and distill_lr must be > 0")
         if not self.transfer_mse_weight >= 0:  # a negative weight would train the values away from the teacher
             raise ValueError(f"transfer_mse_weight must be >= 0, got {self.transfer_mse_weight}")
+        if not self.distill_site_weight >= 0:
+            raise ValueError(f"distill_site_weight must be >= 0, got {self.distill_site_weight}")
+        if self.distill_rank < 1:
+            raise ValueError(f"distill_rank must be >= 1, got {self.distill_rank}")
 
     def build_kernel(self, site: AttentionSite, position: int, selected: int) -> AttentionKernel:
         """The kernel for ``site`` (``position``-th of ``selected`` sites being replaced).
@@ -126,9 +140,9 @@ class AttentionSwap(Pass):
             return result
 
         has_params = any(k.trainable for k in kernels.values())
-        distills = self.distill_steps > 0 and (has_params or self.distill_params == "all")
+        distills = self.distill_steps > 0 and (has_params or self.distill_params != "kernels")
         calls = self._calls(ctx) if (has_params and self.transfer_steps > 0) or distills else []
-        teacher = None
+        teacher = data = None
         if calls:
             data = self._record(gm, chosen, calls)
             result.notes.update(convert.transfer(kernels, data, steps=self.transfer_steps, lr=self.transfer_lr,
@@ -136,22 +150,54 @@ class AttentionSwap(Pass):
             if distills:
                 teacher = teacher_outputs(gm, calls)
 
+        linears = []  # the q/k/v/o projections of the replaced sites (for distill_params=lora)
         for site in chosen:
-            self._rewire(gm, site, kernels[site.index])
+            for node in (site.q, site.k if site.k is not None else site.k_transposed, site.v):
+                linears.append(adapters.input_projection(node))
+            new = self._rewire(gm, site, kernels[site.index])
+            linears.append(adapters.output_projection(new))
             result.hit()
         eliminate_dead_code(gm)
         gm.recompile()
         if teacher is not None:
-            params = ([p for k in kernels.values() for p in k.parameters()] if self.distill_params == "kernels"
-                      else list(dict.fromkeys(gm.parameters())))
-            if params:
-                result.notes.update(convert.distill(gm, params, calls, teacher, steps=self.distill_steps,
-                                                    lr=self.distill_lr, loss=self.distill_loss))
+            self._distill(gm, kernels, calls, teacher, data, [n for n in linears if n is not None],
+                          missing=sum(n is None for n in linears), result=result)
         result.notes["kernel"] = type(next(iter(kernels.values()))).__name__
         result.notes["trainable_parameters"] = sum(p.numel() for k in kernels.values() for p in k.parameters())
         return result
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _distill(self, gm: fx.GraphModule, kernels: dict[int, AttentionKernel], calls, teacher, data,
+                 linears: list[fx.Node], *, missing: int, result: PassResult) -> None:
+        kernel_params = [p for k in kernels.values() for p in k.parameters()
+                         if getattr(k, "output_trains_parameters", True)]
+        attached = []
+        if self.distill_params == "kernels":
+            params = kernel_params
+            if not params:  # e.g. SEA: its estimator only learns through the transfer's row KL
+                result.notes["distill_skipped"] = ("the kernels' parameters get no gradient through their outputs; "
+                                                   "use distill_params=lora or all")
+        elif self.distill_params == "all":
+            params = list(dict.fromkeys(gm.parameters()))
+        else:
+            attached = adapters.attach_adapters(gm, linears, self.distill_rank, seed=self.seed)
+            params = kernel_params + [p for a in attached for p in gm.get_submodule(a.name).parameters()]
+            result.notes["lora_adapters"] = len(attached)
+            if missing:
+                result.notes["lora_projections_not_found"] = missing
+        if not params:
+            return
+        sites = None
+        if self.distill_site_weight > 0:  # the original model's attention output at each site, per call
+            sites = {i: [convert.softmax_output(b, kernels[i].shape) for b in data[i]] for i in kernels}
+        try:
+            result.notes.update(convert.distill(gm, params, calls, teacher, steps=self.distill_steps,
+                                                lr=self.distill_lr, loss=self.distill_loss, kernels=kernels,
+                                                site_outputs=sites, site_weight=self.distill_site_weight))
+        finally:
+            if attached:
+                adapters.merge_adapters(gm, attached)
 
     def _calls(self, ctx: PassContext) -> list[tuple[tuple, dict]]:
         if not ctx.calibration and not ctx.calibration_calls:
@@ -184,7 +230,7 @@ class AttentionSwap(Pass):
         return data
 
     @staticmethod
-    def _rewire(gm: fx.GraphModule, site: AttentionSite, kernel: AttentionKernel) -> None:
+    def _rewire(gm: fx.GraphModule, site: AttentionSite, kernel: AttentionKernel) -> fx.Node:
         name = f"ptool_attention_{site.index}"
         while hasattr(gm, name):
             name += "_"
@@ -199,3 +245,4 @@ class AttentionSwap(Pass):
         for node in site.nodes:  # the site's own nodes, consumer first
             if not node.users:
                 graph.erase_node(node)
+        return new

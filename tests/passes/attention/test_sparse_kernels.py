@@ -212,10 +212,12 @@ def _recall(kern, teacher, q, k) -> float:
         return float((teacher * (kern.attention_weights(q, k) > 0)).sum(-1).mean())
 
 
+@pytest.mark.parametrize("estimator", [{"estimator": "features"}, {"estimator": "lowrank", "feature_dim": 3}],
+                         ids=["features", "lowrank"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_sea_estimator_learns_by_kl_distillation(causal):
+def test_sea_estimator_learns_by_kl_distillation(causal, estimator):
     q, k, v = (2 * t for t in _qkv(seed=1))  # logit std ~2.8: peaked teacher rows
-    kern = _kernel("sea", causal, q, k, v, tail="drop")
+    kern = _kernel("sea", causal, q, k, v, tail="drop", **estimator)
     teacher = softmax_weights(q, k, None, kern.shape.scale, causal)
     before = _recall(kern, teacher, q, k)
     opt = torch.optim.Adam(kern.parameters(), lr=1e-2)
@@ -226,7 +228,9 @@ def test_sea_estimator_learns_by_kl_distillation(causal):
         opt.step()
     after = _recall(kern, teacher, q, k)
     best = _recall(_kernel("topk", causal, q, k, v, tail="drop"), teacher, q, k)  # exact top-k: the ceiling
-    assert after - before >= 0.5 * (best - before), (before, after, best)  # measured: .78 -> .88 of .96
+    # measured: features .78 -> .88 of .96; lowrank (rank 3 of 8 isotropic dims, which caps it) .67 -> .81
+    share = 0.5 if estimator["estimator"] == "features" else 0.4
+    assert after - before >= share * (best - before), (before, after, best)
 
 
 def test_sea_gradients_reach_the_estimator_only_through_estimate_logits():
@@ -303,3 +307,57 @@ def test_sea_tail_mean_rows_are_distributions_and_forward_agrees(causal):
     torch.testing.assert_close(w.sum(-1)[rows], torch.ones_like(w.sum(-1)[rows]), atol=1e-5, rtol=0)
     assert (w[~visible] == 0).all()
     torch.testing.assert_close(kern(q, k, v, mask), w @ v, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "full"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_sea_features_estimator_matches_dense_reference(causal, mask_kind):
+    q, k, v = _qkv()
+    kern = _kernel("sea", causal, q, k, v, tail="drop", estimator="features")
+    assert kern.proj_q.shape == (H, D, 8)  # max(8, D // 4) features per sign
+    mask = _masks(N, causal)[mask_kind]
+    visible = _visible(mask, _pattern("sea", causal, N))
+    visible = visible & _topk_set(kern.estimate_logits(q, k, mask).detach(), visible, kern.k_count(N), share=kern.k)
+    torch.testing.assert_close(kern(q, k, v, mask), _reference(q, k, v, visible, kern.shape.scale), atol=1e-5, rtol=0)
+
+
+def test_sea_lowrank_default_rank_is_a_quarter_of_the_head_from_32():
+    for d, r in ((8, 8), (16, 8), (32, 8), (64, 16), (128, 32)):
+        q = torch.zeros(1, 2, 4, d)
+        assert SEAAttention(SiteShape.of(q, q, q)).proj_q.shape == (2, d, r)
+    with pytest.raises(ValueError, match="estimator"):
+        SEAAttention(SiteShape.of(q, q, q), estimator="performer")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_sea_lowrank_fit_is_exact_when_queries_and_keys_span_rank_r(causal):
+    g = torch.Generator().manual_seed(7)
+    basis_q, basis_k = torch.randn(3, D, generator=g), torch.randn(3, D, generator=g)
+    batches = []
+    for _ in range(3):  # q, k of rank 3 (different subspaces), random padding
+        q = torch.randn(B, H, N, 3, generator=g) @ basis_q
+        k = torch.randn(B, H, N, 3, generator=g) @ basis_k
+        batches.append((q, k, torch.randn(B, H, N, D, generator=g), _masks(N, causal)["bool"]))
+    q, k, v, mask = batches[0]
+    kern = _kernel("sea", causal, q, k, v, feature_dim=3)
+    before = kern.estimate_logits(q, k, mask).detach()
+    kern.fit_batches(batches)
+    for q, k, _, mask in batches:
+        exact = (q @ k.transpose(-1, -2) * kern.shape.scale).masked_fill(~_visible(mask, _pattern("sea", causal, N)),
+                                                                        -math.inf).log_softmax(-1)
+        got = kern.estimate_logits(q, k, mask).detach()
+        real = exact > -math.inf
+        torch.testing.assert_close(got[real], exact[real], atol=2e-3, rtol=0)  # rank 3 of 8 recovers the scores
+    assert not torch.allclose(before, kern.estimate_logits(*batches[0][:2], batches[0][3]).detach(), atol=1e-2)
+
+
+def test_sea_lowrank_transfer_fits_on_every_calibration_batch():
+    from ptool.passes.attention import convert
+
+    q, k, v = _qkv()
+    kern = _kernel("sea", False, q, k, v, feature_dim=3)
+    seen = []
+    kern.fit_batches = lambda batches: seen.append(len(batches))
+    data = [(q, k, v, None)] * 3
+    notes = convert.transfer({0: kern}, {0: data}, steps=1, lr=1e-3)
+    assert seen == [3] and notes["fitted"] == [0]
