@@ -8,7 +8,7 @@ weights, eval mode, random token ids, full mask. All candidates are timed round-
 process (``ptool.benchmark.measure_interleaved``); the default-pipeline builds are so slow that
 they get only a few calls, spread over the rounds. torch runs with its default threads; TVM with
 all cores. Fidelity: max abs error and cosine of ``last_hidden_state`` vs torch eager. The
-per-kernel table splits TVM+schedules' time by PrimFunc (VM instrument, summed over calls).
+per-kernel table splits TVM+schedules' time by PrimFunc (VM instrument, median over calls).
 
     .venv/bin/python tools/bench_tvm.py [--models minilm bert-base] [--repeat 20] [--no-default]
                                         [--omp-wait-policy passive]
@@ -17,7 +17,6 @@ per-kernel table splits TVM+schedules' time by PrimFunc (VM instrument, summed o
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import pathlib
 import sys
@@ -66,26 +65,11 @@ def kernel_profile(compiled, args, calls: int = 3) -> list[tuple[str, float]]:
     """(PrimFunc or VM builtin, ms per model call), slowest first, from the Relax VM's instrument."""
     import tvm
 
+    from ptool.backends.tvm_tuning import profile_kernels
+
     vm = compiled._keepalive[1]  # the Relax VM the backend built (a tool may peek)
-    spent: dict[str, float] = collections.defaultdict(float)
-    started: dict[str, float] = {}
-
-    def instrument(_func, symbol, before_run, _ret, *_args):
-        now = time.perf_counter()
-        if before_run:
-            started[symbol] = now
-        else:
-            spent[symbol] += now - started[symbol]
-        return 0
-
-    tvm_args = [tvm.runtime.tensor(a.numpy()) for a in args]
-    vm.set_instrument(instrument)
-    try:
-        for _ in range(calls):
-            vm["main"](*tvm_args)
-    finally:
-        vm.set_instrument(lambda *a: 0)
-    return sorted(((k, 1e3 * v / calls) for k, v in spent.items()), key=lambda kv: -kv[1])
+    times = profile_kernels(vm, [tvm.runtime.tensor(a.numpy()) for a in args], calls)
+    return sorted(times.items(), key=lambda kv: -kv[1])
 
 
 def bench_model(key: str, repeat: int, with_default: bool) -> dict:

@@ -149,6 +149,7 @@ def main() -> None:
                                                          "distill_steps": a.distill_steps,
                                                          "calibration_batches": a.calibration_batches,
                                                          "calibration_form": a.calibration_form,
+                                                         "distill_only": a.distill_only,
                                                          **({"recipes": recipes} if recipes else {})}))
     else:
         print(md)
@@ -176,7 +177,8 @@ def run_recipes(a) -> None:
         raise SystemExit("run tools/eval_attention.py without --recipes first (the variant table)")
     kept = argparse.Namespace(**{**vars(a), "transfer_steps": earlier.get("transfer_steps", a.transfer_steps),
                                  "distill_steps": earlier.get("distill_steps", a.distill_steps),
-                                 "calibration_batches": earlier.get("calibration_batches", a.calibration_batches)})
+                                 "calibration_batches": earlier.get("calibration_batches", a.calibration_batches),
+                                 "distill_only": earlier.get("distill_only", a.distill_only)})
     md = markdown(earlier["rows"], kept, {**earlier.get("recipes", {}), **results})
     if a.no_write:
         print(md)

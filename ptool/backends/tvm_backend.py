@@ -70,9 +70,9 @@ class Options:
         opset: ONNX opset for the ``onnx`` frontend's export.
         dynamic_shapes: as in ``torch.export.export`` (only for modules not yet captured).
         tune_trials: MetaSchedule trials in all (0: no tuning, the default schedules), split evenly
-            over the heavy kernels (matmul, batched matmul, conv2d); ptool's own schedule of each
-            is measured too and kept where MetaSchedule found nothing faster
-            (:mod:`ptool.backends.tvm_tuning`). The database is kept in ``tuning_dir``, so a second
+            over the kernels with a reduction (matmul, batched matmul, conv2d, softmax, layer
+            norm); per kernel, the faster in the model of MetaSchedule's best and ptool's own
+            schedule is kept (:mod:`ptool.backends.tvm_tuning`). The database is kept in ``tuning_dir``, so a second
             build of the same model for the same target reuses it instead of tuning again.
         tuning_dir: where the MetaSchedule database lives (None: ``~/.cache/ptool/tvm-tuning/<key>``,
             the key hashing the Relax module and the target).
@@ -102,19 +102,30 @@ def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any
     return [{}] + ([{"tune_trials": tvm_trials}] if tvm_trials > 0 else [])
 
 
-def _metaschedule_build(mod: Any, target: Any, opts: Options) -> tuple[Any, dict[str, Any]]:
+def _metaschedule_build(mod: Any, target: Any, opts: Options, inputs: list[torch.Tensor]) -> tuple[Any, dict[str, Any]]:
     """Tune ``mod``'s heavy kernels with MetaSchedule (or reuse the database in ``tuning_dir``),
-    then build it with the database applied and ptool's rules for the rest
-    (:mod:`ptool.backends.tvm_tuning`). Returns the executable and facts for ``info``."""
+    keep per kernel whichever of MetaSchedule's and ptool's schedules runs faster in the model
+    (timed on ``inputs``), and build with those (:mod:`ptool.backends.tvm_tuning`). Returns the
+    executable and facts for ``info``."""
     import tvm
+    from tvm import relax
 
     from ptool.backends import tvm_tuning
 
     work_dir, key = tvm_tuning.database_dir(mod, target, opts.tuning_dir)
     legalized = tvm.transform.Sequential(_front_passes(target, opts))(mod)
     facts = tvm_tuning.tune(legalized, target, opts.tune_trials, work_dir, key)
+    if not tvm_tuning.is_chosen(work_dir, key):
+        dev = tvm.cpu()
+        args = [_to_tvm(t, dev) for t in inputs]
+        vms = {name: relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=_pipeline(
+                   target, opts, database=database)), dev) for name, database in (("tuned", work_dir), ("ptool", None))}
+        timed = tvm_tuning.profile_interleaved(vms, args)
+        del vms
+        facts = tvm_tuning.choose(legalized, target, work_dir, key, facts, timed["tuned"], timed["ptool"])
     del legalized
-    return tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, opts, database=work_dir)), facts
+    database = tvm_tuning.chosen_dir(work_dir, key)
+    return tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, opts, database=database)), facts
 
 
 def host_cpu() -> str:
@@ -372,7 +383,10 @@ def _build(example: ExampleCall, opts: Options, frontend: str) -> tuple[Any, dic
     try:
         with _quiet(), target:
             if opts.tune_trials > 0:
-                executable, tuning = _metaschedule_build(mod, target, opts)
+                executable, tuning = _metaschedule_build(
+                    mod, target, opts, [cast_input(n, t, dtype) for n, (dtype, _), t in zip(
+                        example.inputs.names, [(getattr(torch, d), s) for d, s in specs],
+                        example.inputs.flatten(example.args, example.kwargs))])
             else:
                 executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, opts))
     except Exception as e:

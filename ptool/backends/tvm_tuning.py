@@ -5,13 +5,19 @@ and gathers included, and drops ptool's schedules for the build. Here:
 
 1. The model is legalized and fused exactly as the untuned build does it, and MetaSchedule's
    tasks are extracted from it (``relax_integration.extract_tasks``).
-2. Only the kernels ptool's :class:`~ptool.backends.tvm_schedules.MatmulRule` takes (matmul,
-   dense, batched matmul, conv2d with their fused epilogues: nearly all the time of a
-   transformer) are tuned, the trial budget split evenly between them.
-3. ptool's schedule for each of those kernels is measured with the same builder and runner and
-   committed to the database as one more record, so applying the database picks, per kernel,
-   whichever is faster: a tuned build is never slower than the untuned one kernel by kernel.
-4. The build applies the database, then ptool's rules schedule everything it does not cover.
+2. Only the kernels with a reduction are tuned: those ptool's
+   :class:`~ptool.backends.tvm_schedules.MatmulRule` takes (matmul, dense, batched matmul,
+   conv2d with their fused epilogues: most of the time of a transformer) and the row reductions
+   (softmax, layer norm, GEMV); the trial budget is split evenly between them.
+3. ptool's schedule of each of those kernels is built and timed by the same builder and runner,
+   for the report.
+4. The choice is made where it matters, in the model: the model is built once with every
+   tuned kernel and once with ptool's, both are run on the example inputs under the Relax VM's
+   instrument, and per kernel the faster one is kept (a kernel timed alone, with warm caches
+   and nothing else running, can rank differently from the same kernel inside the model).
+   The chosen records go to a small database of their own; the build applies it, and ptool's
+   rules schedule everything else. A tuned build is thus never slower than the untuned one
+   kernel by kernel, as measured in the model.
 
 The database (MetaSchedule's JSON files) lives in a folder keyed by the module and the target; a
 marker there records the trials spent, so a second build with no more trials reuses it without
@@ -31,6 +37,7 @@ import hashlib
 import io
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,24 +49,31 @@ RUNNER_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True)
 class KernelTuning:
-    """One tuned kernel: MetaSchedule's best against ptool's schedule (microseconds)."""
+    """One tuned kernel: ptool's schedule against MetaSchedule's best, timed alone by
+    MetaSchedule's runner (µs per call) and inside the model (ms per forward, all calls)."""
 
     name: str
     weight: int
     ptool_us: float | None
     tuned_us: float | None
+    ptool_model_ms: float | None = None
+    tuned_model_ms: float | None = None
 
     @property
     def winner(self) -> str:
-        if self.tuned_us is None:
+        """The faster in the model when it was timed there, else alone; ptool on a tie."""
+        ptool, tuned = ((self.ptool_model_ms, self.tuned_model_ms) if self.tuned_model_ms is not None
+                        else (self.ptool_us, self.tuned_us))
+        if tuned is None:
             return "ptool"
-        if self.ptool_us is None:
+        if ptool is None:
             return "metaschedule"
-        return "metaschedule" if self.tuned_us < self.ptool_us else "ptool"
+        return "metaschedule" if tuned < ptool else "ptool"
 
     def as_dict(self) -> dict[str, Any]:
         return {"kernel": self.name, "calls": self.weight, "ptool_us": self.ptool_us,
-                "metaschedule_us": self.tuned_us, "chosen": self.winner}
+                "metaschedule_us": self.tuned_us, "ptool_model_ms": self.ptool_model_ms,
+                "metaschedule_model_ms": self.tuned_model_ms, "chosen": self.winner}
 
 
 def database_dir(mod: Any, target: Any, tuning_dir: str | None) -> tuple[Path, str]:
@@ -76,7 +90,8 @@ def tune(legalized: Any, target: Any, trials: int, work_dir: Path, key: str,
     """Tune ``legalized``'s heavy kernels into ``work_dir`` (or reuse it); facts for the report.
 
     ``trials`` is the total budget; a database already holding that many trials for this module
-    (``key``) is reused as it is.
+    (``key``) is reused as it is, and one holding fewer is tuned on for the difference (the
+    search starts from what the database holds).
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -94,7 +109,7 @@ def tune(legalized: Any, target: Any, trials: int, work_dir: Path, key: str,
             facts.update(kernels=made["kernels"], tuned_with_seconds=made["tuning_seconds"])
         return facts
     t0 = time.perf_counter()
-    per_task = max(1, math.ceil(trials / len(tasks)))
+    per_task = max(1, math.ceil((trials - done) / len(tasks)))
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     builder = ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_S, f_build=build_candidate)
     runner = ms.runner.LocalRunner(timeout_sec=RUNNER_TIMEOUT_S)
@@ -108,13 +123,100 @@ def tune(legalized: Any, target: Any, trials: int, work_dir: Path, key: str,
             num_trials_per_iter=min(32, per_task), builder=builder, runner=runner,
             database=database, measure_callbacks=ms.measure_callback.MeasureCallback.create("default")
             + [bar.callback()])
-    kernels = _commit_baselines(tasks, database, builder, runner, target)
+    kernels = _measure_baselines(tasks, database, builder, runner, target)
     facts.update(tuning_reused=False, tuning_seconds=round(time.perf_counter() - t0, 1),
                  kernels=[k.as_dict() for k in kernels])
-    summary.write_text(json.dumps({"trials": trials, "tuning_seconds": facts["tuning_seconds"],
-                                   "kernels": facts["kernels"]}, indent=1))
+    earlier = json.loads(summary.read_text()).get("tuning_seconds", 0.0) if summary.is_file() else 0.0
+    summary.write_text(json.dumps({"trials": trials, "tuning_seconds": round(earlier + facts["tuning_seconds"], 1),
+                                   "kernels": facts["kernels"]}, indent=1))  # no in-model choice yet
     marker.write_text(str(trials))
     return facts
+
+
+def chosen_dir(work_dir: Path, key: str) -> Path:
+    """The database of the kernels kept after the in-model comparison (step 4)."""
+    return work_dir / f"chosen_{key}"
+
+
+def choose(legalized: Any, target: Any, work_dir: Path, key: str, facts: dict[str, Any],
+           tuned_ms: dict[str, float], ptool_ms: dict[str, float]) -> dict[str, Any]:
+    """Keep, per tuned kernel, the schedule that was faster in the model (``*_ms``: ms per
+    forward per kernel, from :func:`profile_kernels` of the two builds); write them to
+    :func:`chosen_dir` and the comparison to the summary. Returns the updated facts."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tuning = ms.database.JSONDatabase(work_dir=str(work_dir))
+    shutil.rmtree(chosen_dir(work_dir, key), ignore_errors=True)  # a choice made before more tuning
+    chosen_dir(work_dir, key).mkdir(parents=True)
+    chosen = ms.database.JSONDatabase(work_dir=str(chosen_dir(work_dir, key)))
+    alone = {k["kernel"]: k for k in facts.get("kernels", [])}
+    kernels = []
+    for task, _ in _heavy_tasks(legalized, target):
+        name = task.task_name
+        k = KernelTuning(name, int(task.weight), alone.get(name, {}).get("ptool_us"),
+                         alone.get(name, {}).get("metaschedule_us"), ptool_ms.get(name), tuned_ms.get(name))
+        best = tuning.get_top_k(tuning.commit_workload(task.dispatched[0]), 1)
+        if k.winner == "metaschedule" and best:
+            rec = best[0]
+            chosen.commit_tuning_record(ms.database.TuningRecord(
+                rec.trace, chosen.commit_workload(task.dispatched[0]), run_secs=rec.run_secs,
+                target=target, args_info=rec.args_info))
+        kernels.append(k.as_dict())
+    facts = {**facts, "kernels": kernels}
+    summary = work_dir / f"ptool_kernels_{key}.json"
+    made = json.loads(summary.read_text()) if summary.is_file() else {}
+    summary.write_text(json.dumps({**made, "kernels": kernels, "chosen_in_model": True}, indent=1))
+    return facts
+
+
+def is_chosen(work_dir: Path, key: str) -> bool:
+    """Whether the in-model choice was made for this database (a rebuild reuses it)."""
+    summary = work_dir / f"ptool_kernels_{key}.json"
+    return summary.is_file() and bool(json.loads(summary.read_text()).get("chosen_in_model"))
+
+
+def profile_interleaved(vms: dict[str, Any], args: list[Any], rounds: int = 3,
+                        calls: int = 5) -> dict[str, dict[str, float]]:
+    """:func:`profile_kernels` of several VMs in turn, ``rounds`` times (so a slow moment of the
+    machine hits them all alike); per VM and kernel, the median over rounds."""
+    import statistics
+
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in vms}
+    for _ in range(rounds):
+        for name, vm in vms.items():
+            samples[name].append(profile_kernels(vm, args, calls))
+    return {name: {kernel: round(statistics.median(r.get(kernel, 0.0) for r in runs), 4) for kernel in runs[0]}
+            for name, runs in samples.items()}
+
+
+def profile_kernels(vm: Any, args: list[Any], calls: int = 10) -> dict[str, float]:
+    """ms per call of the model spent in each PrimFunc (and VM builtin), from the Relax VM's
+    instrument: the median of ``calls`` model calls (after one warm-up)."""
+    import statistics
+
+    per_call: dict[str, list[float]] = {}
+    spent: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def instrument(_func: Any, symbol: str, before_run: bool, _ret: Any, *_args: Any) -> int:
+        now = time.perf_counter()
+        if before_run:
+            started[symbol] = now
+        else:
+            spent[symbol] = spent.get(symbol, 0.0) + now - started[symbol]
+        return 0
+
+    vm["main"](*args)
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(calls):
+            spent.clear()
+            vm["main"](*args)
+            for name, seconds in spent.items():
+                per_call.setdefault(name, []).append(1e3 * seconds)
+    finally:
+        vm.set_instrument(lambda *a: 0)
+    return {name: round(statistics.median(v), 4) for name, v in per_call.items()}
 
 
 def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
@@ -140,43 +242,45 @@ def apply_database_pass(work_dir: Path) -> Any:
 
 
 def _heavy_tasks(legalized: Any, target: Any) -> list[tuple[Any, Any]]:
-    """(MetaSchedule task, ptool's schedule of it) for every kernel ptool's MatmulRule takes."""
+    """(MetaSchedule task, ptool's schedule of it) for every kernel with a reduction that ptool's
+    rules schedule: matmul / batched matmul / conv2d (MatmulRule) and the row reductions
+    (softmax, layer norm, GEMV: dlight's rules). Elementwise and layout kernels are left out."""
+    from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-    from ptool.backends.tvm_schedules import MatmulRule, _try_rule
+    from ptool.backends.tvm_schedules import _first_schedule, default_rules
 
-    rule = MatmulRule()
+    rules = default_rules()
     chosen = []
     with target:
         for task in ms.relax_integration.extract_tasks(legalized, target):
             func = task.dispatched[0]["main"]
-            sch = _try_rule(rule, func, target)
+            infos = normalize_prim_func(s_tir.Schedule(func))
+            if not infos or all(info.is_injective() for info in infos):
+                continue
+            sch = _first_schedule(func, target, rules)
             if sch is not None:
-                chosen.append((task, sch[0] if isinstance(sch, list) else sch))
+                chosen.append((task, sch))
     return chosen
 
 
-def _commit_baselines(tasks: list[tuple[Any, Any]], database: Any, builder: Any, runner: Any,
-                      target: Any) -> list[KernelTuning]:
-    """Measure ptool's schedule of every task like any candidate (one builder batch, one runner
-    batch) and commit each to ``database`` next to MetaSchedule's records."""
+def _measure_baselines(tasks: list[tuple[Any, Any]], database: Any, builder: Any, runner: Any,
+                       target: Any) -> list[KernelTuning]:
+    """ptool's schedule of every task timed alone like any candidate (one builder batch, one
+    runner batch), next to MetaSchedule's best record."""
     from tvm.s_tir import meta_schedule as ms
 
-    workloads = [database.commit_workload(task.dispatched[0]) for task, _ in tasks]
-    tuned = [database.get_top_k(w, 1) for w in workloads]
+    tuned = [database.get_top_k(database.commit_workload(task.dispatched[0]), 1) for task, _ in tasks]
     args = [ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"]) for task, _ in tasks]
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in tasks])
     ran = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", a)
                       for b, a in zip(built, args) if b.error_msg is None])
     results = iter(r.result() for r in ran)
     kernels = []
-    for (task, sch), workload, best, b, a in zip(tasks, workloads, tuned, built, args):
+    for (task, _), best, b in zip(tasks, tuned, built):
         result = next(results) if b.error_msg is None else None
-        ptool_us = None
-        if result is not None and result.error_msg is None:
-            ptool_us = _mean_us(result.run_secs)
-            database.commit_tuning_record(ms.database.TuningRecord(
-                sch.trace, workload, run_secs=result.run_secs, target=target, args_info=a))
+        ptool_us = _mean_us(result.run_secs) if result is not None and result.error_msg is None else None
         kernels.append(KernelTuning(task.task_name, int(task.weight), ptool_us,
                                     _mean_us(best[0].run_secs) if best else None))
     return kernels
