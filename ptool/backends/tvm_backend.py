@@ -114,7 +114,9 @@ def _metaschedule_build(mod: Any, target: Any, opts: Options, inputs: list[torch
 
     work_dir, key = tvm_tuning.database_dir(mod, target, opts.tuning_dir)
     legalized = tvm.transform.Sequential(_front_passes(target, opts))(mod)
-    facts = tvm_tuning.tune(legalized, target, opts.tune_trials, work_dir, key)
+    tasks = tvm_tuning.heavy_tasks(legalized, target)  # extracted once, for tuning and the choice
+    del legalized
+    facts = tvm_tuning.tune(tasks, target, opts.tune_trials, work_dir, key)
     if not tvm_tuning.is_chosen(work_dir, key):
         dev = tvm.cpu()
         args = [_to_tvm(t, dev) for t in inputs]
@@ -122,8 +124,7 @@ def _metaschedule_build(mod: Any, target: Any, opts: Options, inputs: list[torch
                    target, opts, database=database)), dev) for name, database in (("tuned", work_dir), ("ptool", None))}
         timed = tvm_tuning.profile_interleaved(vms, args)
         del vms
-        facts = tvm_tuning.choose(legalized, target, work_dir, key, facts, timed["tuned"], timed["ptool"])
-    del legalized
+        facts = tvm_tuning.choose(tasks, target, work_dir, key, facts, timed["tuned"], timed["ptool"])
     database = tvm_tuning.chosen_dir(work_dir, key)
     return tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, opts, database=database)), facts
 

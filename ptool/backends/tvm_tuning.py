@@ -85,9 +85,9 @@ def database_dir(mod: Any, target: Any, tuning_dir: str | None) -> tuple[Path, s
     return root, key
 
 
-def tune(legalized: Any, target: Any, trials: int, work_dir: Path, key: str,
+def tune(tasks: list[tuple[Any, Any]], target: Any, trials: int, work_dir: Path, key: str,
          progress: bool = True) -> dict[str, Any]:
-    """Tune ``legalized``'s heavy kernels into ``work_dir`` (or reuse it); facts for the report.
+    """Tune ``tasks`` (from :func:`heavy_tasks`) into ``work_dir`` (or reuse it); facts for the report.
 
     ``trials`` is the total budget; a database already holding that many trials for this module
     (``key``) is reused as it is, and one holding fewer is tuned on for the difference (the
@@ -99,7 +99,6 @@ def tune(legalized: Any, target: Any, trials: int, work_dir: Path, key: str,
     marker = work_dir / f"ptool_trials_{key}.txt"  # per module: a shared folder never passes one
     # model's database off as another's
     done = int(marker.read_text()) if marker.is_file() and marker.read_text().strip().isdigit() else 0
-    tasks = _heavy_tasks(legalized, target)
     facts: dict[str, Any] = {"tune_trials": trials, "tuning_dir": str(work_dir), "tuned_kernels": len(tasks)}
     summary = work_dir / f"ptool_kernels_{key}.json"
     if done >= trials or not tasks:
@@ -138,7 +137,7 @@ def chosen_dir(work_dir: Path, key: str) -> Path:
     return work_dir / f"chosen_{key}"
 
 
-def choose(legalized: Any, target: Any, work_dir: Path, key: str, facts: dict[str, Any],
+def choose(tasks: list[tuple[Any, Any]], target: Any, work_dir: Path, key: str, facts: dict[str, Any],
            tuned_ms: dict[str, float], ptool_ms: dict[str, float]) -> dict[str, Any]:
     """Keep, per tuned kernel, the schedule that was faster in the model (``*_ms``: ms per
     forward per kernel, from :func:`profile_kernels` of the two builds); write them to
@@ -151,7 +150,7 @@ def choose(legalized: Any, target: Any, work_dir: Path, key: str, facts: dict[st
     chosen = ms.database.JSONDatabase(work_dir=str(chosen_dir(work_dir, key)))
     alone = {k["kernel"]: k for k in facts.get("kernels", [])}
     kernels = []
-    for task, _ in _heavy_tasks(legalized, target):
+    for task, _ in tasks:
         name = task.task_name
         k = KernelTuning(name, int(task.weight), alone.get(name, {}).get("ptool_us"),
                          alone.get(name, {}).get("metaschedule_us"), ptool_ms.get(name), tuned_ms.get(name))
@@ -241,7 +240,7 @@ def apply_database_pass(work_dir: Path) -> Any:
     return _apply
 
 
-def _heavy_tasks(legalized: Any, target: Any) -> list[tuple[Any, Any]]:
+def heavy_tasks(legalized: Any, target: Any) -> list[tuple[Any, Any]]:
     """(MetaSchedule task, ptool's schedule of it) for every kernel with a reduction that ptool's
     rules schedule: matmul / batched matmul / conv2d (MatmulRule) and the row reductions
     (softmax, layer norm, GEMV: dlight's rules). Elementwise and layout kernels are left out."""
