@@ -212,6 +212,7 @@ def measure_interleaved(
     max_repeat: int | None = None,
     inputs: Mapping[str, tuple[Sequence[Any], Mapping[str, Any]]] | None = None,
     on_round: Callable[[int, int], None] | None = None,
+    settle: int = 0,
 ) -> dict[str, Timing]:
     """Time several candidates side by side, one call of each per round (round-robin).
 
@@ -230,6 +231,11 @@ def measure_interleaved(
         max_repeat: ... but at most this many calls per candidate (default ``max(repeat, 1000)``).
         inputs: optional name -> ``(args, kwargs)`` for candidates that take other inputs.
         on_round: called as ``on_round(done, total)`` after each round (progress display).
+        settle: untimed calls of a candidate right before each of its timed calls. Runtimes keep
+            their worker threads spinning for a while after a call (TVM's pool, OpenMP); on a
+            small machine those spinners steal cores from the next candidate. Measured on
+            MiniLM, 2 cores, torch eager then TVM in turn: 44 / 33 ms with 0, 31 / 20 ms with 1
+            (each alone: 31-46 / 19-22 ms). Use 1 when the candidates run on different runtimes.
 
     Returns:
         name -> :class:`Timing`, in the order of ``candidates``.
@@ -267,6 +273,8 @@ def measure_interleaved(
             for name in active:
                 fn = candidates[name]
                 a, k = calls[name]
+                for _ in range(settle):
+                    fn(*a, **k)
                 t0 = time.perf_counter_ns()
                 fn(*a, **k)
                 dt = (time.perf_counter_ns() - t0) / 1e9
@@ -355,13 +363,15 @@ def compare_candidates(
     repeat: int = DEFAULT_REPEAT,
     max_seconds: float | None = None,
     on_round: Callable[[int, int], None] | None = None,
+    settle: int = 1,
 ) -> list[ComparisonRow]:
     """Check and time ``candidates`` side by side; the first one is the baseline.
 
     1. Fidelity: every candidate runs on the benchmark call plus ``check_inputs``; its outputs are
        compared with the baseline's (:func:`ptool.verify.compare_many`).
     2. Budget: one timed call per candidate sets its repeat count (:func:`plan_repeats`).
-    3. Timing: :func:`measure_interleaved`, round-robin; speedup = baseline median / median.
+    3. Timing: :func:`measure_interleaved`, round-robin, each timed call after ``settle``
+       untimed ones (candidates run on different runtimes); speedup = baseline median / median.
 
     Returns:
         One :class:`ComparisonRow` per candidate, in order (the baseline's speedup is 1).
@@ -380,13 +390,14 @@ def compare_candidates(
         for c in candidates:
             outputs = [c.fn(*a, **k) for a, k in calls]
             fidelity[c.name] = compare_many(reference, outputs)
-    per_call = {c.name: measure(c.fn, args, kwargs, warmup=0, repeat=1).median_ms / 1e3 for c in candidates}
+    per_call = {c.name: (1 + settle) * measure(c.fn, args, kwargs, warmup=0, repeat=1).median_ms / 1e3
+                for c in candidates}
     counts = plan_repeats(per_call, repeat=repeat, max_seconds=max_seconds)
     # The fidelity calls above already warmed every candidate up; a slow one gets a single extra
     # warm-up call instead of ``warmup`` (its warm-up would otherwise cost more than its timing).
     warmups = {name: warmup if counts[name] >= repeat else min(warmup, 1) for name in counts}
     timings = measure_interleaved({c.name: c.fn for c in candidates}, args, kwargs, warmup=warmups,
-                                  repeat=counts, on_round=on_round)
+                                  repeat=counts, on_round=on_round, settle=settle)
     base = timings[candidates[0].name]
     return [ComparisonRow(c.name, timings[c.name], timings[c.name].ratio_to(base), fidelity[c.name],
                           c.build_seconds, c.memory_mb, c.note) for c in candidates]

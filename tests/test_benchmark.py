@@ -81,6 +81,27 @@ def test_interleaved_round_robin_and_even_spread():
     assert len(rounds_with_c) == 2 and rounds_with_c[1] - rounds_with_c[0] > 2
 
 
+def test_interleaved_settle_calls_precede_each_timed_call():
+    import time
+
+    order = []
+
+    def slow_after_switch(name):
+        def fn():
+            # the first call after another candidate is slow (its runtime's threads were busy)
+            time.sleep(0.02 if order and order[-1] != name else 0.0)
+            order.append(name)
+        return fn
+
+    fns = {name: slow_after_switch(name) for name in ("a", "b")}
+    plain = measure_interleaved(fns, warmup=0, repeat=3)
+    order.clear()
+    settled = measure_interleaved(fns, warmup=0, repeat=3, settle=1)
+    assert order == ["a", "a", "b", "b"] * 3  # one untimed call right before each timed one
+    assert plain["b"].median_ms >= 15.0  # every timed call paid the switch
+    assert settled["a"].median_ms < 10.0 and settled["b"].median_ms < 10.0  # the untimed call did
+
+
 def test_interleaved_per_candidate_inputs():
     got = {}
     measure_interleaved({"x": lambda v: got.setdefault("x", v), "y": lambda v: got.setdefault("y", v)}, (1,),

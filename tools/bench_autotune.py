@@ -96,7 +96,7 @@ def run_model(build, backends, repeat, folder):
     fns = {"autotuned winner": best.compiled, **baselines(model, call, backends)}
     per_call = {k: measure(f, call, warmup=1, repeat=1).median_ms / 1e3 for k, f in fns.items()}
     counts = plan_repeats(per_call, repeat=repeat, max_seconds=20)
-    timings = measure_interleaved(fns, call, warmup=2, repeat=counts)
+    timings = measure_interleaved(fns, call, warmup=2, repeat=counts, settle=1)
     fastest_baseline = min((t.median_ms, k) for k, t in timings.items() if k != "autotuned winner")
     return {
         "model": label, "winner": str(best.config), "winner_error": best.winner.error,
@@ -112,7 +112,7 @@ def markdown(results: list[dict]) -> str:
     lines = ["## Autotune", "",
              "`tools/bench_autotune.py`: `ptool.autotune(max_error=0.01)` (1 - cosine vs fp32 eager on held-out "
              "inputs), then the winner and the baselines timed side by side in the same process (median ms, "
-             "round-robin). Machine: 2 shared cores, so figures are noisy; ratios are within one run.", ""]
+             "round-robin, each timed call after one untimed call of the same candidate). Machine: 2 shared cores, so figures are noisy; ratios are within one run.", ""]
     for r in results:
         lines += [f"### {r['model']}", "",
                   f"- winner: {r['winner']} (error {r['winner_error']:.1e}); "

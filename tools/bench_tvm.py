@@ -101,7 +101,7 @@ def bench_model(key: str, repeat: int, with_default: bool) -> dict:
     repeats = {name: (3 if "default" in name else repeat) for name in candidates}
     warmups = {name: (1 if "default" in name else 3) for name in candidates}
     with torch.no_grad():
-        timings = measure_interleaved(candidates, args, warmup=warmups, repeat=repeats)
+        timings = measure_interleaved(candidates, args, warmup=warmups, repeat=repeats, settle=1)
     kernels = kernel_profile(builds["TVM + ptool schedules"], args)
     return {"title": title, "timings": timings, "fidelity": fidelity, "kernels": kernels}
 
@@ -110,7 +110,7 @@ def markdown(results: dict, load: tuple) -> str:
     lines = ["## TVM without tuning (`tools/bench_tvm.py`)", "",
              "Batch 1, seq 128; torch eager with its default threads "
              f"(OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), TVM 0.27 (pip, no BLAS) on all "
-             "cores, built for the host CPU. Candidates timed round-robin in one run; ratio = TVM median / "
+             "cores (one thread per core), built for the host CPU. Candidates timed round-robin in one run, each timed call after one untimed call of the same candidate (the other runtime's spinning threads go idle first); ratio = TVM median / "
              f"torch median (lower is better). Load average at start/end: {load[0]:.2f} / {load[1]:.2f} "
              "(2 cores; other work inflates every row, eager torch most).", "",
              "| model | candidate | median ms | p10 ms | p90 ms | runs | x torch eager | max abs err | cosine |",

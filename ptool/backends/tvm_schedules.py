@@ -17,10 +17,11 @@ Two Relax passes before legalization complete the picture: :func:`fast_math_pass
 exp/erf/tanh, so softmax and GELU stop calling libm per lane) and :func:`reshape_after_add_pass`
 (the residual add joins the matmul's epilogue).
 
-Measured (``tools/bench_tvm.py``, batch 1, seq 128, 2 cores, load <= 1, medians of 20 interleaved
-calls): all-MiniLM-L6-v2 41.4 ms vs torch eager 44.0 ms (0.94x; TVM's default pipeline 2165 ms,
-49x); BERT-base 266 ms vs 215 ms (1.24x; default pipeline 28.2 s, 131x). The matmul kernels run at
-~85-90 GFLOP/s and take ~80% of the time.
+Measured (``tools/bench_tvm.py``, batch 1, seq 128, 2 cores, one TVM thread per core, medians of
+20 interleaved calls): all-MiniLM-L6-v2 19.7 ms vs torch eager 29.3 ms (0.67x; TVM's default
+pipeline 2123 ms, 72x); BERT-base 136 ms vs 232 ms (0.59x; default pipeline 28.2 s, 121x). A
+128x384 @ 384x1536 matmul runs at ~190 GFLOP/s on the two cores (oneDNN through torch: ~150); the
+matmul kernels take ~80% of the time.
 """
 
 from __future__ import annotations

@@ -94,3 +94,43 @@ def test_dynamic_batch(cnn):
 def test_dlight_schedules_keep_numerics(cnn, tvm_models):
     run = tvm_models("cnn", dlight=True)
     assert run.verify().max_rel_error <= MAX_REL_ERROR
+
+
+_THREADS_SCRIPT = """
+import json, os, torch
+from ptool.backends import compile_module
+model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 512))
+x = torch.randn(256, 512)
+run = compile_module(model, "tvm", (x,), **json.loads(os.environ["OPTS"]))
+run(x)
+print(json.dumps({"threads": run.info["threads"], "usable": len(os.sched_getaffinity(0))}))
+"""
+
+
+def _tvm_threads(env_threads: str | None, **options) -> dict:
+    """Build and run a small MLP in a fresh process (TVM sizes its pool once per process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    env["OPTS"] = json.dumps(options)
+    if env_threads is not None:
+        env["TVM_NUM_THREADS"] = env_threads
+    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tvm_runs_one_thread_per_usable_core():
+    # TVM alone would size its pool to half the hardware threads (1 on this 2-core host)
+    # (TVM's own count of its pool; the process's CPU time per wall second, 1.9-2.0 measured on
+    # this idle host, is not asserted: a parallel test worker can hold the other core)
+    got = _tvm_threads(None)
+    assert got["threads"] == got["usable"]
+
+
+def test_tvm_threads_follow_the_user():
+    assert _tvm_threads("1")["threads"] == 1  # a TVM_NUM_THREADS the user set is kept
+    assert _tvm_threads("1", num_cores=2)["threads"] == 2  # the num_cores option wins over it

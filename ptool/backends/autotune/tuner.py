@@ -460,7 +460,7 @@ class _Search:
         if len(self.compiled) < 2:
             return
         by_label = {r.label: r for r in self.rows}
-        timings = measure_interleaved(self.compiled, self.args, self.kwargs, warmup=1,
+        timings = measure_interleaved(self.compiled, self.args, self.kwargs, warmup=1, settle=1,
                                       repeat={k: max(3, min(self.repeat, by_label[k].runs)) for k in self.compiled})
         for label, t in timings.items():
             self._set_timing(by_label[label], t, "run-off")
