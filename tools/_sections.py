@@ -23,3 +23,16 @@ def write_section(key: str, markdown_body: str, data: object) -> str:
     blob[key] = data
     json_path.write_text(json.dumps(blob, indent=2, default=str))
     return section
+
+
+def write_head(markdown_head: str, data: dict) -> None:
+    """Replace what precedes the first marked section of BENCHMARKS.md (``tools/bench.py``'s part)
+    and ``data``'s keys of BENCHMARKS.json; every marked section and other key is kept."""
+    md_path, json_path = ROOT / "BENCHMARKS.md", ROOT / "BENCHMARKS.json"
+    text = md_path.read_text() if md_path.exists() else ""
+    first = text.find("<!-- ")
+    sections = text[first:] if first >= 0 else ""
+    md_path.write_text(markdown_head.rstrip("\n") + "\n" + ("\n" + sections if sections else ""))
+    blob = json.loads(json_path.read_text()) if json_path.exists() else {}
+    blob.update(data)
+    json_path.write_text(json.dumps(blob, indent=2, default=str) + "\n")
