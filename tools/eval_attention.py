@@ -75,6 +75,9 @@ RECIPES = {
     "hedgehog, 64 features + LoRA distillation": (
         "linear-attention:feature_map=hedgehog,feature_dim=64,transfer_steps=300,distill_steps=300,"
         "distill_params=lora,distill_lr=0.001,distill_site_weight=1", "mixed", 0.95),
+    "hedgehog hybrid: softmax kept in site 1 (its worst fit), same recipe": (
+        "linear-attention:feature_map=hedgehog,feature_dim=64,layers=0+2+3+4+5,transfer_steps=300,distill_steps=300,"
+        "distill_params=lora,distill_lr=0.001,distill_site_weight=1", "mixed", 0.95),
 }
 
 
