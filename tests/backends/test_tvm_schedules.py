@@ -234,3 +234,25 @@ def test_long_reductions_are_k_blocked_and_exact(target):
     assert sorted(split_k.values()) == [False, True], split_k  # K=64: one block; K=512: four
     run = compile_module(model, "tvm", (x,))
     assert compare(model(x), run(x)).max_rel_error <= MAX_REL_ERROR
+
+
+def test_prime_row_counts_get_full_tiles_and_a_predicated_last_one(target):
+    # ViT's 197 tokens: no divisor in 4..2; 1-row tiles took twice as long as 4-row tiles
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from ptool.backends.tvm_schedules import MatmulRule
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(64, 128).eval(), torch.randn(1, 37, 64)
+    with target:
+        mod = tvm.transform.Sequential(cpu.legalize_passes(target))(
+            from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=False))
+    (func,) = [f for gv, f in mod.functions_items() if "matmul" in gv.name_hint]
+    script = MatmulRule().apply(func, target, False).mod["main"].script()
+    assert re.search(r"in T\.unroll\(T\.int64\(4\)\)", script), script  # 4-row tiles ...
+    assert "T.where" in script  # ... the 10th of which is cut at row 37
+    run = compile_module(model, "tvm", (x,))
+    assert compare(model(x), run(x)).max_rel_error <= MAX_REL_ERROR
+    assert compare(model(x[:, :36]), compile_module(model, "tvm", (x[:, :36],))(x[:, :36])).max_rel_error <= MAX_REL_ERROR
