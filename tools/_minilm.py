@@ -39,7 +39,7 @@ def calibration_batches(seq: int, batch: int, count: int, form: str = "packed") 
     padded = rows[::max(1, len(rows) // count)][:count]
     if form == "padded":
         return padded
-    packed = packed_batches(reference_sentences(), seq, batch, count=count - count // 2)
+    packed = packed_batches(sentences, seq, batch, count=count - count // 2)
     mixed = [b for pair in zip(padded[:count // 2], packed) for b in pair]
     return mixed + packed[len(mixed) // 2:]
 

@@ -1,4 +1,4 @@
-"""Write one marked section of BENCHMARKS.md and one key of BENCHMARKS.json (the section tools share)."""
+"""Read and write one marked section of BENCHMARKS.md and one key of BENCHMARKS.json (the section tools share)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import json
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def read_section(key: str) -> dict:
+    """``BENCHMARKS.json[key]`` as the last run of its tool wrote it (empty if none)."""
+    json_path = ROOT / "BENCHMARKS.json"
+    return json.loads(json_path.read_text()).get(key, {}) if json_path.exists() else {}
 
 
 def write_section(key: str, markdown_body: str, data: object) -> str:

@@ -360,7 +360,8 @@ def render_markdown(data: dict, argv: list[str]) -> str:
         f"- Each model first goes through the default exact pipeline ({', '.join(s['passes'])}); the baseline is the "
         "**original** model in eager torch, every other row runs the transformed model.",
         f"- Candidates are timed in one run, round-robin (one timed call of each per round, right after one untimed "
-        f"call of the same candidate, so the previous runtime's spinning threads are idle), {s['warmup']} warm-up calls, "
+        f"call of the same candidate, so the previous runtime's spinning threads are idle), {s['warmup']} warm-up "
+        "calls, "
         f"up to {s['repeat']} timed calls each, fewer for a candidate that would take more than "
         f"~{s['max_seconds']:g} s (at least 3); all under `torch.no_grad()` with the GC off (`ptool.benchmark`).",
         "- Latency is the median; p10 / p90 show the spread. Speedup = eager median / row median.",

@@ -32,8 +32,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ptool  # noqa: E402
-from _sections import write_section  # noqa: E402
-from ptool.benchmark import measure_interleaved  # noqa: E402
+from _sections import read_section, write_section  # noqa: E402
+from ptool.benchmark import measure, measure_interleaved  # noqa: E402
 from ptool.passes.attention.kernel import SiteShape  # noqa: E402
 
 HEADS, DIM = 12, 64
@@ -96,22 +96,12 @@ def core_torch(sizes: list[int]) -> dict:
 def growth(sizes: tuple[int, ...] = (16384, 32768)) -> dict:
     """Each linear kernel alone at ``sizes`` (no SDPA between calls; 3 warm-up calls, median of 7):
     once q, k, v no longer fit in the cache, doubling N must double the time."""
-    import statistics
-
     out: dict[int, dict[str, float]] = {n: {} for n in sizes}
     for n in sizes:
         args = qkv(n)
         for name in MAPS:
-            mod = kernel_module(name, n)
             with torch.inference_mode():
-                for _ in range(3):
-                    mod(*args)
-                samples = []
-                for _ in range(7):
-                    start = time.perf_counter()
-                    mod(*args)
-                    samples.append(1e3 * (time.perf_counter() - start))
-            out[n][name] = statistics.median(samples)
+                out[n][name] = measure(kernel_module(name, n), args, warmup=3, repeat=7).median_ms
         log(f"growth N={n}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[n].items()))
     return out
 
@@ -224,9 +214,7 @@ def main() -> None:
                    help="measure only the 16k/32k linear-growth table; keep the stored rest of the section")
     a = p.parse_args()
     if a.growth_only:
-        import json
-
-        stored = json.loads((ROOT / "BENCHMARKS.json").read_text())["attention_speed"]
+        stored = read_section("attention_speed")
         keyed = {k: {int(n): v for n, v in stored[k].items()} for k in ("torch", "onnxruntime", "tvm")}
         data = {**stored, "growth": growth()}
         md = markdown(keyed["torch"], keyed["onnxruntime"], keyed["tvm"], stored["encoder_4k"], sorted(keyed["torch"]),

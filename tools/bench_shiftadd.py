@@ -4,7 +4,8 @@ Writes the "Shift-add kernels" section of ``BENCHMARKS.md`` (key ``shiftadd_kern
 
 Protocol: one process, every candidate of a size timed round-robin (``measure_interleaved``),
 median of the calls; ratios are against torch eager fp32 of the same size. Two threads
-everywhere (torch ``set_num_threads(2)``, ORT ``intra_op_num_threads=2``, TVM ``num-cores=2`` and ``TVM_NUM_THREADS=2``).
+everywhere (torch ``set_num_threads(2)``, ORT ``intra_op_num_threads=2``, TVM ``num-cores=2`` and
+``TVM_NUM_THREADS=2``).
 Every integer candidate is checked equal to the arith.py reference (or to the others) before
 timing. Idle pool threads sleep (``OMP_WAIT_POLICY=PASSIVE``, ``TVM_THREAD_POOL_SPIN_COUNT=0``)
 so torch's and TVM's pools do not steal each other's cores.

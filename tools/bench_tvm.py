@@ -110,7 +110,9 @@ def markdown(results: dict, load: tuple) -> str:
     lines = ["## TVM without tuning (`tools/bench_tvm.py`)", "",
              "Batch 1, seq 128; torch eager with its default threads "
              f"(OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), TVM 0.27 (pip, no BLAS) on all "
-             "cores (one thread per core), built for the host CPU. Candidates timed round-robin in one run, each timed call after one untimed call of the same candidate (the other runtime's spinning threads go idle first); ratio = TVM median / "
+             "cores (one thread per core), built for the host CPU. Candidates timed round-robin in one run, "
+             "each timed call after one untimed call of the same candidate (the other runtime's spinning "
+             "threads go idle first); ratio = TVM median / "
              f"torch median (lower is better). Load average at start/end: {load[0]:.2f} / {load[1]:.2f} "
              "(2 cores; other work inflates every row, eager torch most).", "",
              "| model | candidate | median ms | p10 ms | p90 ms | runs | x torch eager | max abs err | cosine |",

@@ -75,9 +75,11 @@ def main() -> None:
     base = timings["torch eager"].median_ms
     lines = ["## TVM with MetaSchedule tuning (`tools/bench_tvm_tuned.py`)", "",
              f"all-MiniLM-L6-v2 (real weights), batch 1, seq 128, TVM 0.27 built for the host CPU. "
-             f"MetaSchedule tunes the {info.get('tuned_kernels')} heavy kernels (matmul, batched matmul, softmax, layer norm, GEMV) "
-             f"with {a.trials} trials in all; per kernel, the faster in the model of MetaSchedule's best and "
-             "ptool's own schedule is kept. TVM runs one thread per core. Candidates timed round-robin in one run, each timed call after one untimed call of the same candidate; ratio = median / torch "
+             f"MetaSchedule tunes the {info.get('tuned_kernels')} heavy kernels (matmul, batched matmul, "
+             f"softmax, layer norm, GEMV) with {a.trials} trials in all; per kernel, the faster in the model of "
+             "MetaSchedule's best and ptool's own schedule is kept. TVM runs one thread per core. Candidates "
+             "timed round-robin in one run, each timed call after one untimed call of the same candidate; "
+             "ratio = median / torch "
              f"eager median. Load average at start/end: {load0:.2f} / {load1:.2f}.", "",
              "| build | wall s |", "|---|---:|",
              f"| untuned (ptool schedules) | {t_untuned:.1f} |",

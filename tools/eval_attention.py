@@ -37,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ptool  # noqa: E402
-from _sections import write_section  # noqa: E402
+from _sections import read_section, write_section  # noqa: E402
 from _minilm import calibration_batches, heldout_batches, log, mean_cosine  # noqa: E402
 from ptool.default_model import load_embedder, packed_batches  # noqa: E402
 from ptool.frontends.huggingface import sample_sentences  # noqa: E402
@@ -139,10 +139,7 @@ def main() -> None:
                           "seconds": time.perf_counter() - start}
             log(f"{name} {stage}: {row[stage]}")
         rows[name] = row
-    import json
-
-    path = ROOT / "BENCHMARKS.json"
-    earlier = json.loads(path.read_text()).get("attention_fidelity", {}) if path.exists() else {}
+    earlier = read_section("attention_fidelity")
     if wanted:  # a partial run updates its rows and keeps the others
         rows = {**earlier.get("rows", {}), **rows}
     recipes = earlier.get("recipes")  # kept from the last --recipes run
@@ -159,8 +156,6 @@ def main() -> None:
 
 
 def run_recipes(a) -> None:
-    import json
-
     reference = load_embedder()
     results = {}
     wanted = [w for w in a.only.split(",") if w]
@@ -174,8 +169,7 @@ def run_recipes(a) -> None:
                          "padded": mean_cosine(reference, model, padded),
                          "packed": mean_cosine(reference, model, packed), "seconds": time.perf_counter() - start}
         log(f"{name}: {results[name]}")
-    path = ROOT / "BENCHMARKS.json"
-    earlier = json.loads(path.read_text()).get("attention_fidelity", {}) if path.exists() else {}
+    earlier = read_section("attention_fidelity")
     if not earlier.get("rows"):
         raise SystemExit("run tools/eval_attention.py without --recipes first (the variant table)")
     kept = argparse.Namespace(**{**vars(a), "transfer_steps": earlier.get("transfer_steps", a.transfer_steps),

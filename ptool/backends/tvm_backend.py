@@ -411,16 +411,16 @@ def _build(example: ExampleCall, opts: Options, frontend: str) -> tuple[Any, dic
             f"the TVM model takes {len(specs)} inputs but the example call has "
             f"{len(example.inputs.names)} tensors ({example.inputs.describe()})"
         )
+    expected = [(getattr(torch, dtype), shape) for dtype, shape in specs]
     target = host_target(opts.mcpu, opts.num_cores)
     threads = use_threads(opts.num_cores)  # before the first kernel runs (tuning included)
     tuning: dict[str, Any] = {}
     try:
         with _quiet(), target:
             if opts.tune_trials > 0:
-                executable, tuning = _metaschedule_build(
-                    mod, target, opts, [cast_input(n, t, dtype) for n, (dtype, _), t in zip(
-                        example.inputs.names, [(getattr(torch, d), s) for d, s in specs],
-                        example.inputs.flatten(example.args, example.kwargs))])
+                inputs = [cast_input(name, t, dtype) for name, (dtype, _), t in zip(
+                    example.inputs.names, expected, example.inputs.flatten(example.args, example.kwargs))]
+                executable, tuning = _metaschedule_build(mod, target, opts, inputs)
             else:
                 executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, opts))
     except Exception as e:
@@ -433,7 +433,6 @@ def _build(example: ExampleCall, opts: Options, frontend: str) -> tuple[Any, dic
         main = vm["main"]
     except Exception as e:
         raise BackendError(f"TVM cannot load the built model: {type(e).__name__}: {first_line(e)}") from e
-    expected = [(getattr(torch, dtype), shape) for dtype, shape in specs]
 
     def run(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         args = []

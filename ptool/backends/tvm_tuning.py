@@ -100,7 +100,7 @@ def tune(tasks: list[tuple[Any, Any]], target: Any, trials: int, work_dir: Path,
     # model's database off as another's
     done = int(marker.read_text()) if marker.is_file() and marker.read_text().strip().isdigit() else 0
     facts: dict[str, Any] = {"tune_trials": trials, "tuning_dir": str(work_dir), "tuned_kernels": len(tasks)}
-    summary = work_dir / f"ptool_kernels_{key}.json"
+    summary = _summary_path(work_dir, key)
     if done >= trials or not tasks:
         facts.update(tuning_reused=True, tuning_seconds=0.0)
         if summary.is_file():  # what the tuning run that made the database measured
@@ -130,6 +130,11 @@ def tune(tasks: list[tuple[Any, Any]], target: Any, trials: int, work_dir: Path,
                                    "kernels": facts["kernels"]}, indent=1))  # no in-model choice yet
     marker.write_text(str(trials))
     return facts
+
+
+def _summary_path(work_dir: Path, key: str) -> Path:
+    """The per-module summary: trials, tuning time, the kernels' timings, whether the choice was made."""
+    return work_dir / f"ptool_kernels_{key}.json"
 
 
 def chosen_dir(work_dir: Path, key: str) -> Path:
@@ -162,7 +167,7 @@ def choose(tasks: list[tuple[Any, Any]], target: Any, work_dir: Path, key: str, 
                 target=target, args_info=rec.args_info))
         kernels.append(k.as_dict())
     facts = {**facts, "kernels": kernels}
-    summary = work_dir / f"ptool_kernels_{key}.json"
+    summary = _summary_path(work_dir, key)
     made = json.loads(summary.read_text()) if summary.is_file() else {}
     summary.write_text(json.dumps({**made, "kernels": kernels, "chosen_in_model": True}, indent=1))
     return facts
@@ -170,7 +175,7 @@ def choose(tasks: list[tuple[Any, Any]], target: Any, work_dir: Path, key: str, 
 
 def is_chosen(work_dir: Path, key: str) -> bool:
     """Whether the in-model choice was made for this database (a rebuild reuses it)."""
-    summary = work_dir / f"ptool_kernels_{key}.json"
+    summary = _summary_path(work_dir, key)
     return summary.is_file() and bool(json.loads(summary.read_text()).get("chosen_in_model"))
 
 
