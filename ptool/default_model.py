@@ -31,6 +31,7 @@ __all__ = [
     "SentenceEmbedder",
     "default_model",
     "encode",
+    "everyday_sentences",
     "minilm_folder",
     "packed_batches",
     "reference_sentences",
@@ -175,6 +176,19 @@ def reference_sentences() -> list[str]:
         if 40 < len(s) < 300 and s[0].isupper() and not re.search(r"[{}<>=\[\]|_*]", s):
             out.append(s)
     return out
+
+
+def everyday_sentences() -> list[str]:
+    """8,000 everyday English sentences: WordNet 3.0's usage examples, shuffled (``ptool/data``).
+
+    Calibration text in the register of the held-out sentences (people, places, things done)
+    that never overlaps them; ``tools/make_wordnet_examples.py`` rebuilds the file and
+    ``ptool/data/WORDNET_LICENSE.txt`` carries WordNet's license.
+    """
+    from importlib import resources
+
+    text = resources.files("ptool").joinpath("data", "wordnet_examples.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def packed_batches(sentences: Sequence[str], seq_len: int, batch_size: int,

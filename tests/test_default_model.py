@@ -89,6 +89,14 @@ def test_sentences_are_many_and_varied() -> None:
     assert 60 <= len(sentences) <= 80 and len(set(sentences)) == len(sentences)
 
 
+def test_calibration_texts_never_hold_a_heldout_sentence() -> None:
+    heldout = set(sample_sentences())
+    everyday = dm.everyday_sentences()
+    assert len(everyday) == 8000 and len(set(everyday)) == 8000
+    assert all(s[-1] in ".!?" and len(s.split()) >= 6 for s in everyday)
+    assert not heldout & set(everyday) and not heldout & set(dm.reference_sentences())
+
+
 def test_export_works(embedder) -> None:
     args = dm.encode(sample_sentences()[:2], SEQ_LEN)
     ep = torch.export.export(embedder, args, strict=False)

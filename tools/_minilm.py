@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from ptool.default_model import encode, packed_batches, reference_sentences
+from ptool.default_model import encode, everyday_sentences, packed_batches, reference_sentences
 from ptool.frontends.huggingface import sample_sentences
 
 
@@ -21,26 +21,41 @@ def heldout_batches(seq: int, batch: int) -> list[tuple[torch.Tensor, torch.Tens
     return [(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(sentences) // batch * batch, batch)]
 
 
-def calibration_batches(seq: int, batch: int, count: int, form: str = "packed") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` batches of the reference text (never the held-out sentences).
+def calibration_batches(seq: int, batch: int, count: int, form: str = "packed",
+                        text: str = "python-docs") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of calibration text (never the held-out sentences).
 
     ``form``: ``packed`` - rows filled with consecutive sentences; ``padded`` - one sentence per
-    row padded to ``seq`` (shaped like the real use: variable lengths, padding masks), batches
-    taken evenly through the text so they span its topics; ``mixed`` - alternately one of each
-    (``count // 2`` padded, the rest packed).
+    row padded to ``seq`` (shaped like the real use: variable lengths, padding masks); ``mixed`` -
+    alternately one of each (``count // 2`` padded, the rest packed).
+
+    ``text``: ``python-docs`` - the Python reference manual (:func:`reference_sentences`): padded
+    batches are taken evenly through the text so they span its topics, packed rows start at its
+    beginning; ``wordnet`` - WordNet's everyday usage examples (:func:`everyday_sentences`,
+    already shuffled): padded rows take the first sentences, packed rows the ones after
+    ``count * batch``, so the two forms never share a sentence.
     """
     if form not in ("packed", "padded", "mixed"):
         raise ValueError(f"form must be 'packed', 'padded' or 'mixed', got {form!r}")
+    if text not in ("python-docs", "wordnet"):
+        raise ValueError(f"text must be 'python-docs' or 'wordnet', got {text!r}")
+    sentences = reference_sentences() if text == "python-docs" else everyday_sentences()
     if form == "packed":
-        return packed_batches(reference_sentences(), seq, batch, count=count)
-    sentences = reference_sentences()
-    ids, mask = encode(sentences, seq)
-    rows = [(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(sentences) // batch * batch, batch)]
-    padded = rows[::max(1, len(rows) // count)][:count]
+        return packed_batches(sentences, seq, batch, count=count)
+    npad = count if form == "padded" else count // 2
+    if text == "wordnet":
+        ids, mask = encode(sentences[:npad * batch], seq)
+        padded = [(ids[i:i + batch], mask[i:i + batch]) for i in range(0, npad * batch, batch)]
+        packed_text = sentences[count * batch:]
+    else:
+        ids, mask = encode(sentences, seq)
+        rows = [(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(sentences) // batch * batch, batch)]
+        padded = rows[::max(1, len(rows) // count)][:npad]
+        packed_text = sentences
     if form == "padded":
         return padded
-    packed = packed_batches(sentences, seq, batch, count=count - count // 2)
-    mixed = [b for pair in zip(padded[:count // 2], packed) for b in pair]
+    packed = packed_batches(packed_text, seq, batch, count=count - npad)
+    mixed = [b for pair in zip(padded, packed) for b in pair]
     return mixed + packed[len(mixed) // 2:]
 
 
