@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import pathlib
+from typing import Callable, Iterator
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """Hold an exclusive lock on the two files while one tool reads and rewrites them, so tools
+    (or shards of one tool) running side by side never lose each other's sections."""
+    with open(ROOT / ".benchmarks.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def read_section(key: str) -> dict:
@@ -16,6 +28,18 @@ def read_section(key: str) -> dict:
 
 def write_section(key: str, markdown_body: str, data: object) -> str:
     """Replace (or append) the ``<!-- key:start -->`` .. ``<!-- key:end -->`` section and ``data[key]``."""
+    with _locked():
+        return _write_section(key, markdown_body, data)
+
+
+def update_section(key: str, render: Callable[[dict], tuple[str, object]]) -> str:
+    """Read ``data[key]``, let ``render`` turn it into (markdown, new data) and write both, under one
+    lock: for tools that merge their rows into what a concurrent run just wrote."""
+    with _locked():
+        return _write_section(key, *render(read_section(key)))
+
+
+def _write_section(key: str, markdown_body: str, data: object) -> str:
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     md_path, json_path = ROOT / "BENCHMARKS.md", ROOT / "BENCHMARKS.json"
     text = md_path.read_text() if md_path.exists() else "# ptool benchmarks\n"

@@ -13,10 +13,10 @@ top-k at 25% keeps 32 of 128 real keys). The figure is
 the mean cosine between the converted and the original model's embeddings.
 
 "before" = the swap alone (``transfer_steps=0``); "after" = attention transfer (kernels with
-parameters) + end-to-end distillation against the original model (``distill_steps``; the
-kernels' parameters, or every parameter for parameter-free kernels).
+parameters) + end-to-end LoRA distillation against the original model (``distill_steps``, every
+variant: parameter-free kernels are recovered through the adapters on their projections).
 
-    .venv/bin/python tools/eval_attention.py [--only hedgehog,sea] [--distill-steps 150]
+    OMP_NUM_THREADS=1 .venv/bin/python tools/eval_attention.py [--only hedgehog,sea] [--distill-steps 150]
 
 ``--recipes`` evaluates instead the full conversion recipes in ``RECIPES`` (each spec carries all
 its options; the issue-3 targets) and writes them as the section's "Conversion recipes" table,
@@ -39,13 +39,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ptool  # noqa: E402
-from _sections import read_section, write_section  # noqa: E402
+from _sections import read_section, update_section, write_section  # noqa: E402
 from _minilm import calibration_batches, heldout_batches, log, mean_cosine  # noqa: E402
 from ptool.default_model import load_embedder, packed_batches  # noqa: E402
 from ptool.frontends.huggingface import sample_sentences  # noqa: E402
 
 SEQ, BATCH = 128, 8
 TEXTS = {"python-docs": "the Python reference manual", "wordnet": "WordNet's everyday usage examples"}
+FORMS = {"packed": "packed rows", "padded": "one padded sentence per row",
+         "mixed": "padded-sentence and packed batches alternating"}
 
 #: name -> (pass spec, kernel has parameters to convert)
 VARIANTS = {
@@ -110,22 +112,21 @@ def convert(model, spec: str, calib, *, trainable: bool, after: bool, transfer_s
         spec += "transfer_steps=0"
         return ptool.transform(model, [spec], calib[0], calibration=None if not trainable else calib)
     spec += f"transfer_steps={transfer_steps if trainable else 0},distill_steps={distill_steps}"
-    if not trainable and distill_steps:
-        spec += ",distill_params=all"
+    if distill_steps:
+        spec += "," + LORA
     return ptool.transform(model, [spec], calib[0], calibration=calib)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="", help="comma-separated variant names (prefix match)")
-    p.add_argument("--transfer-steps", type=int, default=300)
-    p.add_argument("--distill-steps", type=int, default=100)
-    p.add_argument("--distill-only", default="hedgehog,sea",
-                   help="variants (prefix match) that get end-to-end distillation after the transfer")
+    p.add_argument("--transfer-steps", type=int, default=150)
+    p.add_argument("--distill-steps", type=int, default=150,
+                   help="end-to-end LoRA distillation steps after the transfer, every variant (0: none)")
     p.add_argument("--calibration-batches", type=int, default=16)
-    p.add_argument("--calibration-form", default="packed", choices=("packed", "padded", "mixed"),
+    p.add_argument("--calibration-form", default="mixed", choices=("packed", "padded", "mixed"),
                    help="calibration rows: packed text, one padded sentence per row, or alternating")
-    p.add_argument("--calibration-text", default="python-docs", choices=("python-docs", "wordnet"),
+    p.add_argument("--calibration-text", default="wordnet", choices=("python-docs", "wordnet"),
                    help="calibration sentences: the Python reference manual or WordNet's everyday usage examples")
     p.add_argument("--recipes", action="store_true", help="evaluate RECIPES (the issue-3 targets) only")
     p.add_argument("--no-write", action="store_true")
@@ -135,19 +136,17 @@ def main() -> None:
         return run_recipes(a)
     calib, padded, packed = data(a.calibration_batches, a.calibration_form, a.calibration_text)
     reference = load_embedder()
-    rows = {}
     wanted = [w for w in a.only.split(",") if w]
     for name, (spec, trainable) in VARIANTS.items():
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
         row = {"spec": spec}
-        distill = a.distill_steps if any(name.startswith(w) for w in a.distill_only.split(",") if w) else 0
-        stages = ("before", "after") if trainable or distill else ("before",)
+        stages = ("before", "after") if trainable or a.distill_steps else ("before",)
         for stage in stages:
             start = time.perf_counter()
             try:
                 model = convert(load_embedder(), spec, calib, trainable=trainable, after=stage == "after",
-                                transfer_steps=a.transfer_steps, distill_steps=distill)
+                                transfer_steps=a.transfer_steps, distill_steps=a.distill_steps)
             except Exception as e:
                 row[stage] = f"failed: {str(e)[:160]}"
                 log(f"{name} {stage}: {row[stage]}")
@@ -155,23 +154,35 @@ def main() -> None:
             row[stage] = {"padded": mean_cosine(reference, model, padded),
                           "packed": mean_cosine(reference, model, packed),
                           "seconds": time.perf_counter() - start}
+            notes = model.report[0].notes
+            row[stage] |= {k: notes[k] for k in ("distill_reverted", "distill_stopped", "transfer_stopped")
+                           if k in notes}
             log(f"{name} {stage}: {row[stage]}")
-        rows[name] = row
-    earlier = read_section("attention_fidelity")
-    if wanted:  # a partial run updates its rows and keeps the others
-        rows = {**earlier.get("rows", {}), **rows}
-    recipes = earlier.get("recipes")  # kept from the last --recipes run
-    md = markdown(rows, a, recipes)
-    if not a.no_write:
-        print(write_section("attention_fidelity", md, {"rows": rows, "transfer_steps": a.transfer_steps,
-                                                         "distill_steps": a.distill_steps,
-                                                         "calibration_batches": a.calibration_batches,
-                                                         "calibration_form": a.calibration_form,
-                                                         "calibration_text": a.calibration_text,
-                                                         "distill_only": a.distill_only,
-                                                         **({"recipes": recipes} if recipes else {})}))
-    else:
-        print(md)
+        if a.no_write:
+            print(markdown({name: row}, a))
+        else:
+            save_row(name, row, a)
+
+
+def settings(a) -> dict:
+    """The conversion settings a variant row was measured with (rows of other settings are not mixed in)."""
+    return {"transfer_steps": a.transfer_steps, "distill_steps": a.distill_steps,
+            "calibration_batches": a.calibration_batches, "calibration_form": a.calibration_form,
+            "calibration_text": a.calibration_text}
+
+
+def save_row(name: str, row: dict, a) -> None:
+    """Merge one variant's row into the stored section as soon as it is measured: shards of a run
+    (``--only``) can go side by side, and a crash keeps what finished. Rows measured with other
+    settings are dropped; the recipes table is kept."""
+    def render(earlier: dict) -> tuple[str, dict]:
+        same = all(earlier.get(k) == v for k, v in settings(a).items())
+        rows = {**(earlier.get("rows", {}) if same else {}), name: row}
+        rows = {k: rows[k] for k in VARIANTS if k in rows}
+        recipes = earlier.get("recipes")
+        return markdown(rows, a, recipes), {"rows": rows, **settings(a), **({"recipes": recipes} if recipes else {})}
+
+    update_section("attention_fidelity", render)
 
 
 def run_recipes(a) -> None:
@@ -194,8 +205,8 @@ def run_recipes(a) -> None:
     kept = argparse.Namespace(**{**vars(a), "transfer_steps": earlier.get("transfer_steps", a.transfer_steps),
                                  "distill_steps": earlier.get("distill_steps", a.distill_steps),
                                  "calibration_batches": earlier.get("calibration_batches", a.calibration_batches),
-                                 "calibration_text": earlier.get("calibration_text", "python-docs"),
-                                 "distill_only": earlier.get("distill_only", a.distill_only)})
+                                 "calibration_form": earlier.get("calibration_form", "packed"),
+                                 "calibration_text": earlier.get("calibration_text", "python-docs")})
     md = markdown(earlier["rows"], kept, {**earlier.get("recipes", {}), **results})
     if a.no_write:
         print(md)
@@ -224,17 +235,27 @@ def markdown(rows: dict, a, recipes: dict | None = None) -> str:
     lines = ["## Attention fidelity on all-MiniLM-L6-v2 (`tools/eval_attention.py`)", "",
              "Mean cosine of sentence embeddings, converted vs original model, on the 64 held-out sentences "
              f"(never used for conversion). Conversion data: {a.calibration_batches} batches x {BATCH} rows x "
-             f"{SEQ} tokens of {TEXTS[a.calibration_text]}. after = {a.transfer_steps} attention-transfer steps "
-             "(kernels with parameters)" + (f", plus {a.distill_steps} end-to-end distillation steps of the kernel "
-                                            f"parameters for {a.distill_only.replace(',', ', ')}" if a.distill_only else
-                                            ", no end-to-end distillation") +
-             "; '-' = parameter-free, nothing to convert.", "",
+             f"{SEQ} tokens of {TEXTS[a.calibration_text]} ({FORMS[a.calibration_form]}). before = the swap alone; "
+             f"after = {a.transfer_steps} attention-transfer steps (kernels with parameters)" +
+             (f" + {a.distill_steps} end-to-end distillation steps against the original model, every variant "
+              f"(`{LORA}`: LoRA adapters on the q/k/v/o projections of each site and the kernels' parameters, "
+              "output loss + layer-wise term)" if a.distill_steps else
+              ", no end-to-end distillation; '-' = parameter-free, nothing to convert") + ".", "",
              "| variant | pass | before, padded | before, packed | after, padded | after, packed | convert s |",
              "|---|---|---:|---:|---:|---:|---:|"]
+    footnotes = []
     for name, r in rows.items():
-        secs = f"{r['after']['seconds']:.0f}" if isinstance(r.get("after"), dict) else "-"
+        after = r.get("after")
+        secs = f"{after['seconds']:.0f}" if isinstance(after, dict) else "-"
+        said = [after[k] for k in ("transfer_stopped", "distill_stopped", "distill_reverted")
+                if isinstance(after, dict) and k in after]
+        if said:
+            footnotes.append(f"[{len(footnotes) + 1}] {name}: " + "; ".join(said) + ".")
+        mark = f" [{len(footnotes)}]" if said else ""
         lines.append(f"| {name} | `{r['spec']}` | {cell(r.get('before'), 'padded')} | {cell(r.get('before'), 'packed')} "
-                     f"| {cell(r.get('after'), 'padded')} | {cell(r.get('after'), 'packed')} | {secs} |")
+                     f"| {cell(after, 'padded')}{mark} | {cell(after, 'packed')}{mark} | {secs} |")
+    if footnotes:
+        lines += ["", *footnotes]
     if recipes:
         lines += recipes_markdown(recipes)
     return "\n".join(lines)

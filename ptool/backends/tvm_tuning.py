@@ -253,7 +253,7 @@ def heavy_tasks(legalized: Any, target: Any) -> list[tuple[Any, Any]]:
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-    from ptool.backends.tvm_schedules import _first_schedule, default_rules
+    from ptool.backends.tvm_schedules import default_rules, first_schedule
 
     rules = default_rules()
     chosen = []
@@ -263,7 +263,7 @@ def heavy_tasks(legalized: Any, target: Any) -> list[tuple[Any, Any]]:
             infos = normalize_prim_func(s_tir.Schedule(func))
             if not infos or all(info.is_injective() for info in infos):
                 continue
-            sch = _first_schedule(func, target, rules)
+            sch = first_schedule(func, target, rules)
             if sch is not None:
                 chosen.append((task, sch))
     return chosen

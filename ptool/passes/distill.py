@@ -68,17 +68,32 @@ class Trained:
         loss: the loss of the last step (NaN without steps).
         steps: the steps of the run.
         resumed_from: the step a checkpoint of an interrupted run resumed at (None: started at 0).
+        stopped_at: the step whose loss or gradient was not finite, where the run stopped with the
+            parameters of the steps before (None: it ran all ``steps``).
     """
 
     loss: float
     steps: int
     resumed_from: int | None = None
+    stopped_at: int | None = None
 
     def notes(self, prefix: str) -> dict[str, str]:
-        """``{"<prefix>_resumed": "resumed from step k of n"}`` if it resumed, else ``{}`` (for a pass's notes)."""
-        if self.resumed_from is None:
-            return {}
-        return {f"{prefix}_resumed": f"resumed from step {self.resumed_from} of {self.steps}"}
+        """What a pass's notes should say of the run: ``<prefix>_resumed`` if it resumed from a
+        checkpoint, ``<prefix>_stopped`` if it stopped at a non-finite step; else ``{}``."""
+        notes = {}
+        if self.resumed_from is not None:
+            notes[f"{prefix}_resumed"] = f"resumed from step {self.resumed_from} of {self.steps}"
+        if self.stopped_at is not None:
+            notes[f"{prefix}_stopped"] = (f"stopped at step {self.stopped_at} of {self.steps}: its loss or gradient "
+                                          "was not finite; the parameters are those before it (lower the learning "
+                                          "rate)")
+        return notes
+
+
+def _finite(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> bool:
+    """The loss and every gradient are finite (an Adam step on a NaN gradient poisons the parameters)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_at: Callable[[int], torch.Tensor],
@@ -89,6 +104,10 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
     The step size is cosine-annealed to 0 (unless ``anneal=False``), so the last steps settle
     instead of jumping. Gradients are cleared at the end; a progress bar shows the loss (and
     ``postfix()``) on a terminal.
+
+    A step whose loss or gradient is not finite (the run diverged) is not taken: the run stops
+    there, keeping the parameters of the steps before, says so on stderr and in
+    :attr:`Trained.stopped_at`.
 
     The run checkpoints (:mod:`ptool.checkpoint`): its key hashes ``desc``, ``steps``, ``lr``, the
     starting ``params``, ``identity`` and the first loss, so a rerun of the same call finds the
@@ -109,7 +128,7 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
         anneal: cosine-anneal the learning rate (else constant).
 
     Returns:
-        :class:`Trained`: the last loss, and the step a checkpoint resumed at.
+        :class:`Trained`: the last loss, the step a checkpoint resumed at, the step it stopped at.
 
     Raises:
         ptool.checkpoint.Interrupted: Ctrl-C, after the state was saved.
@@ -125,7 +144,7 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
         first = loss_at(0)  # step 0's loss, and a fingerprint of everything the loss depends on
     rules = checkpoint.policy()
     ckpt = checkpoint.open_checkpoint(desc, steps, lr, anneal, params, identity, float(first.detach()))
-    start, last, resumed = 0, math.nan, None
+    start, last, resumed, stopped = 0, math.nan, None, None
     state = ckpt.load() if ckpt is not None else None
     if state is not None and _restore(state, params, optimizer, annealing, steps):
         start = resumed = int(state["step"])
@@ -157,6 +176,12 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
                 first = None
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if not _finite(loss, params):
+                    stopped = step
+                    rules.announce(f"{desc}: stopped at step {step} of {steps}, its loss or gradient is not finite "
+                                   f"(loss {float(loss.detach()):.4g}); keeping the parameters of the steps before; "
+                                   "a lower learning rate may help")
+                    break
                 with checkpoint.interrupts_deferred():  # a Ctrl-C here lands once the step is whole
                     optimizer.step()
                     if annealing is not None:
@@ -178,7 +203,7 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
             p.grad = None
     if ckpt is not None:
         ckpt.remove()
-    return Trained(last, steps, resumed)
+    return Trained(last, steps, resumed, stopped)
 
 
 def _restore(state: dict, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,

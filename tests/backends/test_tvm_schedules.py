@@ -256,3 +256,35 @@ def test_prime_row_counts_get_full_tiles_and_a_predicated_last_one(target):
     for rows in (37, 36):  # a cut last tile, and whole tiles
         y = x[:, :rows]
         assert compare(model(y), compile_module(model, "tvm", (y,))(y)).max_rel_error <= MAX_REL_ERROR
+
+
+class _RowDot(torch.nn.Module):
+    """InLine's ``q . kbar``: per head, each row of q against one vector (a batched GEMV)."""
+
+    def forward(self, q, kbar):
+        return (q * kbar).sum(-1, keepdim=True)
+
+
+def test_batched_row_dots_get_one_vector_of_rows_at_a_time(target):
+    # dlight's GEMV schedule vectorized 128 rows with the reduction unrolled inside: LLVM spent
+    # over 15 minutes compiling InLine's kernel at 128 tokens
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from ptool.backends.tvm_schedules import GemvRule, rule_assignments
+
+    q, k = torch.randn(1, 3, 37, 64), torch.randn(1, 3, 1, 64)
+    model = _RowDot().eval()
+    with target:
+        mod = tvm.transform.Sequential(cpu.legalize_passes(target))(
+            from_exported_program(torch.export.export(model, (q, k)), keep_params_as_input=False))
+    chosen = rule_assignments(mod, target)
+    (name,) = [n for n, rule in chosen.items() if rule == "GemvRule"]
+    script = GemvRule().apply(mod[name], target, False).mod["main"].script()
+    lanes = [int(n) for n in re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", script)]
+    assert lanes == [16], script
+    assert re.search(r"T\.parallel\(T\.int64\(9\)\)", script), script  # 3 heads x 3 tiles of 16 rows, fused
+    for rows in (37, 5):  # a cut last tile; fewer rows than a vector
+        a = q[:, :, :rows]
+        assert compare(model(a, k), compile_module(model, "tvm", (a, k))(a, k)).max_rel_error <= MAX_REL_ERROR

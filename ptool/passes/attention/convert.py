@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ptool.checkpoint import policy
 from ptool.passes.attention.kernel import AttentionKernel, SiteShape, softmax_weights
 from ptool.passes.distill import DistillLoss, distill_loss, float_leaves, mean_distill_loss, train
 
@@ -154,8 +155,13 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls:
             kernel's output (captured by a forward hook) is pulled towards ``site_outputs[i][call]``
             (the original attention output at that site), ``site_weight * mean_i MSE / mean(t^2)``.
 
+    A run that ends with its objective (output loss plus the layer-wise term) higher than it
+    started, on the calibration data it trained on, diverged: its parameters are put back as they
+    were, and the notes say so (``distill_reverted``).
+
     Returns:
-        The output loss before and after (``distill_<loss>_before/after``), the steps, resume notes.
+        The output loss before and after (``distill_<loss>_before/after``; ``after`` as trained,
+        even when reverted), the steps, resume and revert notes.
     """
     layerwise = bool(site_weight > 0 and kernels and site_outputs)
     captured: dict[int, torch.Tensor] = {}
@@ -185,6 +191,7 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls:
             return total / len(calls)
 
     notes = {}
+    start = [p.detach().clone() for p in params]
     try:
         before = mean_distill_loss(model, loss, calls, teacher)
         if layerwise:
@@ -197,5 +204,15 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls:
     finally:
         for h in hooks:
             h.remove()
+    objective = (before + site_weight * notes["distill_site_mse_before"],
+                 after + site_weight * notes["distill_site_mse_after"]) if layerwise else (before, after)
+    if not objective[1] <= objective[0]:  # training made its own objective worse (or NaN): undo it
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        notes["distill_reverted"] = (f"the distillation objective rose from {objective[0]:.4g} to "
+                                     f"{objective[1]:.4g} on the calibration data; the model before it is "
+                                     "kept (a lower distill_lr may help)")
+        policy().announce(f"attention distillation: {notes['distill_reverted']}")
     return {f"distill_{loss}_before": before, f"distill_{loss}_after": after, **notes, "distill_steps": steps,
             **trained.notes("distill")}

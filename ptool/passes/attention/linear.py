@@ -279,7 +279,9 @@ class TransNormerKernel(LinearKernel):
         return self._finish(out, v, None).to(q.dtype)
 
     def _finish(self, out, v, keep):
-        rms = out.pow(2).mean(dim=(1, 3), keepdim=True).sqrt()  # over the concatenated heads of a token
+        # over the concatenated heads of a token; the floor keeps sqrt's gradient finite on all-zero rows
+        # (padded queries), which would otherwise turn every gradient upstream into NaN
+        rms = out.pow(2).mean(dim=(1, 3), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
         return out / (rms + core.DEFAULT_EPS) * self.gain.float()
 
     def attention_weights(self, q, k, mask=None):

@@ -71,11 +71,13 @@ def test_adapter_rank_must_be_positive():
 def test_lora_distillation_trains_exactly_the_kernels_and_the_projection_weights():
     f = zoo.bert()
     original = {k: v.clone() for k, v in f.model.named_parameters()}
-    m2 = ptool.transform(f.model, [SwapForTempered(transfer_steps=0, distill_steps=10, distill_lr=1e-2,
+    # a step size that lowers the loss here (larger ones raise it, and the distillation is reverted)
+    m2 = ptool.transform(f.model, [SwapForTempered(transfer_steps=0, distill_steps=10, distill_lr=1e-4,
                                                    distill_params="lora", distill_rank=2)],
                          f.example_inputs, calibration=f.batches(2))
     notes = m2.report[0].notes
     assert notes["lora_adapters"] == 8 and "lora_projections_not_found" not in notes
+    assert notes["distill_mse_after"] < notes["distill_mse_before"] and "distill_reverted" not in notes
     params = {k.removeprefix("graph_module."): v for k, v in m2.named_parameters()}
     assert not any("lora" in k for k in params)  # merged away
     kernels = {k for k in params if k.endswith("log_t")}
@@ -121,3 +123,18 @@ def test_kernel_only_distillation_of_sea_is_skipped_and_says_why():
                          f.example_inputs, calibration=f.batches(2))
     notes = m3.report[0].notes
     assert notes["lora_adapters"] == 8 and "distill_mse_after" in notes and "distill_skipped" not in notes
+
+
+def test_a_distillation_that_raises_its_own_loss_is_reverted():
+    f = zoo.bert()
+    calibration = f.batches(2)
+    swapped = ptool.transform(f.model, [SwapForTempered(transfer_steps=0, distill_steps=0)], f.example_inputs,
+                              calibration=calibration)
+    m2 = ptool.transform(f.model, [SwapForTempered(transfer_steps=0, distill_steps=6, distill_lr=30.0,
+                                                   distill_params="lora", distill_rank=2)],
+                         f.example_inputs, calibration=calibration)
+    notes = m2.report[0].notes
+    assert "rose from" in notes["distill_reverted"] and "distill_lr" in notes["distill_reverted"]
+    assert not notes["distill_mse_after"] <= notes["distill_mse_before"]  # as trained, before the revert
+    with torch.no_grad():  # the model before the distillation, exactly
+        torch.testing.assert_close(m2(*f.example_inputs), swapped(*f.example_inputs), atol=0, rtol=0)

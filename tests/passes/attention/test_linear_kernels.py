@@ -329,3 +329,14 @@ def test_lowers_to_tvm(name, local, causal):
     err, run = _lowered_error(_kernel(name, causal, local=local, chunk_size=7), "tvm", _site_args(causal))
     assert err <= 1e-4
     assert run.info["frontend"] == "exported_program"  # imported natively, not via the ONNX fallback
+
+
+def test_transnormer_gradients_stay_finite_on_all_zero_rows():
+    """Padded query rows come out of NormAttention as zeros; the RMS norm must not turn them into NaN gradients."""
+    q, k, v = (x.requires_grad_() for x in _qkv())
+    kernel = TransNormerKernel(SiteShape.of(q, k, v))
+    out = kernel(q, k, v * 0.0, None)
+    assert torch.equal(out, torch.zeros_like(out))
+    (out.sum() + (kernel(q, k, v, None) ** 2).mean()).backward()
+    for x in (q, k, v, kernel.gain):
+        assert torch.isfinite(x.grad).all()
