@@ -9,8 +9,10 @@ Writes the "Attention speed" section of ``BENCHMARKS.md`` (key ``attention_speed
   (median). The same modules lowered to ONNX Runtime and (untuned) TVM where that fits in time
   and memory; the table says which cells were not run and why. The slope is the least-squares
   ms per 1k tokens over the three lengths; t(16k)/t(4k) is 4 for linear time once the tensors
-  are out of cache. A second table times each linear kernel alone at 16k and 32k (both far out
-  of the L3 cache): t(32k)/t(16k) = 2 is linear.
+  are out of cache. A second table times each linear kernel alone at 16k, 32k and 64k tokens
+  (all far out of the L3 cache): a log-log growth exponent of 1 is linear. It runs twice, in
+  fresh processes, with glibc's default allocator and with freed memory kept for reuse
+  (:data:`KEEP_MEMORY`), because page faults on fresh temporaries do not grow linearly here.
 * **Encoder**: a MiniLM-shaped BERT (6 layers, hidden 384, 12 heads, 4,096 positions, random
   weights) at 4k tokens, original vs ``linear-attention:feature_map=elu`` on torch, ORT and TVM.
 
@@ -96,17 +98,42 @@ def core_torch(sizes: list[int]) -> dict:
     return out
 
 
-def growth(sizes: tuple[int, ...] = (16384, 32768)) -> dict:
-    """Each linear kernel alone at ``sizes`` (no SDPA between calls; 3 warm-up calls, median of 7):
-    once q, k, v no longer fit in the cache, doubling N must double the time."""
+KEEP_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+"""glibc settings that keep freed memory for reuse instead of returning it to the OS: without them
+every large temporary is fresh pages, faulted in one by one (on this VM a 50 MB ``y * 3`` takes
+~19 ms that way, ~3 ms in reused memory), and that cost grows faster than the tensors."""
+
+GROWTH_SIZES = (16384, 32768, 65536)
+
+
+def growth_here(sizes: tuple[int, ...] = GROWTH_SIZES) -> dict:
+    """Each linear kernel alone at ``sizes`` (no SDPA between calls; 3 warm-up calls, median of 15),
+    and a plain element-wise ``y * 3`` on one (1, 12, N, 64) tensor for reference."""
     out: dict[int, dict[str, float]] = {n: {} for n in sizes}
     for n in sizes:
         args = qkv(n)
         for name in MAPS:
             with torch.inference_mode():
-                out[n][name] = measure(kernel_module(name, n), args, warmup=3, repeat=7).median_ms
+                out[n][name] = measure(kernel_module(name, n), args, warmup=3, repeat=15).median_ms
+        out[n]["y * 3"] = measure(lambda y: y * 3.0, args[:1], warmup=3, repeat=15).median_ms
         log(f"growth N={n}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[n].items()))
     return out
+
+
+def growth() -> dict:
+    """:func:`growth_here` in two fresh processes: glibc's default allocator, and :data:`KEEP_MEMORY`.
+    Once q, k, v no longer fit in the cache, doubling N must double the time."""
+    import json
+    import os
+    import subprocess
+
+    runs = {}
+    for label, extra in (("default", {}), ("memory kept", KEEP_MEMORY)):
+        log(f"growth ({label} allocator)")
+        done = subprocess.run([sys.executable, __file__, "--growth-worker"], env={**os.environ, **extra},
+                              capture_output=True, text=True, check=True)
+        runs[label] = json.loads(done.stdout.strip().splitlines()[-1])
+    return runs
 
 
 def core_backend(backend: str, sizes: list[int], maps: list[str], sdpa_sizes: list[int], **options) -> dict:
@@ -128,6 +155,13 @@ def core_backend(backend: str, sizes: list[int], maps: list[str], sdpa_sizes: li
         out[n] = {k: v.median_ms for k, v in t.items()}
         log(f"{backend} core N={n}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[n].items()))
     return out
+
+
+def growth_exponent(times: dict[int, float]) -> float:
+    """Least-squares slope of log t against log N: 1 for linear time, 2 for quadratic."""
+    xs, ys = zip(*((math.log(n), math.log(t)) for n, t in sorted(times.items())))
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def slope(times: dict[int, float]) -> tuple[float, float]:
@@ -180,16 +214,25 @@ def markdown(torch_t: dict, ort_t: dict, tvm_t: dict, enc: dict, sizes: list[int
         lines.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in ms) + " | "
                      + " | ".join(f"{x:.1f}x" for x in sp) + f" | {b:.2f} | {r:.2f} |")
     if grow:
-        lo, hi = sorted(grow, key=int)
-        lines += ["", f"Linear growth, each kernel alone (no SDPA between calls; median of 7 after 3 warm-up calls): "
-                  f"the 3-point slope above includes the step out of the cache (at 4k each of q, k, v is 12.6 MB, "
-                  f"near the 32 MB L3; at 16k, 50 MB), so the doubling from {int(lo) // 1024}k to "
-                  f"{int(hi) // 1024}k tokens, both far out of cache, is the linearity check (2.00 = linear).", "",
-                  f"| kernel | N={lo} ms | N={hi} ms | t({int(hi) // 1024}k)/t({int(lo) // 1024}k) |",
-                  "|---|---:|---:|---:|"]
-        for name in MAPS:
-            a, b = grow[lo][name], grow[hi][name]
-            lines.append(f"| {name} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
+        ns = sorted(next(iter(grow.values())), key=int)
+        labels = list(grow)
+        lines += ["", "Linear growth, each kernel alone (no SDPA between calls; median of 15 after 3 warm-up calls) at "
+                  + ", ".join(f"{int(n) // 1024}k" for n in ns) + " tokens, all far out of the 32 MB L3 cache (the "
+                  "3-point slope above includes the step out of it: at 4k each of q, k, v is 12.6 MB). Growth "
+                  "exponent = least-squares slope of log t against log N (1.00 = linear, 2.00 = quadratic). Each "
+                  "allocator in its own process: glibc's default hands every large temporary back to the OS, so the "
+                  "next one is fresh pages faulted in one by one, a cost that does not grow linearly with the "
+                  "tensors (see the plain `y * 3` row); with `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` "
+                  "at 16 GiB freed memory is reused.", "",
+                  "| kernel | " + " | ".join(" | ".join(f"{lab}: N={int(n) // 1024}k ms" for n in ns)
+                                            + f" | {lab}: exponent" for lab in labels) + " |",
+                  "|---|" + "---:|" * ((len(ns) + 1) * len(labels))]
+        for name in [*MAPS, "y * 3"]:
+            cells = []
+            for lab in labels:
+                times = {int(n): grow[lab][n][name] for n in ns}
+                cells += [f"{times[int(n)]:.1f}" for n in ns] + [f"{growth_exponent(times):.2f}"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for label, table in (("ONNX Runtime", ort_t), ("TVM (untuned: ptool's default schedules)", tvm_t)):
         if not table:
             continue
@@ -223,8 +266,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="1k and 4k only, no TVM, no encoder")
     p.add_argument("--growth-only", action="store_true",
-                   help="measure only the 16k/32k linear-growth table; keep the stored rest of the section")
+                   help="measure only the 16k-64k linear-growth table; keep the stored rest of the section")
+    p.add_argument("--growth-worker", action="store_true", help=argparse.SUPPRESS)  # one run of growth_here
     a = p.parse_args()
+    if a.growth_worker:
+        import json
+
+        print(json.dumps(growth_here()))
+        return
     if a.growth_only:
         stored = read_section("attention_speed")
         keyed = {k: {int(n): v for n, v in stored[k].items()} for k in ("torch", "onnxruntime", "tvm")}
