@@ -266,8 +266,8 @@ class _RowDot(torch.nn.Module):
 
 
 def test_batched_row_dots_get_one_vector_of_rows_at_a_time(target):
-    # dlight's GEMV schedule vectorized 128 rows with the reduction unrolled inside: LLVM spent
-    # over 15 minutes compiling InLine's kernel at 128 tokens
+    # dlight's GEMV schedule vectorized 128 rows with the reduction unrolled inside: LLVM was still
+    # compiling InLine's kernel after 5 minutes at 128 tokens
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.relax.frontend.torch import from_exported_program
