@@ -222,8 +222,8 @@ def markdown(torch_t: dict, ort_t: dict, tvm_t: dict, enc: dict, sizes: list[int
                   "exponent = least-squares slope of log t against log N (1.00 = linear, 2.00 = quadratic). Each "
                   "allocator in its own process: glibc's default hands every large temporary back to the OS, so the "
                   "next one is fresh pages faulted in one by one, a cost that does not grow linearly with the "
-                  "tensors (see the plain `y * 3` row); with `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` "
-                  "at 16 GiB freed memory is reused.", "",
+                  "tensors (see the plain `y * 3` row); with " + " and ".join(f"`{k}`" for k in KEEP_MEMORY)
+                  + f" at {int(KEEP_MEMORY['MALLOC_MMAP_THRESHOLD_']) >> 30} GiB freed memory is reused.", "",
                   "| kernel | " + " | ".join(" | ".join(f"{lab}: N={int(n) // 1024}k ms" for n in ns)
                                             + f" | {lab}: exponent" for lab in labels) + " |",
                   "|---|" + "---:|" * ((len(ns) + 1) * len(labels))]

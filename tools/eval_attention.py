@@ -48,6 +48,8 @@ from ptool.frontends.huggingface import sample_sentences  # noqa: E402
 
 SEQ, BATCH = 128, 8
 TEXTS = {"python-docs": "the Python reference manual", "wordnet": "WordNet's everyday usage examples"}
+TRAINING_NOTES = ("transfer_stopped", "distill_stopped", "distill_reverted")
+"""The report notes that say a conversion's training stopped early or was undone (kept in the rows)."""
 FORMS = {"packed": "packed rows", "padded": "one padded sentence per row",
          "mixed": "padded-sentence and packed batches alternating"}
 
@@ -159,8 +161,7 @@ def main() -> None:
                           "packed": mean_cosine(reference, model, packed),
                           "seconds": time.perf_counter() - start}
             notes = model.report[0].notes
-            row[stage] |= {k: notes[k] for k in ("distill_reverted", "distill_stopped", "transfer_stopped")
-                           if k in notes}
+            row[stage] |= {k: notes[k] for k in TRAINING_NOTES if k in notes}
             log(f"{name} {stage}: {row[stage]}")
         if a.no_write:
             print(markdown({name: row}, a))
@@ -206,11 +207,7 @@ def run_recipes(a) -> None:
     earlier = read_section("attention_fidelity")
     if not earlier.get("rows"):
         raise SystemExit("run tools/eval_attention.py without --recipes first (the variant table)")
-    kept = argparse.Namespace(**{**vars(a), "transfer_steps": earlier.get("transfer_steps", a.transfer_steps),
-                                 "distill_steps": earlier.get("distill_steps", a.distill_steps),
-                                 "calibration_batches": earlier.get("calibration_batches", a.calibration_batches),
-                                 "calibration_form": earlier.get("calibration_form", "packed"),
-                                 "calibration_text": earlier.get("calibration_text", "python-docs")})
+    kept = argparse.Namespace(**{**vars(a), **{k: earlier[k] for k in settings(a) if k in earlier}})
     md = markdown(earlier["rows"], kept, {**earlier.get("recipes", {}), **results})
     if a.no_write:
         print(md)
@@ -251,8 +248,7 @@ def markdown(rows: dict, a, recipes: dict | None = None) -> str:
     for name, r in rows.items():
         after = r.get("after")
         secs = f"{after['seconds']:.0f}" if isinstance(after, dict) else "-"
-        said = [after[k] for k in ("transfer_stopped", "distill_stopped", "distill_reverted")
-                if isinstance(after, dict) and k in after]
+        said = [after[k] for k in TRAINING_NOTES if isinstance(after, dict) and k in after]
         if said:
             footnotes.append(f"[{len(footnotes) + 1}] {name}: " + "; ".join(said) + ".")
         mark = f" [{len(footnotes)}]" if said else ""

@@ -20,15 +20,13 @@ import pathlib
 import sys
 import time
 
-import torch
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ptool  # noqa: E402
 from _sections import write_section  # noqa: E402
-from eval_attention import LORA, VARIANTS  # noqa: E402
-from tests.models.digits_vit import digits_vit, single_thread  # noqa: E402
+from eval_attention import LORA, TRAINING_NOTES, VARIANTS  # noqa: E402
+from tests.models.digits_vit import accuracy, digits_vit, single_thread  # noqa: E402
 
 BATCH, TEST_IMAGES, CALIBRATION_BATCHES = 64, 512, 8
 
@@ -46,12 +44,6 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def test_accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = torch.cat([model(x[i:i + BATCH]).logits for i in range(0, len(x), BATCH)])
-    return float((logits.argmax(-1) == y).float().mean())
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="", help="comma-separated variant names (prefix match)")
@@ -64,7 +56,7 @@ def main() -> None:
         d = digits_vit(0)
         x, y = d.data.x_test[:TEST_IMAGES], d.data.y_test[:TEST_IMAGES]
         calib = d.data.train_batches(BATCH, CALIBRATION_BATCHES)
-        original = test_accuracy(d.model, x, y)
+        original = accuracy(d.model, x, y, BATCH)
         log(f"original: {original:.4f}")
         for name, (spec, trainable) in VISION_VARIANTS.items():
             if wanted and not any(name.startswith(w) for w in wanted):
@@ -82,9 +74,9 @@ def main() -> None:
                     log(f"{name} {stage}: {row[stage]}")
                     continue
                 notes = model.report[0].notes
-                row[stage] = {"accuracy": test_accuracy(model, x, y), "seconds": time.perf_counter() - start,
+                row[stage] = {"accuracy": accuracy(model, x, y, BATCH), "seconds": time.perf_counter() - start,
                               "rewritten": model.report[0].rewritten,
-                              **{k: notes[k] for k in ("distill_reverted", "distill_stopped") if k in notes}}
+                              **{k: notes[k] for k in TRAINING_NOTES if k in notes}}
                 log(f"{name} {stage}: {row[stage]}")
             rows[name] = row
     md = markdown(rows, original, a.steps)

@@ -234,8 +234,8 @@ class GemvRule(dlight.cpu.GEMV):
     reduction unrolled inside) and leaves a batch axis serial: on a batched row dot product such
     as InLine's ``q . mean(k)`` over (12, N, 64), the build of InLine's kernel was still in LLVM's
     code generation after 5 minutes at N = 128 and 15 at N = 1024 (2.5 s at 1024 without that
-    kernel's schedule). Here the batch and the row tiles are
-    fused into one parallel loop and one AVX-512 vector of rows is computed at a time.
+    kernel's schedule). Here the batch and the row tiles are fused into one parallel loop and one
+    AVX-512 vector of rows is computed at a time.
     """
 
     def sch_inner_reduction(self, sch: Any, target: Any, block: Any, vector_input_buffers: Any,

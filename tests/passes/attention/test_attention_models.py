@@ -135,12 +135,7 @@ def test_axial_attention_keeps_a_trained_vit_accurate():
     """Digits ViT (4x4 patch grid + CLS), accuracy on 512 held-out images: original 0.971; axial
     swapped alone 0.916, after 100 LoRA distillation steps 0.969 (tools/eval_attention_vit.py).
     The bounds keep a margin of about 0.02."""
-    from tests.models.digits_vit import digits_vit, single_thread
-
-    def accuracy(model, x, y):
-        with torch.no_grad():
-            logits = torch.cat([model(x[i:i + 64]).logits for i in range(0, len(x), 64)])
-        return float((logits.argmax(-1) == y).float().mean())
+    from tests.models.digits_vit import accuracy, digits_vit, single_thread
 
     with single_thread():
         d = digits_vit(0)
@@ -149,5 +144,5 @@ def test_axial_attention_keeps_a_trained_vit_accurate():
         swapped = ptool.transform(d.model, ["sparse-attention:method=axial"], calib[0])
         distilled = ptool.transform(d.model, ["sparse-attention:method=axial,distill_steps=100,distill_params=lora,"
                                               "distill_lr=0.001,distill_site_weight=1"], calib[0], calibration=calib)
-    assert swapped.report[0].rewritten == 2 and accuracy(swapped, x, y) >= 0.89
-    assert accuracy(distilled, x, y) >= 0.95 > accuracy(swapped, x, y)
+    assert swapped.report[0].rewritten == 2 and accuracy(swapped, x, y, 64) >= 0.89
+    assert accuracy(distilled, x, y, 64) >= 0.95 > accuracy(swapped, x, y, 64)
