@@ -33,6 +33,7 @@ class Family(str, enum.Enum):
     ATTENTION_SPARSE = "attention-sparse"
     QUANTIZATION = "quantization"
     SHIFT_ADD = "shift-add"
+    PRECISION = "precision"
 
 
 @dataclass(frozen=True)

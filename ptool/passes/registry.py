@@ -22,6 +22,7 @@ def _pass_classes() -> tuple[type[Pass], ...]:
     from ptool.passes.fold_affine import FoldAffine
     from ptool.passes.fold_bn import FoldBatchNorm
     from ptool.passes.merge_branches import MergeBranches
+    from ptool.passes.precision import Precision
     from ptool.passes.quant.logquant import LogQuant
     from ptool.passes.quant.quantize import Quantize
     from ptool.passes.quant.repquant import RepQuant
@@ -36,6 +37,7 @@ def _pass_classes() -> tuple[type[Pass], ...]:
         FoldBatchNorm, MergeBranches, FoldAffine, RepBatchNorm,
         LinearAttention, SigmoidAttention, SoftplusAttention, SparseAttention,
         Quantize, SmoothQuant, Rotate, LogQuant, RepQuant,
+        Precision,
         ShiftLinear,
         BinaryAttention,
     )

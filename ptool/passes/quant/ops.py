@@ -3,8 +3,11 @@
 The ``quantize`` pass replaces ``aten.linear`` / ``aten.embedding`` nodes by these ops, so the FX
 graph says exactly what runs. Each op has
 
-- a **torch implementation**: the integer arithmetic written in float (quantize the activation,
-  multiply by the stored integer weight, rescale), what ``m2(x)`` runs - correct, not fast;
+- a **torch implementation**, what ``m2(x)`` runs: for the int8 linears on the CPU a real integer
+  kernel (``torch._int_mm``, int8 x int8 -> int32 on VNNI / AMX; about 5x a float32 matmul of
+  the same shape here), elsewhere the integer arithmetic written in float (quantize the
+  activation, multiply by the stored integer weight, rescale). Both give the same numbers up to
+  float32 rounding of the sums;
 - an **ONNX translation** (:func:`onnx_translations`, used by ``ptool.export_onnx``) to the ops
   ONNX Runtime runs as integer kernels:
 
@@ -13,6 +16,8 @@ graph says exactly what runs. Each op has
   ==============================  ========================================================
   ``linear_dynamic_int8``         ``DynamicQuantizeLinear`` -> ``MatMulInteger`` (u8 x s8)
                                   -> rescale (ORT fuses it into ``DynamicQuantizeMatMul``)
+  ``linear_token_int8``           per-row ``max|x|`` scale -> int8 levels -> ``MatMulInteger``
+                                  (s8 x s8) -> rescale by row and by channel
   ``linear_static_int8``          ``QuantizeLinear`` (calibrated scale) -> ``MatMulInteger``
                                   -> rescale (ORT: ``MatMulIntegerToFloat``). A QDQ pair
                                   around ``MatMul`` is not fused by ORT with per-channel
@@ -39,6 +44,7 @@ first), and per ``group_size`` inputs of each output channel one scale and one 4
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -89,6 +95,60 @@ def _linear_dynamic_int8(x, weight_t, weight_scale, bias):
     return y + bias if bias is not None else y
 
 
+def token_quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 levels (as float) of each row of ``x`` over its own ``max|x|``, and the row scales."""
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return torch.clamp(torch.round(x / scale), -127, 127), scale
+
+
+def _linear_token_int8(x, weight_t, weight_scale, bias):
+    xq, x_scale = token_quantize_int8(x)
+    y = (xq @ weight_t.to(x.dtype)) * x_scale * weight_scale
+    return y + bias if bias is not None else y
+
+
+# ---------------------------------------------------------------------------------------------
+# integer kernels: what the torch ops run (torch._int_mm: int8 x int8 -> int32, VNNI / AMX on x86)
+
+_COLUMN_SUMS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _column_sums(weight_t: torch.Tensor) -> torch.Tensor:
+    """``sum_k W[k, n]`` as int32, computed once per stored weight (and again if it is modified);
+    an entry goes when its weight is freed."""
+    key = id(weight_t)
+    cached = _COLUMN_SUMS.get(key)
+    if cached is None or cached[0]() is not weight_t or cached[1] != weight_t._version:
+        ref = weakref.ref(weight_t, lambda _, key=key: _COLUMN_SUMS.pop(key, None))
+        cached = (ref, weight_t._version, weight_t.sum(0, dtype=torch.int32))
+        _COLUMN_SUMS[key] = cached
+    return cached[2]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+def _int8_linear_dynamic(x, weight_t, weight_scale, bias, column_sums=_column_sums):
+    """:func:`_linear_dynamic_int8` on integers: the uint8 levels shifted by 128 into int8 for
+    ``_int_mm``, the shift put back exactly as ``(128 - zero) * column sums`` (int32)."""
+    xq, x_scale, x_zero = dynamic_quantize_uint8(_rows(x))
+    acc = torch._int_mm((xq - 128).to(torch.int8), weight_t)
+    acc = acc + (128 - x_zero).to(torch.int32) * column_sums(weight_t)
+    y = acc.to(torch.float32) * (x_scale * weight_scale)
+    y = y + bias if bias is not None else y
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def _int8_linear_token(x, weight_t, weight_scale, bias):
+    """:func:`_linear_token_int8` on integers (``_int_mm`` of the int8 rows and weights)."""
+    xq, x_scale = token_quantize_int8(_rows(x))
+    acc = torch._int_mm(xq.to(torch.int8), weight_t)
+    y = acc.to(torch.float32) * x_scale * weight_scale
+    y = y + bias if bias is not None else y
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
 def _linear_static_int8(x, x_scale, x_zero, weight_t, weight_scale, bias):
     xq = torch.clamp(torch.round(x / x_scale) + x_zero, 0, 255)
     y = ((xq - x_zero) * x_scale) @ (weight_t.to(x.dtype) * weight_scale)
@@ -117,7 +177,18 @@ def _embedding_int4(ids, packed, scales, zeros, width: int):
 def linear_dynamic_int8(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + b`` with ``x`` quantized to uint8 on the fly and ``W`` int8 per output channel."""
+    if x.device.type == "cpu" and x.numel():
+        return _int8_linear_dynamic(x, weight_t, weight_scale, bias)
     return _linear_dynamic_int8(x, weight_t, weight_scale, bias)
+
+
+@torch.library.custom_op(f"{_LIB}::linear_token_int8", mutates_args=())
+def linear_token_int8(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + b`` with each row of ``x`` quantized to int8 over its own range, ``W`` int8 per output channel."""
+    if x.device.type == "cpu" and x.numel():
+        return _int8_linear_token(x, weight_t, weight_scale, bias)
+    return _linear_token_int8(x, weight_t, weight_scale, bias)
 
 
 @torch.library.custom_op(f"{_LIB}::linear_static_int8", mutates_args=())
@@ -152,6 +223,7 @@ def _rows_out(x: torch.Tensor, out_features: int) -> torch.Tensor:
 
 
 linear_dynamic_int8.register_fake(lambda x, weight_t, weight_scale, bias: _rows_out(x, weight_t.shape[1]))
+linear_token_int8.register_fake(lambda x, weight_t, weight_scale, bias: _rows_out(x, weight_t.shape[1]))
 linear_static_int8.register_fake(lambda x, xs, xz, weight_t, weight_scale, bias: _rows_out(x, weight_t.shape[1]))
 linear_int4.register_fake(lambda x, packed, scales, zeros, bias, in_features: _rows_out(x, packed.shape[0]))
 embedding_int8.register_fake(lambda ids, table, scales: scales.new_empty(*ids.shape, table.shape[1]))
@@ -189,6 +261,7 @@ def _register_gradients() -> None:
         return (grad @ weight.to(grad.dtype)).to(x.dtype), None, None, None, bias_grad(grad, bias), None
 
     linear_dynamic_int8.register_autograd(backward_int8, setup_context=setup_int8)
+    linear_token_int8.register_autograd(backward_int8, setup_context=setup_int8)
     linear_static_int8.register_autograd(backward_int8, setup_context=setup_int8)
     linear_int4.register_autograd(backward_int4, setup_context=setup_int4)
 
@@ -196,11 +269,26 @@ def _register_gradients() -> None:
 _register_gradients()
 
 
+def integer_kernels() -> dict:
+    """The int8 linears as plain torch functions on ``torch._int_mm``, for ``torch.compile``: traced
+    through instead of called as opaque ops, so Inductor fuses the activation quantization and
+    the rescale into the neighbouring element-wise kernels (and, with freezing, folds the weights'
+    column sums into constants)."""
+    ops = torch.ops.ptool_quant
+
+    def dynamic(x, weight_t, weight_scale, bias):
+        return _int8_linear_dynamic(x, weight_t, weight_scale, bias,
+                                    column_sums=lambda w: w.sum(0, dtype=torch.int32))
+
+    return {ops.linear_dynamic_int8.default: dynamic, ops.linear_token_int8.default: _int8_linear_token}
+
+
 def decompositions() -> dict:
     """Float decompositions of the ops, for ``ExportedProgram.run_decompositions`` (TVM's route)."""
     ops = torch.ops.ptool_quant
     return {
         ops.linear_dynamic_int8.default: _linear_dynamic_int8,
+        ops.linear_token_int8.default: _linear_token_int8,
         ops.linear_static_int8.default: _linear_static_int8,
         ops.linear_int4.default: _linear_int4,
         ops.embedding_int8.default: _embedding_int8,
@@ -261,6 +349,14 @@ def onnx_translations() -> dict:
         acc = op.MatMulInteger(xq, weight_t, x_zero, const(0, np.int8))
         return add_bias(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Mul(x_scale, weight_scale)), bias)
 
+    def linear_token(x, weight_t, weight_scale, bias):
+        tiny = const(np.finfo(np.float32).tiny, np.float32)
+        peak = op.ReduceMax(op.Abs(x), const([-1], np.int64), keepdims=1)
+        x_scale = op.Div(op.Max(peak, tiny), const(127.0, np.float32))
+        levels = op.Clip(op.Round(op.Div(x, x_scale)), const(-127.0, np.float32), const(127.0, np.float32))
+        acc = op.MatMulInteger(op.Cast(levels, to=ir.DataType.INT8), weight_t, const(0, np.int8), const(0, np.int8))
+        return add_bias(op.Mul(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), x_scale), weight_scale), bias)
+
     def linear_static(x, x_scale, x_zero, weight_t, weight_scale, bias):
         zero = op.Cast(x_zero, to=ir.DataType.UINT8)
         acc = op.MatMulInteger(op.QuantizeLinear(x, x_scale, zero), weight_t, zero, const(0, np.int8))
@@ -301,6 +397,7 @@ def onnx_translations() -> dict:
     ops = torch.ops.ptool_quant
     return {
         ops.linear_dynamic_int8.default: linear_dynamic,
+        ops.linear_token_int8.default: linear_token,
         ops.linear_static_int8.default: linear_static,
         ops.linear_int4.default: linear_int4,
         ops.embedding_int8.default: embedding_int8,

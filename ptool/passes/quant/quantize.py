@@ -5,8 +5,11 @@ the quantized ops of :mod:`ptool.passes.quant.ops`, and, with ``embeddings=true`
 embedding table becomes an int8/int4 gather. Modes:
 
 - ``int8-dynamic`` (default): weights int8, one scale per output channel (``per-channel``) or per
-  tensor; each activation quantized to uint8 over its own range when it is computed. No
-  calibration needed. ONNX: ``DynamicQuantizeLinear`` + ``MatMulInteger``.
+  tensor; each activation quantized to uint8 over its own range when it is computed
+  (``activations=per-tensor``; ONNX: ``DynamicQuantizeLinear`` + ``MatMulInteger``), or each
+  row (token) to int8 over its own ``max|x|`` (``activations=per-token``, finer: one outlier
+  token no longer coarsens every other token's grid; ONNX: ``ReduceMax`` + ``MatMulInteger``
+  s8 x s8). No calibration needed. On the CPU, torch runs both on ``torch._int_mm``.
 - ``int8-static``: the activation scale and zero point are calibrated (``observer`` =
   ``minmax``, ``percentile`` or ``mse``) on the calibration data. ONNX: QDQ around ``MatMul``.
 - ``int4-weight``: weight-only; 4-bit levels with one scale and zero point per ``group_size``
@@ -97,6 +100,9 @@ class Quantize(Pass):
         embeddings: quantize embedding tables too (int8 per row; int4 per group).
         exclude: ``fnmatch`` patterns on module path or node name of layers kept in float.
         keep_float: keep the N most quantization-sensitive linears in float (needs calibration).
+        activations: ``int8-dynamic`` activation scales: ``per-tensor`` (uint8, one range for
+            the whole activation, as ONNX Runtime's ``quantize_dynamic``) or ``per-token`` (int8,
+            one symmetric scale per row).
         fuse_shared_inputs: linears reading the same input (q/k/v, gate/up) become one wider
             integer matmul and a split: fewer kernel calls, the same numbers (per-channel
             scales, and the shared input is quantized once either way).
@@ -105,7 +111,8 @@ class Quantize(Pass):
     name: ClassVar[str] = "quantize"
     family: ClassVar[Family] = Family.QUANTIZATION
     numerics: ClassVar[Numerics] = Lossy("cosine", 0.97)
-    tuning_candidates: ClassVar[tuple[str, ...]] = ("quantize", "quantize:mode=int4-weight")
+    tuning_candidates: ClassVar[tuple[str, ...]] = ("quantize", "quantize:activations=per-token",
+                                                    "quantize:mode=int4-weight")
 
     mode: Mode = "int8-dynamic"
     granularity: Literal["per-channel", "per-tensor"] = "per-channel"
@@ -115,6 +122,7 @@ class Quantize(Pass):
     embeddings: bool = True
     exclude: tuple[str, ...] = ()
     keep_float: int = 0
+    activations: Literal["per-tensor", "per-token"] = "per-tensor"
     fuse_shared_inputs: bool = True
 
     def __post_init__(self) -> None:
@@ -124,6 +132,8 @@ class Quantize(Pass):
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.keep_float < 0:
             raise ValueError(f"keep_float must be >= 0, got {self.keep_float}")
+        if self.activations == "per-token" and self.mode != "int8-dynamic":
+            raise ValueError("activations=per-token applies to mode=int8-dynamic only")
         if self.mode == "int4-weight" and self.granularity == "per-tensor":
             raise ValueError("int4-weight uses per-group scales; granularity=per-tensor applies to int8 modes only")
 
@@ -221,6 +231,10 @@ class Quantize(Pass):
     def _simulate(self, site: _Site, stats: _LayerStats):
         """``x -> quantized layer(x)`` without bias, in float: the sensitivity probe."""
         w_hat = self._fake_weight(site.weight)
+        if self.mode == "int8-dynamic" and self.activations == "per-token":
+            from ptool.passes.quant.ops import token_quantize_int8
+
+            return lambda x: _token_fake(token_quantize_int8, x) @ w_hat.T
         if self.mode == "int8-dynamic":
             grid = qz.IntRange(8, signed=False)
             return lambda x: qz.fake_quantize_dynamic(x, grid) @ w_hat.T
@@ -270,7 +284,7 @@ class Quantize(Pass):
             weight_scale = buffer("qscale", scales)
             if self.mode == "int8-dynamic":
                 args = (site.x, weight_t, weight_scale, site.bias)
-                target = ops.linear_dynamic_int8.default
+                target = (ops.linear_token_int8 if self.activations == "per-token" else ops.linear_dynamic_int8).default
             else:
                 x_scale, x_zero = stats.observer.qparams(qz.IntRange(8, signed=False))
                 args = (site.x, buffer("x_scale", x_scale.reshape(())), buffer("x_zero", x_zero.reshape(())),
@@ -292,6 +306,11 @@ class Quantize(Pass):
             return levels, scale.expand(w.shape[0]).contiguous()
         levels, scales = qz.quantize_weight(w, 8)
         return levels, scales.squeeze(-1)
+
+
+def _token_fake(quantize, x: torch.Tensor) -> torch.Tensor:
+    levels, scale = quantize(x)
+    return levels * scale
 
 
 def _bias_tensor(gm: fx.GraphModule, site: _Site) -> torch.Tensor | None | bool:

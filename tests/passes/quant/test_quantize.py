@@ -13,6 +13,7 @@ from ptool.errors import PassError
 from ptool.ir.graph import op_histogram
 from ptool.passes.quant import ops
 from ptool.passes.quant import quantizers as qz
+from ptool.backends.torch_backend import with_traceable_kernels
 from ptool.passes.quant.quantize import Quantize, find_sites
 from tests.models import zoo
 
@@ -246,3 +247,70 @@ def test_gradient_through_quantized_linears_is_straight_through(mode):
     y.backward(grad_y)
     torch.testing.assert_close(x.grad, (grad_y @ w_deq) * inside, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, grad_y.sum((0, 1)))
+
+
+# ------------------------------------------------------------------------------ integer kernels on torch
+@pytest.mark.parametrize("shape", [(1, 64), (3, 7, 64), (2, 128, 64)])
+@pytest.mark.parametrize("kernel", ["dynamic", "token"])
+def test_integer_kernel_matches_the_float_reference(shape, kernel):
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 3
+    weight = torch.randn(48, 64)
+    levels, scales = qz.quantize_weight(weight, 8)
+    weight_t, scale, bias = levels.T.contiguous(), scales.squeeze(-1), torch.randn(48)
+    integer = {"dynamic": ops._int8_linear_dynamic, "token": ops._int8_linear_token}[kernel]
+    reference = {"dynamic": ops._linear_dynamic_int8, "token": ops._linear_token_int8}[kernel]
+    got, want = integer(x, weight_t, scale, bias), reference(x, weight_t, scale, bias)
+    assert got.shape == want.shape == (*shape[:-1], 48)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["quantize", "quantize:activations=per-token"])
+def test_quantized_linears_run_on_an_integer_matmul_in_torch(spec):
+    fixture, m2 = _quantized("bert", spec)
+    args, kwargs = fixture.heldout(1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        m2(*args, **kwargs)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::_int_mm") == 2 * 4 + 1  # fused qkv, o, fc1, fc2 per layer + pooler
+    assert "aten::mm" not in names and "aten::addmm" not in names
+
+
+def test_per_token_activations_beat_per_tensor_on_an_outlier_token():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).eval()
+    x = torch.randn(1, 16, 64)
+    x[0, 3] *= 50  # one token far larger than the rest, like the massive activations of trained models
+    with torch.no_grad():
+        reference = model(x)
+    sqnr = {}
+    for act in ("per-tensor", "per-token"):
+        m2 = ptool.transform(model, [Quantize(activations=act)], (x,))
+        with torch.no_grad():
+            sqnr[act] = ptool.verify.compare(reference[0, :3], m2(x)[0, :3]).sqnr_db  # the ordinary tokens
+    assert sqnr["per-token"] > sqnr["per-tensor"] + 10
+
+
+def test_per_token_lowers_to_onnx_runtime_within_one_step(tmp_path):
+    fixture, m2 = _quantized("bert", "quantize:activations=per-token")
+    assert _ort_max_error(fixture, m2, tmp_path) < 1e-3
+    assert _cosine(fixture, m2) >= 0.995
+
+
+def test_per_token_needs_dynamic_mode():
+    with pytest.raises(PassError, match="per-token"):
+        ptool.passes.registry.parse_pass("quantize:mode=int4-weight,activations=per-token")
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_integer_kernels_and_matches_eager():
+    fixture, m2 = _quantized("bert", "quantize:activations=per-token")
+    run = ptool.compile(m2, backend="torch", example_inputs=fixture.example_inputs, compile=True, freezing=True)
+    args, kwargs = fixture.heldout(1)
+    with torch.no_grad():
+        assert ptool.verify.compare(m2(*args, **kwargs), run(*args, **kwargs)).max_abs_error < 1e-3
+    # the user's module keeps its graph ops; only the compiled copy runs the traced kernels
+    assert any(n.target is torch.ops.ptool_quant.linear_token_int8.default for n in m2.graph_module.graph.nodes)
+    traced = with_traceable_kernels(m2).graph_module.graph
+    kernel = ops.integer_kernels()[torch.ops.ptool_quant.linear_token_int8.default]
+    assert sum(n.target is kernel for n in traced.nodes) == 2 * 4 + 1
