@@ -189,14 +189,22 @@ def compile(model: Any, backend: str = "torch", example_inputs: Any = None, *, e
 
     The callable takes the model's own arguments and returns torch tensors in the model's output
     structure. ``options`` are backend options (e.g. ``intra_op_threads=2`` for ONNX Runtime).
+    ``device`` is ``cpu``, ``cuda`` or ``cuda:N``; on a GPU the outputs stay on it.
+
+    Raises:
+        UsageError: an unknown backend, option or device spelling, or a CUDA device this machine
+            lacks (one line, saying why: e.g. a CPU-only torch).
+        BackendError: the backend could not build or load the model (e.g. no CUDA in its build).
     """
     from ptool.backends import compile_module
+    from ptool.backends.device import parse_device
     from ptool.frontends.torch_export import check_inputs
 
     from ptool.onnx_module import OnnxTransformedModule
 
-    if device != "cpu":
-        raise UsageError(f"device '{device}' is not available on this machine (allowed: cpu)")
+    if isinstance(model, OnnxTransformedModule) and parse_device(device).is_cuda:
+        raise UsageError(f"a model loaded from ONNX runs in its CPU session; for device '{device}' give "
+                         "ptool the torch model or a .pt2")
     if isinstance(model, OnnxTransformedModule):
         if backend != "onnxruntime" or options:
             raise UsageError(

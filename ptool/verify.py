@@ -151,9 +151,10 @@ def compare(reference: Any, outputs: Any) -> Fidelity:
             continue
         if r.is_floating_point() or r.is_complex():
             eps = max(eps, torch.finfo(r.dtype).eps) if r.is_floating_point() else eps
-            refs.append(r.detach().reshape(-1).to(torch.float64))
-            outs.append(o.detach().reshape(-1).to(torch.float64))
-        elif not torch.equal(r, o.to(r.dtype)):
+            # on the host in float64: the two sides may sit on different devices (a GPU backend vs eager CPU)
+            refs.append(r.detach().reshape(-1).to("cpu", torch.float64))
+            outs.append(o.detach().reshape(-1).to("cpu", torch.float64))
+        elif not torch.equal(r.cpu(), o.to("cpu", r.dtype)):
             mismatched += 1
     if not refs:
         return Fidelity(0.0, 0.0, 1.0, math.inf, 0.0, mismatched)

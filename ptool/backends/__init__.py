@@ -4,6 +4,8 @@
     run(x)                # torch tensors, same structure as model(x)
     run.verify()          # ptool.verify.Fidelity vs eager torch on the example call
 
+    run = compile_module(model, "tvm", (x,), device="cuda")   # outputs stay on the GPU
+
 Importing this package is cheap: torch, onnxruntime and TVM are imported by the backend that
 needs them, when it is used.
 """
@@ -23,8 +25,8 @@ if TYPE_CHECKING:
 BACKENDS = ("torch", "onnxruntime", "tvm")
 """Backend names, in the order tables list them."""
 
-DEVICES = ("cpu",)
-"""Devices the backends target (this build has no GPU path)."""
+DEVICES = ("cpu", "cuda")
+"""Device kinds the backends target (``cuda:N`` picks a GPU; see :mod:`ptool.backends.device`)."""
 
 _MODULES = {
     "torch": "ptool.backends.torch_backend",
@@ -73,7 +75,12 @@ def compile_module(
         example_inputs / example_kwargs: one call, ``module(*example_inputs, **example_kwargs)``;
             the compiled model takes calls of the same structure (and the same shapes unless
             compiled with ``dynamic_shapes``).
-        device: one of :data:`DEVICES`.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (see :mod:`ptool.backends.device`). On
+            CUDA the compiled model returns its outputs on the GPU. The torch backend runs a copy
+            of ``module`` moved to the GPU (the caller's module stays where it was) and moves
+            inputs there; ONNX Runtime (CUDA or TensorRT execution provider) and TVM (CUDA
+            target) export and build from the module where it is (the example call is moved
+            there) and take inputs on any device.
         **options: backend options (see ``Options`` in each backend module); CLI strings such
             as ``"2"`` or ``"true"`` are accepted too.
 
@@ -82,22 +89,64 @@ def compile_module(
         module's own output structure.
 
     Raises:
-        UsageError: unknown backend, device or option.
+        UsageError: unknown backend, device or option; a CUDA device this machine lacks.
         InputError: example inputs that do not fit the module.
         BackendError: the backend could not export, build or load the model.
     """
     import torch
 
     from ptool.backends._common import ExampleCall
+    from ptool.backends.device import check_available, parse_device
 
     mod = _backend_module(backend)
-    if device not in DEVICES:
-        raise UsageError(f"unknown device '{device}' (allowed: {', '.join(DEVICES)})")
+    dev = parse_device(device)
     opts = backend_options(backend, options)
+    check_available(dev)
     if isinstance(module, torch.export.ExportedProgram):
         module = module.module()
+    if backend == "torch":
+        # the module and the example call go to the device first; calls move their inputs there
+        if dev.is_cuda:
+            module = _module_on(module, dev.torch)
+            example_inputs, example_kwargs = _tensors_to((example_inputs, example_kwargs), dev.torch)
+        example = ExampleCall.run(module, example_inputs, example_kwargs)
+        return mod.compile(module, example, opts, dev)
+    # ONNX Runtime and TVM export the module where it is: the example call runs there too (inputs
+    # already on the GPU, as a GPU caller has them, are fine)
+    example_inputs, example_kwargs = _tensors_to((example_inputs, example_kwargs), _device_of(module))
     example = ExampleCall.run(module, example_inputs, example_kwargs)
-    return mod.compile(module, example, opts)
+    return mod.compile(module, example, opts, dev)
+
+
+def _module_on(module: Any, device: Any) -> Any:
+    """``module`` itself if its weights are all on ``device``, else a copy moved there (``.to`` is
+    in place: moving the caller's model would be a surprise side effect of compiling it)."""
+    import copy
+
+    import torch
+
+    tensors = [*module.parameters(), *module.buffers()] if isinstance(module, torch.nn.Module) else []
+    if all(t.device == device for t in tensors):
+        return module
+    return copy.deepcopy(module).to(device)
+
+
+def _device_of(module: Any) -> Any:
+    """Where ``module``'s first weight lies (the CPU for a module without any)."""
+    import torch
+
+    if isinstance(module, torch.nn.Module):
+        for t in (*module.parameters(), *module.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def _tensors_to(tree: Any, device: Any) -> Any:
+    """Every tensor leaf of ``tree`` moved to ``device`` (other leaves as they are)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
 
 
 def __getattr__(name: str) -> Any:

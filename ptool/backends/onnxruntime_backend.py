@@ -1,6 +1,12 @@
 """ONNX Runtime backend: export to ONNX, run an ``InferenceSession`` (CPU provider by default; CUDA,
 TensorRT, OpenVINO or oneDNN when the installed ORT build has them).
 
+On ``device="cuda"`` the session runs on ORT's CUDA execution provider (TensorRT's with
+``provider="tensorrt"``; CPU stays the fallback for ops they lack) and is fed through IO binding:
+inputs are bound where they lie on the GPU (no host round trip), outputs are allocated there by
+ORT and handed to torch through DLPack, so they stay on the GPU too. The pip package
+``onnxruntime`` has no CUDA provider; ``onnxruntime-gpu`` has.
+
 Thread spinning is off by default (``allow_spinning=False``): ORT's worker threads otherwise
 busy-wait after each run and steal the cores from whatever runs next in the process (torch timed
 right after ORT measures several times slower on 2 cores).
@@ -16,8 +22,9 @@ from typing import Any, Literal
 import torch
 
 from ptool.backends._common import CompiledModel, ExampleCall, cast_input, check_shape, first_line, options_dict
+from ptool.backends.device import CPU, Device
 from ptool.backends.onnx_export import DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES, export_onnx
-from ptool.errors import BackendError
+from ptool.errors import BackendError, UsageError
 
 NAME = "onnxruntime"
 
@@ -55,7 +62,8 @@ class Options:
         external_data_threshold_bytes: weights above this go to a ``.onnx.data`` file.
         provider: execution provider (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``dnnl``); it
             must be in this ORT build (:func:`available_providers`); the CPU provider stays as the
-            fallback for ops the chosen one lacks.
+            fallback for ops the chosen one lacks. On ``device="cuda"``: ``cpu`` (the default) and
+            ``cuda`` mean the CUDA provider, ``tensorrt`` TensorRT's (see :func:`session_providers`).
         transformer_fusions: run ORT's transformer optimizer (``onnxruntime.transformers``,
             model type ``bert``) on the exported graph: LayerNorm, SkipLayerNorm, BiasGelu and,
             where it recognizes the pattern, Attention fusions. The fused-op counts go to ``info``.
@@ -126,6 +134,52 @@ def available_providers() -> list[str]:
     return [name for name, ort_name in PROVIDERS.items() if ort_name in present]
 
 
+#: The providers that run on a GPU (the others run on the host CPU).
+GPU_PROVIDERS = ("cuda", "tensorrt")
+
+
+def session_providers(provider: str, device: Device = CPU,
+                      available: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The ``providers`` list for ``InferenceSession``: ``(ORT name, provider options)`` pairs,
+    best first, ending with the CPU provider (the fallback for ops the others lack).
+
+    On the CPU, ``provider`` as given. On CUDA device ``N``: the CUDA provider with
+    ``device_id=N`` (``provider`` ``cpu``, the default, or ``cuda``), or TensorRT's then CUDA's
+    (``provider="tensorrt"``).
+
+    Args:
+        available: ORT names of the providers present (default: ``onnxruntime.get_available_providers()``).
+
+    Raises:
+        BackendError: the provider, or on CUDA the CUDA provider, is not in this onnxruntime build.
+        UsageError: a CPU-only provider (``openvino``, ``dnnl``) asked for on a CUDA device.
+    """
+    import onnxruntime as ort
+
+    present = list(ort.get_available_providers()) if available is None else list(available)
+    names = [name for name, ort_name in PROVIDERS.items() if ort_name in present]
+    if not device.is_cuda:
+        if provider not in names:
+            raise BackendError(f"ORT execution provider {provider!r} is not in this onnxruntime build "
+                               f"(available: {', '.join(names)})")
+        return [(PROVIDERS[p], {}) for p in dict.fromkeys([provider, "cpu"])]
+    if provider not in ("cpu", *GPU_PROVIDERS):
+        raise UsageError(f"ORT provider {provider!r} runs on the CPU; on device '{device}' use provider "
+                         f"cuda (the default there) or tensorrt")
+    if PROVIDERS["cuda"] not in present:
+        raise BackendError(f"device '{device}' needs ONNX Runtime's CUDA execution provider, which the installed "
+                           f"onnxruntime {ort.__version__} lacks (available: {', '.join(names)}); "
+                           "pip install onnxruntime-gpu")
+    gpu = {"device_id": device.index}
+    chosen = [(PROVIDERS["cuda"], gpu)]
+    if provider == "tensorrt":
+        if PROVIDERS["tensorrt"] not in present:
+            raise BackendError(f"ORT execution provider 'tensorrt' is not in this onnxruntime build "
+                               f"(available: {', '.join(names)})")
+        chosen.insert(0, (PROVIDERS["tensorrt"], dict(gpu)))
+    return chosen + [(PROVIDERS["cpu"], {})]
+
+
 def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any]]:
     """The autotuner's ORT candidates: defaults; every core for intra-op threads (ORT's default is
     one per *physical* core); the ``extended`` and ``basic`` graph-optimization levels (``all`` adds
@@ -154,17 +208,16 @@ def _fuse_transformer(path: Path) -> tuple[Path, dict[str, int]]:
     return fused, counts
 
 
-def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel:  # noqa: A001
-    """Export ``module`` to ONNX and open an ONNX Runtime session on it.
+def compile(module: Any, example: ExampleCall, opts: Options, device: Device = CPU) -> CompiledModel:  # noqa: A001
+    """Export ``module`` to ONNX and open an ONNX Runtime session on it, for ``device``.
 
     Raises:
-        BackendError: the export or the session creation failed.
+        BackendError: the provider is missing, or the export or the session creation failed.
+        UsageError: a CPU-only provider asked for on a CUDA device.
     """
     import onnxruntime as ort
 
-    if opts.provider not in available_providers():
-        raise BackendError(f"ORT execution provider {opts.provider!r} is not in this onnxruntime build "
-                           f"(available: {', '.join(available_providers())})")
+    providers = session_providers(opts.provider, device)
     keepalive = None
     if opts.onnx_path is not None:
         path = Path(opts.onnx_path)
@@ -185,11 +238,14 @@ def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel: 
     fused: dict[str, int] | None = None
     if opts.transformer_fusions:
         path, fused = _fuse_transformer(path)
-    providers = list(dict.fromkeys([PROVIDERS[opts.provider], "CPUExecutionProvider"]))
     try:
         session = ort.InferenceSession(str(path), _session_options(opts), providers=providers)
     except Exception as e:
         raise BackendError(f"onnxruntime cannot load the exported model: {first_line(e)}") from e
+    if providers[0][0] not in session.get_providers():  # ORT falls back to the CPU with only a warning
+        raise BackendError(f"onnxruntime {ort.__version__} could not start {providers[0][0]} (the session fell "
+                           f"back to {', '.join(session.get_providers())}): the libraries it needs (CUDA, cuDNN, "
+                           "TensorRT) are missing or do not match this build")
 
     inputs = session.get_inputs()
     if len(inputs) != len(example.inputs.names):
@@ -202,15 +258,7 @@ def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel: 
         raise BackendError(
             f"the ONNX model has {n_out} outputs but the module returns {example.outputs.num_tensors} tensors"
         )
-    feeds = [
-        (
-            i.name,
-            _torch_dtype(i.type) or dtype,
-            [d if isinstance(d, int) else None for d in i.shape],
-            user_name,
-        )
-        for i, dtype, user_name in zip(inputs, example.inputs.dtypes, example.inputs.names)
-    ]
+    feeds = _feeds(session, example)
     run_options = ort.RunOptions()
     run_options.log_severity_level = 3
 
@@ -226,13 +274,79 @@ def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel: 
             raise BackendError(f"onnxruntime failed while running the model: {first_line(e)}") from e
         return [torch.from_numpy(o) for o in outs]
 
+    if device.is_cuda:
+        run = _bound_runner(session, feeds, device, run_options)
     return CompiledModel(
         backend=NAME,
         options=options_dict(opts),
         example=example,
         run_flat=run,
         onnx_path=path,
-        info={"providers": session.get_providers(), "input_names": [f[0] for f in feeds],
+        info={"device": str(device), "providers": session.get_providers(), "input_names": [f[0] for f in feeds],
               **({"fused_ops": fused} if fused is not None else {})},
         keepalive=(keepalive, session),
     )
+
+
+Feed = tuple[str, torch.dtype, list[int | None], str]
+"""One graph input: ``(ORT name, dtype, shape with None for symbolic dims, the user's name)``."""
+
+
+def _feeds(session: Any, example: ExampleCall) -> list[Feed]:
+    return [
+        (
+            i.name,
+            _torch_dtype(i.type) or dtype,
+            [d if isinstance(d, int) else None for d in i.shape],
+            user_name,
+        )
+        for i, dtype, user_name in zip(session.get_inputs(), example.inputs.dtypes, example.inputs.names)
+    ]
+
+
+def _element_type(dtype: torch.dtype) -> Any:
+    """What ``IOBinding.bind_input`` takes for ``dtype``: a numpy type, or ONNX's number for bfloat16."""
+    import numpy as np
+
+    if dtype == torch.bfloat16:
+        return 16  # onnx.TensorProto.BFLOAT16: numpy has no bfloat16
+    if dtype == torch.bool:
+        return np.bool_
+    return torch.empty(0, dtype=dtype).numpy().dtype.type
+
+
+def _to_torch(value: Any, device: torch.device) -> torch.Tensor:
+    """An output ``OrtValue`` as a torch tensor on ``device``: shared through DLPack, else copied."""
+    try:
+        return torch.from_dlpack(value)
+    except Exception:  # an ORT without OrtValue.__dlpack__ (before 1.2x): through the host
+        return torch.from_numpy(value.numpy()).to(device)
+
+
+def _bound_runner(session: Any, feeds: list[Feed], device: Device, run_options: Any) -> Any:
+    """``run(tensors) -> outputs`` through IO binding on ``device``: inputs moved there (a no-op
+    for tensors already there) and bound by pointer, outputs allocated there by ORT and returned
+    as torch tensors on it (no host copies on CUDA). Used for CUDA; works on the CPU too."""
+    kind, target = device.kind, device.torch
+    out_names = [o.name for o in session.get_outputs()]
+
+    def run(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        binding = session.io_binding()  # one per call: outputs of earlier calls stay valid
+        bound = []  # the bound tensors must outlive the run
+        for (name, dtype, shape, user_name), t in zip(feeds, tensors):
+            t = cast_input(user_name, t.detach(), dtype)
+            check_shape(user_name, t, shape)
+            t = t.to(target).contiguous()
+            bound.append(t)
+            binding.bind_input(name, kind, device.index, _element_type(t.dtype), tuple(t.shape), t.data_ptr())
+        for name in out_names:
+            binding.bind_output(name, kind, device.index)
+        if device.is_cuda:  # ORT reads the inputs on its own stream: torch's writes must be done
+            torch.cuda.current_stream(target).synchronize()
+        try:
+            session.run_with_iobinding(binding, run_options)  # returns once the outputs are ready
+        except Exception as e:
+            raise BackendError(f"onnxruntime failed while running the model: {first_line(e)}") from e
+        return [_to_torch(v, target) for v in binding.get_outputs()]
+
+    return run

@@ -2,6 +2,11 @@
 
 Calls run under ``torch.no_grad()`` like the other backends (their outputs carry no autograd
 graph either), so latency comparisons are fair.
+
+``torch.compile`` options that matter on a CPU: ``freezing=True`` lets Inductor treat the weights
+as constants (they are folded into oneDNN's pre-packed layouts: bf16 weights run on the CPU's
+bf16 units, AVX-512-BF16 or AMX, without a per-call re-layout), and ``mode="max-autotune"``
+benchmarks Inductor's C++ GEMM templates against the library kernels for each matmul shape.
 """
 
 from __future__ import annotations
@@ -25,40 +30,105 @@ class Options:
         compile: wrap the module in ``torch.compile`` (Inductor; needs a C++ compiler on CPU).
         mode: ``torch.compile`` mode (only with ``compile=True``).
         dynamic: let ``torch.compile`` generate shape-generic code (None: torch decides).
+        freezing: Inductor freezing: weights become constants, folded and pre-packed for the
+            CPU's GEMM kernels (only with ``compile=True``; the weights must not change afterwards).
     """
 
     compile: bool = False
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     dynamic: bool | None = None
+    freezing: bool = False
 
+    def __post_init__(self) -> None:
+        if not self.compile and (self.freezing or self.mode != "default"):
+            raise ValueError("freezing and mode apply to torch.compile: add compile=true")
+
+
+#: Variants the autotuner tries for every approximate (reduced-precision) candidate, whatever won on
+#: float32: freezing is where bf16 weights get pre-packed and int8 quantization gets fused.
+REDUCED_PRECISION_VARIANTS = ({"compile": True, "freezing": True},)
 
 
 def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any]]:
-    """The autotuner's torch candidates: eager, and ``torch.compile`` (Inductor) where a C++ compiler exists."""
+    """The autotuner's torch candidates: eager, and ``torch.compile`` (Inductor) where a C++ compiler
+    exists: plain, and with freezing (weights pre-packed as constants)."""
     import shutil
 
     variants: list[dict[str, Any]] = [{}]
     if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"):
-        variants.append({"compile": True})
+        variants += [{"compile": True}, {"compile": True, "freezing": True}]
     return variants
 
 
-def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel:  # noqa: A001
+def compile_options(opts: Options) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments for ``opts`` (``mode`` and ``options`` are exclusive there)."""
+    if not opts.freezing:
+        return {"mode": opts.mode, "dynamic": opts.dynamic}
+    inductor: dict[str, Any] = {"freezing": True}
+    if opts.mode.startswith("max-autotune"):
+        inductor["max_autotune"] = True
+    if opts.mode in ("reduce-overhead", "max-autotune"):
+        inductor["triton.cudagraphs"] = True
+    return {"options": inductor, "dynamic": opts.dynamic}
+
+
+def with_traceable_kernels(module: Any) -> Any:
+    """``module`` with ptool's int8 linear ops swapped for their plain-torch integer kernels
+    (:func:`ptool.passes.quant.ops.integer_kernels`) so ``torch.compile`` traces into them.
+
+    The graph is copied (the weights are shared, not copied): the user's module is not touched.
+    A module without those ops is returned as it is.
+    """
+    import torch.fx as fx
+
+    gm = getattr(module, "graph_module", module)
+    if not isinstance(gm, fx.GraphModule):
+        return module
+    from ptool.passes.quant.ops import integer_kernels
+
+    kernels = integer_kernels()
+    if not any(n.op == "call_function" and n.target in kernels for n in gm.graph.nodes):
+        return module
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = gm.graph._codegen
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in kernels:
+            node.target = kernels[node.target]
+    copy = fx.GraphModule(gm, graph)
+    if copy is gm or gm is module:
+        return copy
+    from ptool.transformed import TransformedModule
+
+    return TransformedModule(copy, module.report, module.example_inputs, module.example_kwargs)
+
+
+def compile(module: Any, example: ExampleCall, opts: Options, device: Any = None) -> CompiledModel:  # noqa: A001
     """Wrap ``module`` (optionally ``torch.compile`` d, warmed up on the example call).
+
+    ``device``: a CUDA :class:`ptool.backends.device.Device` when ``module`` already sits on that
+    GPU; input tensors given on another device are moved there on each call, like the other
+    backends do.
 
     Raises:
         BackendError: ``torch.compile`` failed on the example call.
     """
     fn = module
     if opts.compile:
-        fn = torch.compile(module, mode=opts.mode, dynamic=opts.dynamic)
+        fn = torch.compile(with_traceable_kernels(module), **compile_options(opts))
         try:
             with torch.no_grad():
                 fn(*example.args, **example.kwargs)  # compile now, so failures surface here
         except Exception as e:
             raise BackendError(f"torch.compile failed: {type(e).__name__}: {first_line(e)}") from e
 
+    target = device.torch if device is not None and device.is_cuda else None
+
     def run(*args: Any, **kwargs: Any) -> Any:
+        if target is not None:
+            import torch.utils._pytree as pytree
+
+            args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(target), (args, kwargs))
         with torch.no_grad():
             return fn(*args, **kwargs)
 

@@ -33,6 +33,15 @@ Weights are bound as constants (``keep_params_as_input=False``): constant foldin
 pre-transposes linear weights at build time, and the VM owns one copy of the weights (the torch
 module keeps its own; nothing else is duplicated once the build returns).
 
+On ``device="cuda"`` (:mod:`ptool.backends.tvm_cuda`): a CUDA target made from the GPU's own
+limits (``sm_XY``, shared memory, warp size), TVM's CUDA pipeline with dlight's GPU schedules,
+the Relax VM on ``tvm.cuda(N)``; inputs and outputs cross to and from torch through DLPack
+without copies, and the outputs stay on the GPU. ``schedules``, ``dlight``, ``mcpu`` and
+``num_cores`` concern the CPU (the last two the host code only); ``tune_trials`` tunes the GPU
+kernels with MetaSchedule against dlight's schedules the same way it does against ptool's on
+the CPU. Without TVM's CUDA runtime (no driver, or a TVM built without CUDA) the backend says
+so in one line.
+
 Out-of-range gather indices: Relax's ``take`` defaults to ``mode="fast"`` (no bounds check; an
 out-of-range token id segfaults the process). With ``safe_indexing=True`` (default) every
 ``take`` is rewritten to ``mode="nan"`` (float data: NaN rows) or ``"clip"`` (other dtypes),
@@ -54,6 +63,7 @@ from typing import Any, Literal
 import torch
 
 from ptool.backends._common import CompiledModel, ExampleCall, cast_input, check_shape, first_line, options_dict
+from ptool.backends.device import CPU, Device
 from ptool.errors import BackendError
 
 NAME = "tvm"
@@ -108,27 +118,28 @@ def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any
     return [{}] + ([{"tune_trials": tvm_trials}] if tvm_trials > 0 else [])
 
 
-def _metaschedule_build(mod: Any, target: Any, opts: Options, inputs: list[torch.Tensor]) -> tuple[Any, dict[str, Any]]:
+def _metaschedule_build(mod: Any, target: Any, opts: Options, inputs: list[torch.Tensor],
+                        dev: Any) -> tuple[Any, dict[str, Any]]:
     """Tune ``mod``'s heavy kernels with MetaSchedule (or reuse the database in ``tuning_dir``),
-    keep per kernel whichever of MetaSchedule's and ptool's schedules runs faster in the model
-    (timed on ``inputs``), and build with those (:mod:`ptool.backends.tvm_tuning`). Returns the
-    executable and facts for ``info``."""
+    keep per kernel whichever of MetaSchedule's and ptool's schedules (dlight's on a GPU) runs
+    faster in the model (timed on ``inputs`` on ``dev``), and build with those
+    (:mod:`ptool.backends.tvm_tuning`). Returns the executable and facts for ``info``."""
     import tvm
     from tvm import relax
 
-    from ptool.backends import tvm_tuning
+    from ptool.backends import tvm_cuda, tvm_tuning
 
     work_dir, key = tvm_tuning.database_dir(mod, target, opts.tuning_dir)
     legalized = tvm.transform.Sequential(_front_passes(target, opts))(mod)
-    tasks = tvm_tuning.heavy_tasks(legalized, target)  # extracted once, for tuning and the choice
+    rules = tvm_cuda.gpu_rules() if tvm_cuda.is_cuda(target) else None
+    tasks = tvm_tuning.heavy_tasks(legalized, target, rules)  # extracted once, for tuning and the choice
     del legalized
     facts = tvm_tuning.tune(tasks, target, opts.tune_trials, work_dir, key)
     if not tvm_tuning.is_chosen(work_dir, key):
-        dev = tvm.cpu()
         args = [_to_tvm(t, dev) for t in inputs]
         vms = {name: relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=_pipeline(
                    target, opts, database=database)), dev) for name, database in (("tuned", work_dir), ("ptool", None))}
-        timed = tvm_tuning.profile_interleaved(vms, args)
+        timed = tvm_tuning.profile_interleaved(vms, args, sync=dev.sync if tvm_cuda.is_cuda(target) else None)
         del vms
         facts = tvm_tuning.choose(tasks, target, work_dir, key, facts, timed["tuned"], timed["ptool"])
     database = tvm_tuning.chosen_dir(work_dir, key)
@@ -320,35 +331,38 @@ def _front_passes(target: Any, opts: Options) -> list[Any]:
     """ptool's Relax rewrites, library dispatch and legalization (fusion included)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from ptool.backends import tvm_schedules
+    from ptool.backends import tvm_cuda, tvm_schedules
 
     before = [_safe_take_pass()] if opts.safe_indexing else []
     before += [tvm_schedules.fast_math_pass()] if opts.fast_math else []
+    if tvm_cuda.is_cuda(target):
+        return before + tvm_cuda.front_passes(target)
     before += [tvm_schedules.reshape_after_add_pass()] if opts.schedules else []  # residual add -> epilogue
     return before + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
 def _pipeline(target: Any, opts: Options, database: Path | None = None) -> Any:
     """The default Relax CPU pipeline, with ptool's extra passes slotted in (and a MetaSchedule
-    database applied before ptool's rules when one is given)."""
+    database applied before ptool's rules when one is given); on a CUDA target, TVM's CUDA
+    pipeline with dlight's GPU schedules (:mod:`ptool.backends.tvm_cuda`)."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from ptool.backends import tvm_schedules, tvm_tuning
+    from ptool.backends import tvm_cuda, tvm_schedules, tvm_tuning
 
     after_legalize = [tvm_tuning.apply_database_pass(database)] if database is not None else []
-    after_legalize += [tvm_schedules.schedule_pass(target)] if opts.schedules else []
-    after_legalize += [_dlight_pass(target)] if opts.dlight else []
+    if tvm_cuda.is_cuda(target):
+        after_legalize += tvm_cuda.schedule_passes(target)
+        lower = tvm_cuda.lower_passes(target)
+    else:
+        after_legalize += [tvm_schedules.schedule_pass(target)] if opts.schedules else []
+        after_legalize += [_dlight_pass(target)] if opts.dlight else []
+        lower = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
 
     @tvm.transform.module_pass(opt_level=0, name="ptool.CPUPipeline")
     def _run(mod: Any, _ctx: Any) -> Any:
         with target:
-            seq = tvm.transform.Sequential(
-                _front_passes(target, opts)
-                + after_legalize
-                + cpu.dataflow_lower_passes(target)
-                + cpu.finalize_passes(target)
-            )
+            seq = tvm.transform.Sequential(_front_passes(target, opts) + after_legalize + lower)
             return seq(mod)
 
     return _run
@@ -395,12 +409,22 @@ def _to_tvm(t: torch.Tensor, dev: Any) -> Any:
             return tvm.runtime.from_dlpack(t)  # zero-copy
         except Exception:  # a dtype DLPack cannot carry: copy through numpy below
             pass
-    return tvm.runtime.tensor(t.numpy(), dev)
+    return tvm.runtime.tensor(t.cpu().numpy(), dev)
 
 
-def _build(example: ExampleCall, opts: Options, frontend: str) -> tuple[Any, dict[str, Any]]:
+def _from_tvm(value: Any, device: Device) -> torch.Tensor:
+    """A VM output as a torch tensor: copied to host memory on the CPU (the VM may reuse its
+    buffers), shared through DLPack on a GPU (it stays there; the VM allocates each output anew)."""
+    if device.is_cuda:
+        return torch.from_dlpack(value)
+    return torch.from_numpy(value.numpy())
+
+
+def _build(example: ExampleCall, opts: Options, frontend: str, device: Device = CPU) -> tuple[Any, dict[str, Any]]:
     import tvm
     from tvm import relax
+
+    from ptool.backends import tvm_cuda
 
     t0 = time.perf_counter()
     mod = _FRONTENDS[frontend](example, opts)
@@ -413,21 +437,23 @@ def _build(example: ExampleCall, opts: Options, frontend: str) -> tuple[Any, dic
         )
     expected = [(getattr(torch, dtype), shape) for dtype, shape in specs]
     target = host_target(opts.mcpu, opts.num_cores)
+    if device.is_cuda:
+        target = tvm_cuda.device_target(device, host=target)
+    dev = tvm.cuda(device.index) if device.is_cuda else tvm.cpu()
     threads = use_threads(opts.num_cores)  # before the first kernel runs (tuning included)
     tuning: dict[str, Any] = {}
     try:
         with _quiet(), target:
             if opts.tune_trials > 0:
-                inputs = [cast_input(name, t, dtype) for name, (dtype, _), t in zip(
+                inputs = [cast_input(name, t, dtype).to(device.torch) for name, (dtype, _), t in zip(
                     example.inputs.names, expected, example.inputs.flatten(example.args, example.kwargs))]
-                executable, tuning = _metaschedule_build(mod, target, opts, inputs)
+                executable, tuning = _metaschedule_build(mod, target, opts, inputs, dev)
             else:
                 executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, opts))
     except Exception as e:
         raise BackendError(f"TVM build failed: {type(e).__name__}: {first_line(e)}") from e
     del mod
     t2 = time.perf_counter()
-    dev = tvm.cpu()
     try:
         vm = relax.VirtualMachine(executable, dev)
         main = vm["main"]
@@ -439,12 +465,14 @@ def _build(example: ExampleCall, opts: Options, frontend: str) -> tuple[Any, dic
         for name, (dtype, shape), t in zip(example.inputs.names, expected, tensors):
             t = cast_input(name, t, dtype)
             check_shape(name, t, shape)
-            args.append(_to_tvm(t, dev))
+            args.append(_to_tvm(t.to(device.torch), dev))
+        if device.is_cuda:
+            _wait_for_torch(device)
         try:
             out = main(*args)
         except Exception as e:
             raise BackendError(f"TVM failed while running the model: {first_line(e)}") from e
-        return [torch.from_numpy(o.numpy()) for o in _flatten_outputs(out)]
+        return [_from_tvm(o, device) for o in _flatten_outputs(out)]
 
     got = run(example.inputs.flatten(example.args, example.kwargs))
     if len(got) != example.outputs.num_tensors:
@@ -453,6 +481,7 @@ def _build(example: ExampleCall, opts: Options, frontend: str) -> tuple[Any, dic
         )
     info = {
         "frontend": frontend,
+        "device": str(device),
         "target": str(target),
         "threads": threads,
         "import_seconds": round(t1 - t0, 3),
@@ -462,22 +491,35 @@ def _build(example: ExampleCall, opts: Options, frontend: str) -> tuple[Any, dic
     return run, {**info, "_keepalive": (executable, vm)}
 
 
-def compile(module: Any, example: ExampleCall, opts: Options) -> CompiledModel:  # noqa: A001
-    """Import ``module`` into Relax, build it for the host CPU and wrap the VM.
+def _wait_for_torch(device: Device) -> None:
+    """TVM launches on the device's default stream: if torch works on another stream, what it
+    queued there (the inputs) must finish first."""
+    current = torch.cuda.current_stream(device.torch)
+    if current != torch.cuda.default_stream(device.torch):
+        current.synchronize()
+
+
+def compile(module: Any, example: ExampleCall, opts: Options, device: Device = CPU) -> CompiledModel:  # noqa: A001
+    """Import ``module`` into Relax, build it for the host CPU (or the CUDA ``device``) and wrap the VM.
 
     Raises:
-        BackendError: every frontend tried failed to import, build or run the model.
+        BackendError: TVM lacks CUDA for a CUDA ``device``, or every frontend tried failed to
+            import, build or run the model.
     """
     try:
         import tvm  # noqa: F401  (seconds to import: only this backend pays for it)
     except ImportError as e:
         raise BackendError("the tvm backend needs apache-tvm: pip install 'ptool[tvm]'") from e
+    if device.is_cuda:
+        from ptool.backends import tvm_cuda
+
+        tvm_cuda.check_cuda(device)
 
     frontends = ("exported_program", "onnx") if opts.frontend == "auto" else (opts.frontend,)
     errors: list[BackendError] = []
     for frontend in frontends:
         try:
-            run, info = _build(example, opts, frontend)
+            run, info = _build(example, opts, frontend, device)
             break
         except BackendError as e:
             errors.append(e)

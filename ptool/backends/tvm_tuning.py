@@ -19,6 +19,12 @@ and gathers included, and drops ptool's schedules for the build. Here:
    rules schedule everything else. A tuned build is thus never slower than the untuned one
    kernel by kernel, as measured in the model.
 
+On a CUDA target the same steps run with dlight's GPU schedules as the baseline (what the
+untuned CUDA build uses), MetaSchedule's CUDA search space, candidates run on the GPU, and the
+in-model timings synchronized with the device around every kernel (GPU launches return before
+the kernel is done). MetaSchedule's runner measures on GPU 0 (its device index is fixed); set
+``CUDA_VISIBLE_DEVICES`` to tune for another.
+
 The database (MetaSchedule's JSON files) lives in a folder keyed by the module and the target; a
 marker there records the trials spent, so a second build with no more trials reuses it without
 measuring anything.
@@ -39,6 +45,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +187,7 @@ def is_chosen(work_dir: Path, key: str) -> bool:
 
 
 def profile_interleaved(vms: dict[str, Any], args: list[Any], rounds: int = 3,
-                        calls: int = 5) -> dict[str, dict[str, float]]:
+                        calls: int = 5, sync: Callable[[], Any] | None = None) -> dict[str, dict[str, float]]:
     """:func:`profile_kernels` of several VMs in turn, ``rounds`` times (so a slow moment of the
     machine hits them all alike); per VM and kernel, the median over rounds."""
     import statistics
@@ -188,14 +195,16 @@ def profile_interleaved(vms: dict[str, Any], args: list[Any], rounds: int = 3,
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in vms}
     for _ in range(rounds):
         for name, vm in vms.items():
-            samples[name].append(profile_kernels(vm, args, calls))
+            samples[name].append(profile_kernels(vm, args, calls, sync))
     return {name: {kernel: round(statistics.median(r.get(kernel, 0.0) for r in runs), 4) for kernel in runs[0]}
             for name, runs in samples.items()}
 
 
-def profile_kernels(vm: Any, args: list[Any], calls: int = 10) -> dict[str, float]:
+def profile_kernels(vm: Any, args: list[Any], calls: int = 10,
+                    sync: Callable[[], Any] | None = None) -> dict[str, float]:
     """ms per call of the model spent in each PrimFunc (and VM builtin), from the Relax VM's
-    instrument: the median of ``calls`` model calls (after one warm-up)."""
+    instrument: the median of ``calls`` model calls (after one warm-up). ``sync`` (a GPU's
+    ``dev.sync``) runs before every clock reading, so a kernel's time is its run, not its launch."""
     import statistics
 
     per_call: dict[str, list[float]] = {}
@@ -203,6 +212,8 @@ def profile_kernels(vm: Any, args: list[Any], calls: int = 10) -> dict[str, floa
     started: dict[str, float] = {}
 
     def instrument(_func: Any, symbol: str, before_run: bool, _ret: Any, *_args: Any) -> int:
+        if sync is not None:
+            sync()
         now = time.perf_counter()
         if before_run:
             started[symbol] = now
@@ -245,17 +256,18 @@ def apply_database_pass(work_dir: Path) -> Any:
     return _apply
 
 
-def heavy_tasks(legalized: Any, target: Any) -> list[tuple[Any, Any]]:
-    """(MetaSchedule task, ptool's schedule of it) for every kernel with a reduction that ptool's
-    rules schedule: matmul / batched matmul / conv2d (MatmulRule) and the row reductions
-    (softmax, layer norm, GEMV: dlight's rules). Elementwise and layout kernels are left out."""
+def heavy_tasks(legalized: Any, target: Any, rules: list[Any] | None = None) -> list[tuple[Any, Any]]:
+    """(MetaSchedule task, the baseline schedule of it) for every kernel with a reduction that
+    ``rules`` schedule (default: ptool's CPU rules: matmul / batched matmul / conv2d with
+    MatmulRule, the row reductions, softmax, layer norm, GEMV, with dlight's; on a GPU, dlight's
+    GPU rules). Elementwise and layout kernels are left out."""
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
     from ptool.backends.tvm_schedules import default_rules, first_schedule
 
-    rules = default_rules()
+    rules = default_rules() if rules is None else rules
     chosen = []
     with target:
         for task in ms.relax_integration.extract_tasks(legalized, target):
@@ -278,7 +290,8 @@ def _measure_baselines(tasks: list[tuple[Any, Any]], database: Any, builder: Any
     tuned = [database.get_top_k(database.commit_workload(task.dispatched[0]), 1) for task, _ in tasks]
     args = [ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"]) for task, _ in tasks]
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in tasks])
-    ran = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", a)
+    device_type = "cuda" if target.kind.name == "cuda" else "cpu"
+    ran = runner.run([ms.runner.RunnerInput(b.artifact_path, device_type, a)
                       for b, a in zip(built, args) if b.error_msg is None])
     results = iter(r.result() for r in ran)
     kernels = []

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ptool.cli._model import add_model_arguments
 
     add_model_arguments(p)
-    p.add_argument("--device", default="cpu", help="device to tune for (default cpu; the only one this build has)")
+    p.add_argument("--device", default="cpu", help="device to tune for: cpu (default) or cuda")
     p.add_argument("--max-error", type=float, default=0.01, metavar="E",
                    help="largest error vs the original model, as 1 - cosine on held-out inputs (default 0.01)")
     p.add_argument("--metric", choices=("cosine", "max_rel_error"), default="cosine",

@@ -5,7 +5,7 @@ Counted: the matrix-product ops that dominate transformer and CNN cost, one mult
 ============================  ==============================================================
 op                            FLOPs
 ============================  ==============================================================
-linear(x, W[N,K])             2 * numel(out) * K
+linear(x, W[N,K])             2 * numel(out) * K   (ptool's quantized linears too)
 mm / addmm / bmm / matmul     2 * numel(out) * K   (K = the contracted size of the first operand)
 conv (incl. conv1d/2d/3d)     2 * numel(out) * C_in/groups * prod(kernel)
 conv_transpose                2 * numel(in) * C_out/groups * prod(kernel)
@@ -103,10 +103,19 @@ def _packet(node: torch.fx.Node) -> object:
     return getattr(node.target, "overloadpacket", node.target)
 
 
+def _is_quantized_linear(node: torch.fx.Node) -> bool:
+    """ptool's quantized linears (``ptool_quant::linear_*``), whatever their number format."""
+    target = node.target
+    return getattr(target, "namespace", None) == "ptool_quant" and "::linear_" in getattr(target, "name", lambda: "")()
+
+
 def node_flops(node: torch.fx.Node) -> int | None:
     """FLOPs of one node, 0 for ops not counted, None when a counted op lacks shapes."""
     if node.op != "call_function":
         return 0
+    if _is_quantized_linear(node):  # x (..., K) times an integer (K, N) weight: the same products
+        out, x = _shape(node.meta.get("val")), _val_shape(node.args[0])
+        return None if out is None or x is None else 2 * _numel(out) * x[-1]
     packet = _packet(node)
     if packet not in COUNTED:
         return 0

@@ -165,7 +165,7 @@ def test_pareto_front_keeps_rows_no_other_beats_on_both_axes():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"device": "cuda"}, "unknown device 'cuda' (allowed: cpu)"),
+    ({"device": "tpu"}, "unknown device 'tpu' (allowed: cpu, cuda, cuda:N)"),
     ({"max_error": -1}, "max_error must be a finite number >= 0"),
     ({"backends": ["onnxrutime"]}, "did you mean 'onnxruntime'"),
     ({"budget_s": 0}, "budget_s must be > 0"),
@@ -195,3 +195,86 @@ def test_backends_declare_their_variants():
     assert ort[0] == {} and {"graph_optimization_level": "extended"} in ort
     assert ({"intra_op_threads": fp.cores} in ort) == (fp.cores > 1)
     assert backend_variants("torch", fp)[0] == {}
+
+
+# -- the precision dimension ------------------------------------------------------------------------
+
+
+def _masked(fp: DeviceFingerprint, *drop: str) -> DeviceFingerprint:
+    """This machine's fingerprint with some ISA flags taken away (a CPU without them)."""
+    return DeviceFingerprint.from_dict({**fp.to_dict(), "isa": [f for f in fp.isa if f not in drop]})
+
+
+def test_precision_dimension_combines_integer_matmuls_with_each_usable_format():
+    from ptool.backends.autotune.space import precision_candidates
+
+    rich = DeviceFingerprint.from_dict({**device_fingerprint().to_dict(),
+                                        "isa": ["avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16"]})
+    specs = ["quantize:activations=per-token", "quantize:mode=int4-weight", "precision:dtype=bf16",
+             "precision:dtype=fp16"]
+    candidates, left_out = precision_candidates(specs, rich)
+    assert left_out == []
+    assert ("quantize:activations=per-token", "precision:dtype=bf16") in candidates
+    assert ("quantize:activations=per-token", "precision:dtype=fp16") in candidates
+    assert not any(c[0] == "quantize:mode=int4-weight" and len(c) > 1 for c in candidates)  # float matmuls
+    assert len(candidates) == 4 + 2
+
+
+def test_formats_the_cpu_cannot_run_fast_are_left_out_with_the_reason():
+    from ptool.backends.autotune.space import precision_candidates
+
+    plain = _masked(device_fingerprint(), "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16",
+                    "avx512_vnni", "avx_vnni", "amx_int8")
+    candidates, left_out = precision_candidates(["quantize", "precision:dtype=bf16", "precision:dtype=fp16"], plain)
+    assert candidates == []
+    reasons = dict(left_out)
+    assert reasons[("precision:dtype=bf16",)] == "bf16 left out: this CPU has neither avx512_bf16 nor amx_bf16"
+    assert reasons[("quantize",)].startswith("int8 left out: this CPU has none of")
+    assert "fp16 left out" in reasons[("precision:dtype=fp16",)]
+
+
+def test_autotune_on_a_cpu_without_bf16_shows_the_reason_and_the_pass_still_works(monkeypatch, tmp_path):
+    from ptool.backends.autotune import tuner
+
+    model, x, held = mlp()
+    masked = _masked(device_fingerprint(), "avx512_bf16", "amx_bf16")
+    monkeypatch.setattr(tuner, "device_fingerprint", lambda device="cpu": masked)
+    best = ptool.autotune(model, (x,), backends=["torch"], variants={"torch": [{}]},
+                          passes=["precision:dtype=bf16"], max_error=0.01, held_out_inputs=held,
+                          record_dir=tmp_path, repeat=3, progress=False)
+    row = next(r for r in best.table if "precision" in r.label)
+    assert row.status == Status.EXCLUDED
+    assert row.reason == "bf16 left out: this CPU has neither avx512_bf16 nor amx_bf16"
+    assert best.config.passes == tuple(ptool.passes.pipelines.default_pipeline())
+    # the pass itself does not depend on the CPU: bf16 arithmetic is exact to its rounding anywhere
+    m2 = ptool.transform(model, ["precision:dtype=bf16"], (x,))
+    with torch.no_grad():
+        assert ptool.verify.compare(model(held[0][0]), m2(held[0][0])).cosine >= 0.999
+
+
+def test_autotune_measures_int8_with_bf16_as_one_candidate(tmp_path):
+    model, x, held = mlp()
+    rich = DeviceFingerprint.from_dict({**device_fingerprint().to_dict(), "isa": ["avx512_vnni", "avx512_bf16"]})
+    from ptool.backends.autotune import tuner
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tuner, "device_fingerprint", lambda device="cpu": rich)
+        best = ptool.autotune(model, (x,), backends=["torch"], variants={"torch": [{}]},
+                              passes=["quantize:activations=per-token", "precision:dtype=bf16"], max_error=0.05,
+                              held_out_inputs=held, record_dir=tmp_path, repeat=3, progress=False)
+    labels = [r.label for r in best.table]
+    assert "quantize:activations=per-token + precision | torch" in labels  # bf16 is the default dtype
+    row = next(r for r in best.table if r.label.startswith("quantize:activations=per-token + precision"))
+    assert row.status == Status.OK and row.error < 0.05 and row.median_ms > 0
+
+
+def test_reduced_precision_candidates_also_try_inductor_freezing_on_torch():
+    from ptool.backends.autotune.space import approximate_variants
+
+    declared = [{}, {"compile": True}, {"compile": True, "freezing": True}]
+    assert approximate_variants("torch", declared, {}) == [{}, {"compile": True, "freezing": True}]
+    assert approximate_variants("torch", declared, {"compile": True, "freezing": True}) == [
+        {"compile": True, "freezing": True}]
+    assert approximate_variants("torch", [{}], {}) == [{}]  # the user's own variant list is kept
+    assert approximate_variants("onnxruntime", [{}, {"intra_op_threads": 2}], {"intra_op_threads": 2}) == [
+        {"intra_op_threads": 2}]

@@ -64,6 +64,7 @@ def test_torch_backend_matches_torch(name, request):
         "compile": False,
         "mode": "default",
         "dynamic": None,
+        "freezing": False,
     }
 
 
@@ -182,8 +183,8 @@ def test_unknown_backend_and_device(cnn):
         compile_module(cnn.model, "onnxrt", cnn.args)
     with pytest.raises(UsageError, match="did you mean 'onnxruntime'"):
         compile_module(cnn.model, "onnxruntim", cnn.args)
-    with pytest.raises(UsageError, match=r"unknown device 'cuda' \(allowed: cpu\)"):
-        compile_module(cnn.model, "torch", cnn.args, device="cuda")
+    with pytest.raises(UsageError, match=r"unknown device 'gpu' \(allowed: cpu, cuda, cuda:N\)"):
+        compile_module(cnn.model, "torch", cnn.args, device="gpu")
     assert BACKENDS == ("torch", "onnxruntime", "tvm")
 
 
@@ -198,7 +199,7 @@ def test_unknown_backend_and_device(cnn):
         ("onnxruntime", {"intra_op_threads": -1}, r"must be >= 0"),
         ("onnxruntime", {"allow_spinning": "maybe"}, r"not a boolean"),
         ("torch", {"compile": 1}, r"expected true or false"),
-        ("torch", {"fullgraph": True}, r"has no option 'fullgraph' \(allowed: compile, mode, dynamic\)"),
+        ("torch", {"fullgraph": True}, r"has no option 'fullgraph' \(allowed: compile, mode, dynamic, freezing\)"),
         ("tvm", {"frontend": "relay"}, r"allowed: auto \| exported_program \| onnx"),
         ("tvm", {"num_cores": 0}, r"must be >= 1"),
     ],
@@ -239,3 +240,15 @@ def test_import_is_light():
 def test_torch_compile(cnn):
     run = compile_module(cnn.model, "torch", cnn.args, compile=True)
     assert run.verify().max_rel_error <= MAX_REL_ERROR
+
+
+def test_freezing_without_compile_is_one_clear_error():
+    from ptool.backends import backend_options
+
+    with pytest.raises(UsageError, match="add compile=true"):
+        backend_options("torch", {"freezing": True})
+    opts = backend_options("torch", {"compile": True, "freezing": True, "mode": "max-autotune"})
+    from ptool.backends.torch_backend import compile_options
+
+    assert compile_options(opts) == {"options": {"freezing": True, "max_autotune": True, "triton.cudagraphs": True},
+                                     "dynamic": None}

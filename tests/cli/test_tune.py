@@ -64,7 +64,7 @@ def test_tune_prints_table_and_winner_saves_record_and_reuses_it(models, capsys)
     (["--budget", "0"], "--budget must be > 0 seconds"),
     (["--backends", "tmv"], "unknown backend 'tmv'"),
     (["-p", "quantise"], "unknown pass 'quantise'"),
-    (["--device", "cuda"], "unknown device 'cuda' (allowed: cpu)"),
+    (["--device", "tpu"], "unknown device 'tpu' (allowed: cpu, cuda, cuda:N)"),
 ])
 def test_bad_input_is_one_line_exit_2(models, capsys, argv, message):
     code = main(["tune", "tune_models:mlp", "-o", "out", *argv])

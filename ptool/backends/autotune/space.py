@@ -112,6 +112,48 @@ def split_passes(specs: Sequence[str] | None) -> tuple[list[str], list[str]]:
     return exact, approximate
 
 
+def precision_candidates(specs: Sequence[str], fp: DeviceFingerprint) -> tuple[list[tuple[str, ...]],
+                                                                              list[tuple[tuple[str, ...], str]]]:
+    """The approximate candidates with the precision dimension: each spec alone, and every integer
+    ``quantize`` spec followed by every usable ``precision`` spec (integer matmuls, the rest in
+    bf16/fp16). Candidates whose number format the device cannot run fast are returned apart, with
+    the reason (the fingerprint's flags: ``avx512_bf16`` / ``amx_bf16``, VNNI / ``amx_int8``, a GPU's
+    compute capability).
+
+    Returns:
+        ``(candidates, left_out)``: pass-spec tuples to try, and ``(specs, reason)`` pairs.
+    """
+    from ptool.passes.registry import parse_pass
+
+    usable: list[str] = []
+    left_out: list[tuple[tuple[str, ...], str]] = []
+    precisions, integer = [], []
+    for spec in specs:
+        p = parse_pass(spec)
+        feature = _number_format(p)
+        if feature is not None:
+            ok, why = fp.supports(feature)
+            if not ok:
+                left_out.append(((spec,), f"{feature} left out: {why}"))
+                continue
+        usable.append(spec)
+        if p.name == "precision":
+            precisions.append(spec)
+        elif feature == "int8":
+            integer.append(spec)
+    candidates = [(s,) for s in usable] + [(q, p) for q in integer for p in precisions]
+    return candidates, left_out
+
+
+def _number_format(p: Any) -> str | None:
+    """The number format a pass computes its matmuls in, when the hardware decides its speed."""
+    if p.name == "precision":
+        return p.dtype
+    if p.name == "quantize" and p.mode.startswith("int8"):
+        return "int8"
+    return None
+
+
 # -- backends ----------------------------------------------------------------------------------------
 
 
@@ -141,6 +183,19 @@ def check_backends(names: Sequence[str] | str | None) -> list[str]:
         if importlib.util.find_spec(_REQUIRES[b]) is None:
             raise UsageError(f"backend '{b}' needs the '{_REQUIRES[b]}' package, which is not installed")
     return list(dict.fromkeys(names))
+
+
+def approximate_variants(backend: str, variants: list[dict[str, Any]], best: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The option dicts an approximate candidate is tried with on ``backend``: the best variant of the
+    exact pipeline, plus those of ``variants`` the backend marks with ``REDUCED_PRECISION_VARIANTS``
+    (a variant that loses on float32 can win on bf16 / int8: torch's Inductor freezing pre-packs
+    the bf16 weights and fuses the int8 quantization, and is slower than eager on float32 here)."""
+    from ptool.backends import _MODULES
+
+    marked = getattr(importlib.import_module(_MODULES[backend]), "REDUCED_PRECISION_VARIANTS", ())
+    out = [best] if best is not None else [variants[0]] if variants else [{}]
+    out += [v for v in variants if v in marked and v not in out]
+    return out
 
 
 def backend_variants(backend: str, fp: DeviceFingerprint, *, tvm_trials: int = 0) -> list[dict[str, Any]]:

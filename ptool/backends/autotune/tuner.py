@@ -32,7 +32,9 @@ from ptool.backends.autotune.space import (
     TuningConfig,
     backend_variants,
     check_backends,
+    approximate_variants,
     declared_pass_candidates,
+    precision_candidates,
     split_passes,
 )
 from ptool.errors import UsageError
@@ -138,7 +140,8 @@ def autotune(
     Args:
         model: what :func:`ptool.transform` takes (module, ExportedProgram, path).
         example_inputs / example_kwargs: the call that is timed.
-        device: ``cpu`` (the only device this build targets).
+        device: ``cpu``, ``cuda`` or ``cuda:N``: where every candidate is built and timed (its
+            fingerprint keys the record and decides which number formats are tried).
         max_error: the largest error allowed vs the original model, measured as ``error_metric``:
             ``cosine`` -> ``1 - cosine similarity`` of the outputs (default), ``max_rel_error`` ->
             max |out - ref| / max |ref|. Worst over the held-out inputs.
@@ -173,10 +176,11 @@ def autotune(
     from ptool.passes.pipelines import default_pipeline
 
     started = time.perf_counter()
-    from ptool.backends import DEVICES
+    from ptool.backends.device import check_available, parse_device
 
-    if device not in DEVICES:
-        raise UsageError(f"unknown device '{device}' (allowed: {', '.join(DEVICES)})")
+    target = parse_device(device)
+    check_available(target)
+    device = str(target)
     if not (isinstance(max_error, (int, float)) and max_error >= 0 and math.isfinite(max_error)):
         raise UsageError(f"max_error must be a finite number >= 0, got {max_error!r}")
     if error_metric not in ("cosine", "max_rel_error"):
@@ -244,12 +248,16 @@ def autotune(
         return result
     done_rows = {r["label"]: Row.from_dict(r) for r in (previous or {}).get("rows", []) if r["status"] in Status.DONE}
 
+    candidates, left_out = precision_candidates(approximate, fp)
     search = _Search(eager, args, kwargs, held, calib_items, base, max_error, error_metric, repeat,
-                     max_seconds_per_candidate, done_rows)
+                     max_seconds_per_candidate, done_rows, device)
+    search.variants = variant_sets
+    for specs, reason in left_out:  # the device cannot run these formats fast: one row each, never built
+        search.rows.append(search._excluded_row((*base, *specs), " + ".join(specs), reason))
     update, close = _progress(progress)
     status = "complete"
     try:
-        search.run(stage1, approximate, backend_names, budget_s, started, update)
+        search.run(stage1, candidates, backend_names, budget_s, started, update)
         if search.budget_hit:
             status = "budget"
         search.run_off()
@@ -296,9 +304,11 @@ class _Search:
     """The measuring loop's state: rows so far, live compiled candidates, the transformed pipelines."""
 
     def __init__(self, eager, args, kwargs, held, calibration, base, max_error, metric, repeat, max_seconds,
-                 done_rows):
+                 done_rows, device="cpu"):
         import torch
 
+        self.device = device
+        self.variants: dict[str, list[dict]] = {}
         self.eager, self.args, self.kwargs, self.held = eager, args, kwargs, held
         self.calibration, self.base = calibration, base
         self.max_error, self.metric, self.repeat, self.max_seconds = max_error, metric, repeat, max_seconds
@@ -314,8 +324,8 @@ class _Search:
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def run(self, stage1: list[TuningConfig], approximate: list[str], backends: list[str], budget_s: float | None,
-            started: float, update: Progress) -> None:
+    def run(self, stage1: list[TuningConfig], approximate: list[tuple[str, ...]], backends: list[str],
+            budget_s: float | None, started: float, update: Progress) -> None:
         total = len(stage1) + len(approximate) * (1 + len(backends))
         done = 0
         self.planned = list(stage1)
@@ -329,8 +339,8 @@ class _Search:
             self._candidate(config, skip=over_budget())
             done += 1
         best = self._best_variant_per_backend(backends)
-        for spec in approximate:
-            pipeline = (*self.base, spec)
+        for specs in approximate:
+            pipeline, spec = (*self.base, *specs), " + ".join(specs)
             update(done, total, f"checking {spec}")
             reason = None if over_budget() else self._check_pipeline(pipeline)
             done += 1
@@ -338,9 +348,10 @@ class _Search:
                 self.rows.append(self._excluded_row(pipeline, spec, reason))
                 done += len(backends)
             for b in backends if reason is None else ():
-                config = TuningConfig.make(pipeline, b, best.get(b, {}))
-                update(done, total, config.label(self.base))
-                self._candidate(config, skip=over_budget())
+                for options in approximate_variants(b, self.variants.get(b, []), best.get(b)):
+                    config = TuningConfig.make(pipeline, b, options)
+                    update(done, total, config.label(self.base))
+                    self._candidate(config, skip=over_budget())
                 done += 1
             self.transformed.pop(pipeline, None)
         update(total, total, "done")
@@ -415,7 +426,7 @@ class _Search:
         t0 = time.perf_counter()
         try:
             m2 = self._transform(config.passes)
-            fn = ptool.compile(m2, backend=config.backend, **config.options_dict)
+            fn = ptool.compile(m2, backend=config.backend, device=self.device, **config.options_dict)
             fid = _fidelity(fn, self.reference, self.held)
         except KeyboardInterrupt:
             raise

@@ -270,17 +270,18 @@ _register_gradients()
 
 
 def integer_kernels() -> dict:
-    """The int8 linears as plain torch functions on ``torch._int_mm``, for ``torch.compile``: traced
-    through instead of called as opaque ops, so Inductor fuses the activation quantization and
-    the rescale into the neighbouring element-wise kernels (and, with freezing, folds the weights'
-    column sums into constants)."""
+    """The int8 linears as plain torch functions on ``torch._int_mm`` (and the quantized embedding
+    gathers), for ``torch.compile``: traced through instead of called as opaque ops, so Inductor
+    fuses the activation quantization, the rescale and the row gathers into the neighbouring
+    element-wise kernels (and, with freezing, folds the weights' column sums into constants)."""
     ops = torch.ops.ptool_quant
 
     def dynamic(x, weight_t, weight_scale, bias):
         return _int8_linear_dynamic(x, weight_t, weight_scale, bias,
                                     column_sums=lambda w: w.sum(0, dtype=torch.int32))
 
-    return {ops.linear_dynamic_int8.default: dynamic, ops.linear_token_int8.default: _int8_linear_token}
+    return {ops.linear_dynamic_int8.default: dynamic, ops.linear_token_int8.default: _int8_linear_token,
+            ops.embedding_int8.default: _embedding_int8, ops.embedding_int4.default: _embedding_int4}
 
 
 def decompositions() -> dict:
