@@ -82,6 +82,15 @@ def attr_tensor(gm: nn.Module, node: object) -> torch.Tensor | None:
     return None
 
 
+def rounded_storage(tensor: torch.Tensor | None) -> str | None:
+    """Why an exact pass must not fold into ``tensor`` (None if it may): a bf16 / fp16 weight would
+    round the folded value, so the fold would no longer be exact."""
+    if tensor is not None and tensor.dtype in (torch.bfloat16, torch.float16):
+        return (f"weight stored in {str(tensor.dtype).removeprefix('torch.')}: folding into it would round it "
+                "(run precision after the exact passes)")
+    return None
+
+
 def is_parameter(gm: nn.Module, node: torch.fx.Node) -> bool:
     return node.op == "get_attr" and isinstance(get_tensor(gm, node.target), nn.Parameter)
 

@@ -24,6 +24,7 @@ import torch.fx
 
 from ptool.ir.graph import (
     add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, module_path, no_padding, owner_of, replace_tensor,
+    rounded_storage,
 )
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.verify import Close, Numerics
@@ -174,6 +175,8 @@ def _why_not_after(gm: torch.fx.GraphModule, bn: _BatchNorm) -> str | None:
         return f"{bn.x.name}'s output is also used elsewhere ({len(bn.x.users)} users)"
     if attr_tensor(gm, layer.weight) is None or (layer.bias is not None and attr_tensor(gm, layer.bias) is None):
         return f"{bn.x.name}'s weight is computed, not a stored weight"
+    if rounded_storage(attr_tensor(gm, layer.weight)):
+        return f"{bn.x.name}'s {rounded_storage(attr_tensor(gm, layer.weight))}"
     if layer.kind == "linear" and _rank(layer.node) != 2:
         return "Linear output is not 2-D, so BatchNorm1d's channel axis is not the Linear's features"
     return None
@@ -189,6 +192,8 @@ def _why_not_before(gm: torch.fx.GraphModule, bn: _BatchNorm) -> str | None:
             return "folding BatchNorm into a following transposed convolution is not supported"
         if attr_tensor(gm, layer.weight) is None:
             return f"{user.name}'s weight is computed, not a stored weight"
+        if rounded_storage(attr_tensor(gm, layer.weight)):
+            return f"{user.name}'s {rounded_storage(attr_tensor(gm, layer.weight))}"
         if layer.kind == "linear" and _rank(bn.node) != 2:
             return "BatchNorm1d output is not 2-D, so its channels are not the Linear's input features"
         if layer.kind == "conv" and not no_padding(layer.padding):

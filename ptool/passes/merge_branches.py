@@ -46,6 +46,7 @@ import torch.fx
 
 from ptool.ir.graph import (
     add_tensor, attr_tensor, eliminate_dead_code, erase_if_unused, is_op, mark, owner_of, replace_tensor,
+    rounded_storage,
 )
 from ptool.ir.noise import IDENTITY_OPS, is_noise, node_args
 from ptool.passes.base import Family, Pass, PassContext, PassResult
@@ -132,6 +133,8 @@ def _as_layer(gm: torch.fx.GraphModule, node: object) -> _Layer | str | None:
     bias = attr_tensor(gm, a["bias"]) if a["bias"] is not None else None
     if weight is None or (a["bias"] is not None and bias is None):
         return f"{node.name}'s weight is computed, not a stored weight"
+    if rounded_storage(weight):
+        return f"{node.name}'s {rounded_storage(weight)}"
     x, via = _see_through(a["input"])
     if not isinstance(x, torch.fx.Node):
         return f"{node.name}'s input is not a graph value"

@@ -259,7 +259,7 @@ class _Plan:
             self.dtype[node] = compute if compute is not None and orig == torch.float32 else orig
         # nodes computed from weights only follow their users (reverse order): low if every user is low
         for node in reversed(list(self.gm.graph.nodes)):
-            if node not in self.constant or _value_dtype(node) != torch.float32:
+            if node not in self.constant or not self._float(_value_dtype(node)):
                 continue
             wanted = {self._wants(u, node) for u in node.users}
             d = self.low if wanted == {self.low} else torch.float32
@@ -294,8 +294,9 @@ class _Plan:
                 t = attr_tensor(self.gm, node)
                 if t is not None and t.is_floating_point():
                     before += t.numel() * t.element_size()
-                    if self.dtype[node] == self.low and t.dtype == torch.float32:
-                        t = self._convert_weight(node, t)
+                    want = self.dtype[node]
+                    if self._float(want) and self._float(t.dtype) and want != t.dtype:
+                        t = self._convert_weight(node, t, want)  # to low, or back to float32 (exact)
                     after += t.numel() * t.element_size()
         cache: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
         for node in list(self.gm.graph.nodes):
@@ -316,11 +317,11 @@ class _Plan:
                     node.replace_input_with(a, self._cast(a, want, cache, pass_name))
         return before, after
 
-    def _convert_weight(self, node: fx.Node, t: torch.Tensor) -> torch.Tensor:
+    def _convert_weight(self, node: fx.Node, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         value = t.detach()
-        if self.low == torch.float16:
+        if dtype == torch.float16:
             value = value.clamp(-FP16_MAX, FP16_MAX)
-        value = value.to(self.low)
+        value = value.to(dtype)
         owner, _, attr = node.target.rpartition(".")
         module = self.gm.get_submodule(owner) if owner else self.gm
         if isinstance(t, torch.nn.Parameter):

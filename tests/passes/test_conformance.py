@@ -19,7 +19,12 @@ MODELS = ["bert", "vit", "gpt2", "llama", "resnet", "mobilenet_v2"]
 
 #: How each pass that needs more than its defaults is configured here. Passes that need data get
 #: calibration batches from the fixture; approximate passes are configured to reach their bound.
-CONFIGURED = {"repbn": "repbn:finetune_steps=60"}
+# precision: fp16, the format every backend runs (ONNX Runtime's CPU provider has no bf16 arithmetic;
+# bf16 is covered in tests/passes/test_precision.py)
+CONFIGURED = {"repbn": "repbn:finetune_steps=60", "precision": "precision:dtype=fp16"}
+# how far ONNX Runtime may sit from the torch module: 1e-4 relative, except where the graph itself
+# computes in fp16 (11-bit mantissa): two runtimes rounding at different points differ by about a step
+BACKEND_REL_ERROR = {"precision": 2.0 ** -10}
 CALIBRATION_BATCHES = 4
 
 
@@ -61,7 +66,7 @@ def test_onnxruntime_agrees_after_the_pass(name, tmp_path):
     args, kwargs = fixture.inputs(3)
     with torch.no_grad():
         fid = ptool.verify.compare(m2(*args, **kwargs), run(*args, **kwargs))
-    assert fid.max_rel_error <= 1e-4, fid
+    assert fid.max_rel_error <= BACKEND_REL_ERROR.get(name, 1e-4), fid
 
 
 def test_passes_leave_graph_valid_and_metadata_fresh():

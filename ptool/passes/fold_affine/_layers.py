@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from ptool.ir.graph import add_tensor, attr_tensor, attr_users, is_op, mark, owner_of, replace_tensor
+from ptool.ir.graph import add_tensor, attr_tensor, attr_users, is_op, mark, owner_of, replace_tensor, rounded_storage
 from ptool.ir.noise import MISSING, is_noise, node_args
 
 aten = torch.ops.aten
@@ -93,6 +93,8 @@ def why_not_editable(gm: fx.GraphModule, layer: Layer, *, untie: bool) -> str | 
     w = attr_tensor(gm, layer.weight)
     if w is None or not w.is_floating_point():
         return f"{layer.node.name}'s weight is computed, not a stored float weight"
+    if rounded_storage(w):
+        return f"{layer.node.name}'s {rounded_storage(w)}"
     if layer.kind == "addmm" and (w.dim() != 2 or attr_tensor(gm, layer.bias) is None):
         return f"{layer.node.name} is an addmm without a stored 2-D weight and bias"
     if layer.bias is not None and attr_tensor(gm, layer.bias) is None:

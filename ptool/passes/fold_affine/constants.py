@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from ptool.ir.graph import attr_tensor, is_op, no_padding, op_name
+from ptool.ir.graph import attr_tensor, is_op, no_padding, op_name, rounded_storage
 from ptool.ir.noise import constant_value
 from ptool.passes.fold_affine._layers import (
     Layer, as_layer, dtype_of, fold_inputs, fold_outputs, in_features, out_features, through_identity,
@@ -97,6 +97,8 @@ def _constant(gm: fx.GraphModule, c: object, y: fx.Node) -> tuple[torch.Tensor, 
         return None
     if not tensor.is_floating_point():
         return "the constant is not a float tensor"
+    if rounded_storage(tensor):
+        return f"the constant's {rounded_storage(tensor)}"
     rank = len(shape)
     varying = [rank - tensor.dim() + i for i, d in enumerate(tensor.shape) if d != 1]
     flat = tensor.detach().double().reshape(-1)

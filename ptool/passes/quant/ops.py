@@ -179,7 +179,7 @@ def linear_dynamic_int8(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: t
     """``x @ W.T + b`` with ``x`` quantized to uint8 on the fly and ``W`` int8 per output channel."""
     if x.device.type == "cpu" and x.numel():
         return _int8_linear_dynamic(x, weight_t, weight_scale, bias)
-    return _linear_dynamic_int8(x, weight_t, weight_scale, bias)
+    return _linear_dynamic_int8(x.float(), weight_t, weight_scale, bias).to(x.dtype)
 
 
 @torch.library.custom_op(f"{_LIB}::linear_token_int8", mutates_args=())
@@ -188,21 +188,21 @@ def linear_token_int8(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: tor
     """``x @ W.T + b`` with each row of ``x`` quantized to int8 over its own range, ``W`` int8 per output channel."""
     if x.device.type == "cpu" and x.numel():
         return _int8_linear_token(x, weight_t, weight_scale, bias)
-    return _linear_token_int8(x, weight_t, weight_scale, bias)
+    return _linear_token_int8(x.float(), weight_t, weight_scale, bias).to(x.dtype)
 
 
 @torch.library.custom_op(f"{_LIB}::linear_static_int8", mutates_args=())
 def linear_static_int8(x: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, weight_t: torch.Tensor,
                        weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + b`` with ``x`` quantized to uint8 with calibrated ``(x_scale, x_zero)``."""
-    return _linear_static_int8(x, x_scale, x_zero, weight_t, weight_scale, bias)
+    return _linear_static_int8(x.float(), x_scale, x_zero, weight_t, weight_scale, bias).to(x.dtype)  # float32 arithmetic, x's dtype out
 
 
 @torch.library.custom_op(f"{_LIB}::linear_int4", mutates_args=())
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
     """``x @ W.T + b`` with ``W`` stored as 4-bit levels, per-group scales and zero points (weight-only)."""
-    return _linear_int4(x, packed, scales, zeros, bias, in_features)
+    return _linear_int4(x.float(), packed, scales, zeros, bias, in_features).to(x.dtype)  # float32 arithmetic, x's dtype out
 
 
 @torch.library.custom_op(f"{_LIB}::embedding_int8", mutates_args=())

@@ -146,6 +146,7 @@ class Quantize(Pass):
             return result
         floats = self._excluded(sites, result)
         linears = [s for s in sites if s.kind == "linear" and s.node not in floats]
+        linears = [s for s in linears if self._unsupported(s) is None]  # measured only where it can run
         needs_data = self.mode == "int8-static" or self.keep_float > 0
         stats = self._calibrate(gm, ctx, linears) if needs_data and linears else {}
         if self.keep_float:
