@@ -199,19 +199,18 @@ class Precision(Pass):
         power = dict.fromkeys(sites, 0.0)
         for values in record_values(gm, inputs, calls_of(ctx)[:4]):
             for s in sites:
-                def load(a, cast):
+                def load(a, dtype):
                     if not isinstance(a, fx.Node):
                         return a
                     v = get_tensor(gm, a.target) if a.op == "get_attr" else values[a]
-                    return cast(v) if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else v
+                    return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
-                args = fx.node.map_aggregate(s.args, lambda a: load(a, lambda v: v))
-                kwargs = fx.node.map_aggregate(s.kwargs, lambda a: load(a, lambda v: v))
-                lowered = lambda v: v.to(self.torch_dtype)  # noqa: E731
-                with torch.no_grad():
-                    ref = s.target(*args, **kwargs).float()
-                    out = s.target(*fx.node.map_aggregate(s.args, lambda a: load(a, lowered)),
-                                   **fx.node.map_aggregate(s.kwargs, lambda a: load(a, lowered))).float()
+                def run(dtype, s=s):  # the op alone, every float input (weights too) in ``dtype``
+                    with torch.no_grad():
+                        return s.target(*fx.node.map_aggregate(s.args, lambda a: load(a, dtype)),
+                                        **fx.node.map_aggregate(s.kwargs, lambda a: load(a, dtype))).float()
+
+                ref, out = run(torch.float32), run(self.torch_dtype)
                 err[s] += float((out - ref).pow(2).sum())
                 power[s] += float(ref.pow(2).sum())
         ranked = sorted(sites, key=lambda s: err[s] / max(power[s], 1e-30), reverse=True)

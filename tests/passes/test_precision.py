@@ -147,3 +147,21 @@ def test_fp16_lowers_and_agrees_with_torch(backend):
     args, kwargs = fixture.heldout(1)
     with torch.no_grad():
         assert ptool.verify.compare(m2(*args, **kwargs), run(*args, **kwargs)).cosine >= 0.999
+
+
+def test_a_second_run_with_float_sites_returns_their_weights_to_float32_exactly():
+    fixture, m2 = _converted("bert", "precision:dtype=bf16")
+    again = ptool.transform(m2, ["precision:dtype=bf16,keep_float=2,exclude=*pooler*"], fixture.example_inputs)
+    record = again.report.records[-1]
+    assert sum("most sensitive" in s.reason for s in record.skipped) == 2
+    dtypes = {name: p.dtype for name, p in again.graph_module.named_parameters()}
+    assert dtypes[next(n for n in dtypes if "pooler" in n and n.endswith("weight"))] == torch.float32
+    assert record.fidelity.cosine >= 0.9999
+
+
+def test_exact_folds_skip_weights_stored_in_bf16_with_the_reason():
+    fixture = zoo.resnet()
+    m2 = ptool.transform(fixture.model, ["precision", "fold-bn"], fixture.example_inputs)
+    fold = m2.report.records[-1]
+    assert fold.rewritten == 0 and fold.skipped
+    assert all("stored in bfloat16: folding into it would round it" in s.reason for s in fold.skipped)
