@@ -255,7 +255,7 @@ class _Plan:
                 active = [self.dtype[a] for a in inputs if a not in self.constant and self._float(self.dtype[a])]
                 compute = torch.float32 if torch.float32 in active else (self.low if active else None)
             self.compute[node] = compute
-            self.dtype[node] = compute if compute is not None and orig == torch.float32 else orig
+            self.dtype[node] = compute if compute is not None and self._float(orig) else orig
         # nodes computed from weights only follow their users (reverse order): low if every user is low
         for node in reversed(list(self.gm.graph.nodes)):
             if node not in self.constant or not self._float(_value_dtype(node)):
