@@ -304,8 +304,10 @@ def render(results: dict, peaks: dict[str, float], fingerprint: str) -> str:
                        f"{row['cosine']:.5f} | {limit} | {', '.join(notes)} |")
         out.append("")
     out.append("*limit*: the graph's matmul-class FLOPs over the GEMM peak of the candidate's number format "
-               "(int8 when `quantize` ran, bf16 for `precision:dtype=bf16`), and that time as a share of the "
-               "measured one.")
+               "(int8 when `quantize` ran, bf16 for `precision:dtype=bf16`, float32 otherwise: fp16 has no "
+               "arithmetic units on this CPU class), and that time as a share of the measured one. The peaks are "
+               "torch's own GEMM kernels at 2048^3, not the silicon's: above 100% (ONNX Runtime's fp16 rows) "
+               "means ONNX Runtime's MLAS GEMM beats torch's float32 GEMM here.")
     return "\n".join(out)
 
 

@@ -173,22 +173,25 @@ def _embedding_int4(ids, packed, scales, zeros, width: int):
 # torch custom ops
 
 
+def _int8_or_reference(kernel, reference, x, *rest):
+    """The integer kernel on the CPU; elsewhere (and for empty inputs) the float32 reference, in x's dtype."""
+    if x.device.type == "cpu" and x.numel():
+        return kernel(x, *rest)
+    return reference(x.float(), *rest).to(x.dtype)
+
+
 @torch.library.custom_op(f"{_LIB}::linear_dynamic_int8", mutates_args=())
 def linear_dynamic_int8(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + b`` with ``x`` quantized to uint8 on the fly and ``W`` int8 per output channel."""
-    if x.device.type == "cpu" and x.numel():
-        return _int8_linear_dynamic(x, weight_t, weight_scale, bias)
-    return _linear_dynamic_int8(x.float(), weight_t, weight_scale, bias).to(x.dtype)
+    return _int8_or_reference(_int8_linear_dynamic, _linear_dynamic_int8, x, weight_t, weight_scale, bias)
 
 
 @torch.library.custom_op(f"{_LIB}::linear_token_int8", mutates_args=())
 def linear_token_int8(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + b`` with each row of ``x`` quantized to int8 over its own range, ``W`` int8 per output channel."""
-    if x.device.type == "cpu" and x.numel():
-        return _int8_linear_token(x, weight_t, weight_scale, bias)
-    return _linear_token_int8(x.float(), weight_t, weight_scale, bias).to(x.dtype)
+    return _int8_or_reference(_int8_linear_token, _linear_token_int8, x, weight_t, weight_scale, bias)
 
 
 @torch.library.custom_op(f"{_LIB}::linear_static_int8", mutates_args=())
