@@ -407,7 +407,7 @@ def compare_candidates(
 BASELINE = "torch eager (original)"
 
 #: The note attached to TVM candidates (the pip build has no BLAS, and nothing is tuned yet).
-TVM_NOTE = "tvm is UNTUNED: default Relax schedules, no BLAS, no autotuning yet"
+TVM_NOTE = "tvm is untuned: ptool's default CPU schedules, no MetaSchedule tuning (tune_trials=N adds it)"
 
 
 def backend_label(backend: str, *, transformed: bool) -> str:
