@@ -250,8 +250,7 @@ def autotune(
 
     candidates, left_out = precision_candidates(approximate, fp)
     search = _Search(eager, args, kwargs, held, calib_items, base, max_error, error_metric, repeat,
-                     max_seconds_per_candidate, done_rows, device)
-    search.variants = variant_sets
+                     max_seconds_per_candidate, done_rows, device, variant_sets)
     for specs, reason in left_out:  # the device cannot run these formats fast: one row each, never built
         search.rows.append(search._excluded_row((*base, *specs), " + ".join(specs), reason))
     update, close = _progress(progress)
@@ -304,11 +303,11 @@ class _Search:
     """The measuring loop's state: rows so far, live compiled candidates, the transformed pipelines."""
 
     def __init__(self, eager, args, kwargs, held, calibration, base, max_error, metric, repeat, max_seconds,
-                 done_rows, device="cpu"):
+                 done_rows, device="cpu", variants=None):
         import torch
 
         self.device = device
-        self.variants: dict[str, list[dict]] = {}
+        self.variants: dict[str, list[dict]] = variants or {}  # backend -> the option dicts of stage 1
         self.eager, self.args, self.kwargs, self.held = eager, args, kwargs, held
         self.calibration, self.base = calibration, base
         self.max_error, self.metric, self.repeat, self.max_seconds = max_error, metric, repeat, max_seconds
