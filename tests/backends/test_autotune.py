@@ -278,3 +278,13 @@ def test_reduced_precision_candidates_also_try_inductor_freezing_on_torch():
     assert approximate_variants("torch", [{}], {}) == [{}]  # the user's own variant list is kept
     assert approximate_variants("onnxruntime", [{}, {"intra_op_threads": 2}], {"intra_op_threads": 2}) == [
         {"intra_op_threads": 2}]
+
+
+def test_the_table_prints_as_a_table_not_as_row_objects(tuned):
+    first = tuned[4]
+    text = str(first.table)
+    assert repr(first.table) == text and "Row(" not in text
+    lines = text.splitlines()
+    assert "candidate" in lines[0] and "median ms" in lines[0]
+    assert sum("exact | onnxruntime" in line for line in lines) == 2  # one line per candidate
+    assert isinstance(first.table, list) and len(first.table) == 4 and first.table[0].label  # still a list of rows

@@ -140,6 +140,18 @@ def test_passes_lists_the_registry(capsys):
     assert "default pipeline" in out
 
 
+def test_passes_is_a_compact_table_and_one_pass_shows_every_option(capsys):
+    code, out, _ = _run(capsys, "passes")
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 220  # was 800+ with every option inline
+    code, out, err = _run(capsys, "passes", "quantize")
+    assert code == 0 and err == ""
+    assert "module: ptool.passes.quant.quantize.Quantize" in out
+    for option in ("mode", "granularity", "group_size", "activations", "keep_float"):
+        assert any(line.split() and line.split()[0] == option for line in out.splitlines()), option
+    code, _, err = _run(capsys, "passes", "quantise")
+    assert code == 2 and "did you mean 'quantize'" in _assert_one_line_error(err)
+
+
 def test_passes_json(capsys):
     code, out, _ = _run(capsys, "passes", "--json")
     assert code == 0

@@ -12,7 +12,7 @@ from ptool.backends.autotune.fingerprint import DeviceFingerprint
 from ptool.backends.autotune.record import FORMAT, RECORD_FILE, Row, Status, write_json
 from ptool.backends.autotune.space import TuningConfig
 
-__all__ = ["PLOT_FILE", "TuneResult", "format_table"]
+__all__ = ["PLOT_FILE", "Table", "TuneResult", "format_table"]
 
 PLOT_FILE = "latency_vs_fidelity.png"
 
@@ -41,6 +41,19 @@ def format_table(rows: list[Row], *, max_error: float) -> str:
     legend = (f"* winner, P Pareto front (latency vs error); error = worst over the held-out inputs vs the original "
               f"model in eager torch, must be <= max_error {max_error:g}")
     return _fmt(headers, body, align="lllrrrrrrrl") + "\n" + legend
+
+
+class Table(list):
+    """The candidates' :class:`Row` s: a plain list that prints as the table (``print(best.table)``)."""
+
+    def __init__(self, rows: Any = (), *, max_error: float = math.nan) -> None:
+        super().__init__(rows)
+        self.max_error = max_error
+
+    def __str__(self) -> str:
+        return format_table(list(self), max_error=self.max_error)
+
+    __repr__ = __str__  # a notebook or REPL shows the table, not a wall of Row(...)
 
 
 @dataclass
@@ -74,6 +87,9 @@ class TuneResult:
     _call: tuple | None = field(default=None, repr=False)
     _calibration: Any = field(default=None, repr=False)
     _compiled: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.table = Table(self.table, max_error=self.max_error)
 
     @property
     def max_error(self) -> float:
