@@ -49,6 +49,7 @@ from _minilm import heldout_batches, log  # noqa: E402
 from _sections import write_section  # noqa: E402
 from ptool.backends.autotune.fingerprint import device_fingerprint  # noqa: E402
 from ptool.benchmark import measure_interleaved  # noqa: E402
+from ptool.ir.flops import estimate_flops  # noqa: E402
 
 MAX_ERROR = 0.005
 COMPILED = {"compile": True, "freezing": True}
@@ -233,8 +234,6 @@ def run_case(case: Case, *, repeat: int, tune: bool, tune_dir: pathlib.Path) -> 
             try:
                 m2 = ptool.transform(case.model, passes, case.args)
                 runs[label] = ptool.compile(m2, backend=backend, **options)
-                from ptool.ir.flops import estimate_flops
-
                 flops[label] = estimate_flops(m2.graph_module).total
                 rows[label] = {"passes": passes, "backend": backend, "options": options,
                                "build_s": round(time.perf_counter() - t0, 1)}
@@ -252,8 +251,6 @@ def run_case(case: Case, *, repeat: int, tune: bool, tune_dir: pathlib.Path) -> 
                            "options": best.config.options_dict, "tune_seconds": round(best.seconds, 1),
                            "candidates": len(best.table)}
             m2 = ptool.transform(case.model, list(best.config.passes), case.args)
-            from ptool.ir.flops import estimate_flops
-
             flops[label] = estimate_flops(m2.graph_module).total
         for label, fn in runs.items():
             rows.setdefault(label, {})["cosine"] = case.fidelity(fn)

@@ -117,10 +117,6 @@ def _value_dtype(node: object) -> torch.dtype | None:
     return val.dtype if isinstance(val, torch.Tensor) else None
 
 
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]
-
-
 def _weight_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The stored float weight a low site reads (None for activation-by-activation products)."""
     for a in node.all_input_nodes:
@@ -198,19 +194,19 @@ class Precision(Pass):
         err = dict.fromkeys(sites, 0.0)
         power = dict.fromkeys(sites, 0.0)
         for values in record_values(gm, inputs, calls_of(ctx)[:4]):
+            def load(a, dtype):
+                if not isinstance(a, fx.Node):
+                    return a
+                v = get_tensor(gm, a.target) if a.op == "get_attr" else values[a]
+                return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+            def run(site, dtype):  # the op alone, every float input (weights too) in ``dtype``
+                with torch.no_grad():
+                    return site.target(*fx.node.map_aggregate(site.args, lambda a: load(a, dtype)),
+                                       **fx.node.map_aggregate(site.kwargs, lambda a: load(a, dtype))).float()
+
             for s in sites:
-                def load(a, dtype):
-                    if not isinstance(a, fx.Node):
-                        return a
-                    v = get_tensor(gm, a.target) if a.op == "get_attr" else values[a]
-                    return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-
-                def run(dtype, s=s):  # the op alone, every float input (weights too) in ``dtype``
-                    with torch.no_grad():
-                        return s.target(*fx.node.map_aggregate(s.args, lambda a: load(a, dtype)),
-                                        **fx.node.map_aggregate(s.kwargs, lambda a: load(a, dtype))).float()
-
-                ref, out = run(torch.float32), run(self.torch_dtype)
+                ref, out = run(s, torch.float32), run(s, self.torch_dtype)
                 err[s] += float((out - ref).pow(2).sum())
                 power[s] += float(ref.pow(2).sum())
         ranked = sorted(sites, key=lambda s: err[s] / max(power[s], 1e-30), reverse=True)
@@ -239,7 +235,7 @@ class _Plan:
                 if node.op == "get_attr":
                     self.constant.add(node)
                 continue
-            inputs = _tensor_inputs(node)
+            inputs = node.all_input_nodes
             if inputs and all(a in self.constant for a in inputs):
                 self.constant.add(node)
             role = self.roles[node]
@@ -310,7 +306,7 @@ class _Plan:
             want = self.compute.get(node)
             if want is None or self.roles[node] is Role.EXPLICIT or node.target is operator.getitem:
                 continue
-            for a in _tensor_inputs(node):
+            for a in node.all_input_nodes:
                 have = self.dtype.get(a)
                 if self._float(have) and have != want:
                     node.replace_input_with(a, self._cast(a, want, cache, pass_name))

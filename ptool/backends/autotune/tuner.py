@@ -252,7 +252,7 @@ def autotune(
     search = _Search(eager, args, kwargs, held, calib_items, base, max_error, error_metric, repeat,
                      max_seconds_per_candidate, done_rows, device, variant_sets)
     for specs, reason in left_out:  # the device cannot run these formats fast: one row each, never built
-        search.rows.append(search._excluded_row((*base, *specs), " + ".join(specs), reason))
+        search.rows.append(search.excluded_row((*base, *specs), " + ".join(specs), reason))
     update, close = _progress(progress)
     status = "complete"
     try:
@@ -344,7 +344,7 @@ class _Search:
             reason = None if over_budget() else self._check_pipeline(pipeline)
             done += 1
             if reason is not None:  # one row: it is left out on every backend, none was compiled
-                self.rows.append(self._excluded_row(pipeline, spec, reason))
+                self.rows.append(self.excluded_row(pipeline, spec, reason))
                 done += len(backends)
             for b in backends if reason is None else ():
                 for options in approximate_variants(b, self.variants.get(b, []), best.get(b)):
@@ -386,7 +386,7 @@ class _Search:
             return f"{self._metric_name()} {error:.2e} > max_error {self.max_error:g} (held-out, eager torch)"
         return None
 
-    def _excluded_row(self, pipeline: tuple[str, ...], spec: str, reason: str) -> Row:
+    def excluded_row(self, pipeline: tuple[str, ...], spec: str, reason: str) -> Row:
         """The row of an approximate pass left out: its fidelity, and a short eager-torch timing so the
         plot can show it (greyed) next to the candidates it lost to."""
         from ptool.benchmark import measure
