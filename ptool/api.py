@@ -70,7 +70,9 @@ def transform(
         passes: registry names (``"fold-bn"``), names with options
             (``"linear-attention:feature_map=elu"``) or pass objects. Default: none (capture only).
         example_inputs: a tuple of positional inputs for one call (a single tensor is accepted).
-            Optional when the model source provides them (HF folder, .pt2 with examples).
+            Optional when the model source provides them (HF folder, .pt2 with examples). For an
+            ONNX model also a dict ``{input name: array or tensor}``; inputs it leaves out are
+            made up from the graph's declared types, with a warning naming them.
         example_kwargs: keyword inputs for that call.
         calibration: an iterable of input tuples (or dicts of keyword inputs), or a DataLoader;
             used by passes that need data and, for the first few items, for verification.
@@ -107,7 +109,8 @@ def transform(
     if loaded.kind is ModelKind.ONNX:
         from ptool.frontends.onnx_import import transform_onnx
 
-        return transform_onnx(loaded.obj, pipeline, example_inputs, example_kwargs or {}, calib, verify=verify)
+        return transform_onnx(loaded.obj, pipeline, example_inputs, example_kwargs or {}, calib, verify=verify,
+                              instruments=instruments)
     copy_model = copy_model and not isinstance(model, (str, os.PathLike))  # loaded from a path: ours to share
     return _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes, verify,
                             instruments, copy_model)

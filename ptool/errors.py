@@ -7,6 +7,7 @@ what is allowed; the CLI prints ``str(err)`` and exits with ``err.exit_code``.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -58,3 +59,26 @@ def first_line(err: BaseException, limit: int = 300) -> str:
         if line.strip():
             return line.strip()[:limit]
     return type(err).__name__
+
+
+_ORT_NODE = re.compile(r"running (\w+) node\. Name:'([^']*)'")
+_ORT_PREFIX = re.compile(r"^.*\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"^/\S+:\d+ [^(]*\([^)]*\)\s*(?:const\s*)?")
+
+
+def onnxruntime_failure(err: BaseException, limit: int = 300) -> str:
+    """ONNX Runtime's multi-line C++ error as one line naming the node that failed.
+
+    ``[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Resize node.
+    Name:'/model.10/Resize' Status Message: /onnxruntime_src/...cc:87 virtual ... Shape mismatch ...``
+    becomes ``node '/model.10/Resize' (Resize): Shape mismatch ...`` — the innermost node when a
+    subgraph (If / Loop) failed.
+    """
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    nodes = _ORT_NODE.findall(text)
+    detail = text.rsplit("Status Message:", 1)[-1].strip() if nodes else text
+    detail = _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", detail)).strip() or type(err).__name__
+    if nodes:
+        op, name = nodes[-1]
+        detail = f"node '{name}' ({op}): {detail}" if name else f"an unnamed {op} node: {detail}"
+    return detail[:limit]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptool.errors import BackendError, InputError, did_you_mean, first_line
+from ptool.errors import BackendError, InputError, did_you_mean, first_line, onnxruntime_failure
 from ptool.report import Report
 
 #: Models whose weights exceed this many bytes are handed to ONNX Runtime and written to disk with
@@ -81,6 +81,11 @@ def _spec_of(value_info: Any) -> InputSpec:
     return InputSpec(value_info.name, tensor_type.elem_type, dtype, dims)
 
 
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """``array`` in C order, keeping its rank: ``np.ascontiguousarray`` turns a scalar into shape (1,)."""
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
 _FAMILY = {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex"}
 
 
@@ -112,17 +117,18 @@ def _to_numpy(name: str, value: Any, spec: InputSpec) -> np.ndarray:
                 raise InputError(
                     f"input '{name}' has size {got} on axis {axis}; the ONNX model fixes it to {want} ({spec.describe()})"
                 )
-    return np.ascontiguousarray(array)
+    return contiguous(array)
 
 
-def feeds_from_call(
+def partial_feeds(
     specs: Sequence[InputSpec], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
 ) -> dict[str, np.ndarray]:
-    """Map one call (positional in graph-input order, and/or by name) to an ORT feed dict.
+    """The inputs one call gives (positional in graph-input order, and/or by name) as numpy arrays,
+    checked and cast; inputs it leaves out are simply absent.
 
     Raises:
-        InputError: too many inputs, unknown or duplicate names, missing inputs, a dtype that cannot
-            be cast safely, or a shape that contradicts the model's static dims.
+        InputError: too many inputs, unknown or duplicate names, a dtype that cannot be cast
+            safely, or a shape that contradicts the model's static dims.
     """
     kwargs = dict(kwargs or {})
     names = [s.name for s in specs]
@@ -135,12 +141,24 @@ def feeds_from_call(
         if key in given:
             raise InputError(f"input '{key}' given both positionally and by name")
         given[key] = value
-    missing = [n for n in names if n not in given]
+    return {s.name: _to_numpy(s.name, given[s.name], s) for s in specs if s.name in given}
+
+
+def feeds_from_call(
+    specs: Sequence[InputSpec], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
+    """Map one call (positional in graph-input order, and/or by name) to an ORT feed dict.
+
+    Raises:
+        InputError: as :func:`partial_feeds`, and missing inputs.
+    """
+    feeds = partial_feeds(specs, args, kwargs)
+    missing = [s.name for s in specs if s.name not in feeds]
     if missing:
         raise InputError(
             f"missing ONNX input(s) {', '.join(missing)}; the model takes: {'; '.join(s.describe() for s in specs)}"
         )
-    return {s.name: _to_numpy(s.name, given[s.name], s) for s in specs}
+    return feeds
 
 
 def ir_weight_bytes(model: Any) -> int:
@@ -180,7 +198,9 @@ def _session_options(*, optimize: bool) -> Any:
     options = ort.SessionOptions()
     # Spinning threads burn CPU between calls; ptool runs many short sessions (verification).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # errors only; ORT warns about every unused initializer
+    # ORT's own log lines are off: it warns about every unused initializer, and its errors reach
+    # the user once, as the exception ptool wraps (run_session), not as a C++ dump on stderr first.
+    options.log_severity_level = 4
     if not optimize:
         # Verification compares the pass's rewrite, not ORT's own fusions (which may differ
         # between the two graphs and move float rounding around).
@@ -224,9 +244,18 @@ def ort_session(model: Any, *, optimize: bool = True) -> Any:
 
 
 def run_session(session: Any, feeds: dict[str, np.ndarray]) -> list[torch.Tensor | Any]:
-    """Run ``session`` on ``feeds``; outputs as torch tensors, in graph-output order."""
-    outputs = session.run(None, feeds)
-    return [torch.from_numpy(np.ascontiguousarray(o)) if isinstance(o, np.ndarray) else o for o in outputs]
+    """Run ``session`` on ``feeds``; outputs as torch tensors, in graph-output order.
+
+    Raises:
+        BackendError: ONNX Runtime failed; the message names the node (see
+            :func:`ptool.errors.onnxruntime_failure`) and the input shapes.
+    """
+    try:
+        outputs = session.run(None, feeds)
+    except Exception as e:
+        shapes = ", ".join(f"{n} {tuple(v.shape)}" for n, v in feeds.items())
+        raise BackendError(f"ONNX Runtime failed at {onnxruntime_failure(e)} (inputs: {shapes})") from None
+    return [torch.from_numpy(contiguous(o)) if isinstance(o, np.ndarray) else o for o in outputs]
 
 
 class OnnxTransformedModule(nn.Module):
@@ -286,11 +315,7 @@ class OnnxTransformedModule(nn.Module):
         return self._session
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple:
-        feeds = feeds_from_call(self._specs, args, kwargs)
-        try:
-            outputs = run_session(self.session, feeds)
-        except Exception as e:
-            raise BackendError(f"ONNX Runtime failed to run the model: {first_line(e)}") from None
+        outputs = run_session(self.session, feeds_from_call(self._specs, args, kwargs))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> pathlib.Path:

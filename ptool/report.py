@@ -77,12 +77,16 @@ class Report:
         capture: how the model was captured (torch.export, fallback...).
         total: fidelity of the final model vs the untransformed one (None if not verified).
         verified_on: how many reference inputs the numerics were checked on.
+        noise: the untransformed model's own float noise, when measured (ONNX input: ONNX
+            Runtime's graph optimizations on vs off); exact passes were allowed
+            ``NOISE_FACTOR`` times its max abs error.
     """
 
     records: list[PassRecord] = field(default_factory=list)
     capture: str = ""
     total: Fidelity | None = None
     verified_on: int = 0
+    noise: Fidelity | None = None
 
     def __iter__(self):
         return iter(self.records)
@@ -103,6 +107,7 @@ class Report:
             "capture": self.capture,
             "verified_on": self.verified_on,
             "total": asdict(self.total) if self.total else None,
+            "noise": asdict(self.noise) if self.noise else None,
             "passes": [r.to_dict() for r in self.records],
         }
 
@@ -135,6 +140,11 @@ class Report:
             lines += [f"  [{name}] {s.site}: {s.reason}" for name, s in skips[:50]]
             if len(skips) > 50:
                 lines.append(f"  ... and {len(skips) - 50} more")
+        if self.noise is not None:
+            from ptool.verify import NOISE_FACTOR
+
+            lines.append(f"noise floor (ONNX Runtime's optimizations on vs off): max abs {_fmt_err(self.noise.max_abs_error)}"
+                         f"; exact passes may move the outputs up to {NOISE_FACTOR:g}x that")
         if self.total is not None:
             lines.append(f"whole model vs original: {self.total}")
         return "\n".join(lines)

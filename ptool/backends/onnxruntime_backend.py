@@ -24,7 +24,7 @@ import torch
 from ptool.backends._common import CompiledModel, ExampleCall, cast_input, check_shape, first_line, options_dict
 from ptool.backends.device import CPU, Device
 from ptool.backends.onnx_export import DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES, export_onnx
-from ptool.errors import BackendError, UsageError
+from ptool.errors import BackendError, UsageError, onnxruntime_failure
 
 NAME = "onnxruntime"
 
@@ -95,7 +95,7 @@ def _session_options(opts: Options) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
+    so.log_severity_level = 4  # ORT's log off: it warns about every unused initializer; errors are raised
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[opts.graph_optimization_level])
     if opts.intra_op_threads is not None:
         so.intra_op_num_threads = opts.intra_op_threads
@@ -260,7 +260,7 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Device = C
         )
     feeds = _feeds(session, example)
     run_options = ort.RunOptions()
-    run_options.log_severity_level = 3
+    run_options.log_severity_level = 4
 
     def run(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         feed = {}
@@ -271,7 +271,7 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Device = C
         try:
             outs = session.run(None, feed, run_options)
         except Exception as e:  # ORT's errors are multi-line C++ dumps; keep the point
-            raise BackendError(f"onnxruntime failed while running the model: {first_line(e)}") from e
+            raise BackendError(f"onnxruntime failed while running the model at {onnxruntime_failure(e)}") from e
         return [torch.from_numpy(o) for o in outs]
 
     if device.is_cuda:
@@ -346,7 +346,7 @@ def _bound_runner(session: Any, feeds: list[Feed], device: Device, run_options: 
         try:
             session.run_with_iobinding(binding, run_options)  # returns once the outputs are ready
         except Exception as e:
-            raise BackendError(f"onnxruntime failed while running the model: {first_line(e)}") from e
+            raise BackendError(f"onnxruntime failed while running the model at {onnxruntime_failure(e)}") from e
         return [_to_torch(v, target) for v in binding.get_outputs()]
 
     return run

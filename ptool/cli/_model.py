@@ -20,13 +20,14 @@ import importlib
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ptool.errors import ModelLoadError, UsageError, did_you_mean
 
-__all__ = ["ResolvedModel", "add_model_arguments", "resolve_model", "DEFAULT_LABEL", "split_specs"]
+__all__ = ["ResolvedModel", "add_model_arguments", "resolve_from_args", "resolve_model", "DEFAULT_LABEL", "split_specs"]
 
 DEFAULT_LABEL = "default: all-MiniLM-L6-v2 sentence embedder on real sentences (seq 128, batch 1)"
 _FUNCTION_SPEC = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<func>[A-Za-z_]\w*)$")
@@ -42,6 +43,8 @@ class ResolvedModel:
         args / kwargs: one example call.
         calibration: extra input tuples (``(args, kwargs)`` pairs) for verification, if any.
         suggested_name: a file stem for outputs (``minilm``, the function name, the file stem).
+        made_up: ``name (shape) dtype`` of each input ptool made up from an ONNX file's types
+            because the user gave neither ``--input`` nor ``--inputs`` for it.
     """
 
     loaded: Any
@@ -50,6 +53,7 @@ class ResolvedModel:
     kwargs: dict = field(default_factory=dict)
     calibration: list = field(default_factory=list)
     suggested_name: str = "model"
+    made_up: list[str] = field(default_factory=list)
 
     @property
     def is_onnx(self) -> bool:
@@ -80,6 +84,16 @@ class ResolvedModel:
             items.append(tuple(args) if args else dict(kwargs))
         return items or None
 
+    def input_names(self) -> list[str]:
+        """Names of the example call's positional inputs (graph inputs of an ONNX file, else
+        ``forward``'s parameters)."""
+        if self.is_onnx:
+            from ptool.onnx_module import input_specs
+
+            names = [s.name for s in input_specs(self.obj)][: len(self.args)]
+            return names + [f"arg{i}" for i in range(len(names), len(self.args))]
+        return _positional_names(self.eager(), len(self.args))
+
     def input_summary(self) -> str:
         """``input_ids (1, 128) int64, attention_mask (1, 128) int64``-style text."""
         import torch
@@ -89,14 +103,7 @@ class ResolvedModel:
                 return f"{name} {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
             return f"{name} {type(value).__name__}"
 
-        if self.is_onnx:
-            from ptool.onnx_module import input_specs
-
-            names = [s.name for s in input_specs(self.obj)][: len(self.args)]
-            names += [f"arg{i}" for i in range(len(names), len(self.args))]
-        else:
-            names = _positional_names(self.eager(), len(self.args))
-        parts = [one(n, a) for n, a in zip(names, self.args, strict=True)] + [one(k, v) for k, v in self.kwargs.items()]
+        parts = [one(n, a) for n, a in zip(self.input_names(), self.args, strict=True)] + [one(k, v) for k, v in self.kwargs.items()]
         return ", ".join(parts) or "(none)"
 
 
@@ -137,70 +144,133 @@ def split_specs(values: list[str] | None) -> list[str]:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """``MODEL`` and ``--allow-pickle``: what every command that loads a model takes."""
+    """``MODEL``, ``--allow-pickle``, ``--input`` and ``--inputs``: what every command that loads a model takes."""
+    from ptool.cli._inputs import add_input_arguments
+
     p.add_argument("model", nargs="?", metavar="MODEL",
                    help="path (.onnx, .pt2, HF folder), module:function, or omit for the default model")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled weights (pytorch_model.bin, .pt), read with torch.load(weights_only=True) "
                         "only; refused by default because unpickling can run code")
+    add_input_arguments(p)
 
 
-def resolve_model(spec: str | None, *, allow_pickle: bool = False) -> ResolvedModel:
+def resolve_from_args(args: argparse.Namespace, ui: Any) -> ResolvedModel:
+    """:func:`resolve_model` on a command's parsed arguments; says on stderr which inputs were made up."""
+    src = resolve_model(args.model, allow_pickle=args.allow_pickle, inputs=getattr(args, "input", ()),
+                        inputs_file=getattr(args, "inputs", None))
+    if src.made_up:
+        ui.err(f"ptool: note: made up input(s) {'; '.join(src.made_up)} from the model's declared types; "
+               "give real ones with --input NAME=SHAPE[:DTYPE] or --inputs FILE.npz")
+    return src
+
+
+def resolve_model(spec: str | None, *, allow_pickle: bool = False, inputs: Sequence[str] = (),
+                  inputs_file: str | None = None) -> ResolvedModel:
     """Load ``MODEL`` (see the module docstring); ``allow_pickle`` as in :func:`ptool.transform`.
+
+    ``inputs`` (``NAME=SHAPE[:DTYPE]`` texts) and ``inputs_file`` (an ``.npz``) set the example
+    call: see :mod:`ptool.cli._inputs`.
 
     Raises:
         ModelLoadError / UsageError: a missing path, a bad folder or file, a module or function that
-            cannot be found or called, a function returning the wrong thing (exit code 2).
+            cannot be found or called, a function returning the wrong thing, inputs that do not fit
+            (exit code 2).
     """
+    from ptool.cli._inputs import load_npz, parse_input_shape
+
+    shapes = [parse_input_shape(text) for text in inputs or ()]
+    given = load_npz(inputs_file) if inputs_file else {}
+    both = sorted({s.name for s in shapes} & set(given))
+    if both:
+        raise UsageError(f"input(s) {', '.join(both)} given by both --input and --inputs; give each once")
     if spec is None or spec == "":
-        return _default()
-    path = Path(spec)
-    m = _FUNCTION_SPEC.match(spec)
-    if m and not path.exists():
-        return _from_function(spec, m["module"], m["func"])
-    from ptool.frontends.loaders import load_model
+        src = _default()
+    else:
+        path = Path(spec)
+        m = _FUNCTION_SPEC.match(spec)
+        if m and not path.exists():
+            src = _from_function(spec, m["module"], m["func"])
+        else:
+            from ptool.frontends.loaders import load_model
 
-    loaded = load_model(path, allow_pickle=allow_pickle)
-    args = tuple(loaded.example_inputs or ())
-    kwargs = dict(loaded.example_kwargs or {})
-    if loaded.kind.value == "onnx" and not args and not kwargs:
-        args = onnx_example_inputs(loaded.obj)
-    stem = path.resolve().name if path.is_dir() else path.stem
-    return ResolvedModel(loaded, str(spec), args, kwargs, suggested_name=_safe_stem(stem))
+            loaded = load_model(path, allow_pickle=allow_pickle)
+            stem = path.resolve().name if path.is_dir() else path.stem
+            src = ResolvedModel(loaded, str(spec), tuple(loaded.example_inputs or ()), dict(loaded.example_kwargs or {}),
+                                suggested_name=_safe_stem(stem))
+    if src.is_onnx:
+        if not src.args and not src.kwargs:
+            _onnx_inputs(src, given, shapes)
+    elif given or shapes:
+        _torch_inputs(src, given, shapes)
+    return src
 
 
-def onnx_example_inputs(proto: Any) -> tuple:
-    """Synthesize one call for an ONNX file (which carries no example data).
+def _onnx_inputs(src: ResolvedModel, given: dict, shapes: list) -> None:
+    """The example call of an ONNX file: the given arrays, the stated shapes, the rest made up."""
+    import torch
 
-    Fixed dims are kept; a symbolic first dim becomes 1 (batch), other symbolic dims 16. Integer
-    inputs are ones (a valid token id, attention-mask value and token-type id alike), floats are
-    seeded standard normals.
+    from ptool.frontends.onnx_import import example_inputs_for
+    from ptool.onnx_module import input_specs, partial_feeds
 
-    Raises:
-        UsageError: an input whose rank or element type the file does not state.
-    """
+    arrays = partial_feeds(input_specs(src.obj), (), given)
+    feeds = example_inputs_for(src.obj, given=arrays, shapes={s.name: (s.shape, s.dtype) for s in shapes})
+    stated = set(arrays) | {s.name for s in shapes}
+    src.made_up = [f"{name} {tuple(v.shape)} {v.dtype}" for name, v in feeds.items() if name not in stated]
+    src.args = tuple(torch.from_numpy(v.copy()) for v in feeds.values())
+
+
+def _torch_inputs(src: ResolvedModel, given: dict, shapes: list) -> None:
+    """Replace inputs of a torch model's example call by name: by ``--inputs`` arrays, or made up at
+    a ``--input`` shape (dtype: the stated one, else the replaced example's, else float32)."""
     import numpy as np
     import torch
 
-    from ptool.onnx_module import input_specs
+    from ptool.onnx_module import contiguous
 
+    names = _positional_names(src.eager(), len(src.args))
+    current = {**dict(zip(names, src.args)), **src.kwargs}
+    accepted = _forward_parameters(src.eager()) | set(current)
     gen = torch.Generator().manual_seed(0)
-    out = []
-    for spec in input_specs(proto):
-        if spec.dims is None or spec.dtype is None:
-            raise UsageError(
-                f"ONNX input '{spec.name}' has no static rank or element type; pass the model as "
-                "module:function with example inputs instead"
-            )
-        shape = [d if isinstance(d, int) and d > 0 else (1 if i == 0 else 16) for i, d in enumerate(spec.dims)]
-        dtype = torch.from_numpy(np.zeros((), dtype=spec.dtype)).dtype
-        if dtype.is_floating_point:
-            out.append(torch.randn(shape, generator=gen).to(dtype))
-        elif dtype == torch.bool:
-            out.append(torch.ones(shape, dtype=torch.bool))
-        else:
-            out.append(torch.ones(shape, dtype=dtype))
-    return tuple(out)
+    new: dict[str, Any] = {}
+    for name, array in given.items():
+        new[name] = torch.from_numpy(contiguous(array))
+    for s in shapes:
+        old = current.get(s.name)
+        dtype = (torch.from_numpy(np.zeros((), s.dtype)).dtype if s.dtype is not None
+                 else old.dtype if isinstance(old, torch.Tensor) else torch.float32)
+        new[s.name] = _made_up_tensor(s.name, s.shape, dtype, old, gen)
+    for name in new:
+        if name not in accepted:
+            raise UsageError(f"the model takes no input '{name}'{did_you_mean(name, sorted(accepted))} "
+                             f"(inputs: {', '.join(sorted(accepted))})")
+    src.args = tuple(new.get(n, a) for n, a in zip(names, src.args))
+    src.kwargs = {**{k: new.get(k, v) for k, v in src.kwargs.items()},
+                  **{k: v for k, v in new.items() if k not in current}}
+    src.calibration = []  # batches of the old shapes no longer fit
+
+
+def _made_up_tensor(name: str, shape: tuple, dtype: Any, like: Any, gen: Any) -> Any:
+    import torch
+
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    if dtype == torch.bool or "mask" in name.lower():
+        return torch.ones(shape, dtype=dtype)
+    if isinstance(like, torch.Tensor) and like.numel() and not like.dtype.is_floating_point:
+        low, high = int(like.min()), int(like.max())
+        return torch.randint(low, high + 1, shape, generator=gen).to(dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _forward_parameters(module: Any) -> set[str]:
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return set()
+    return {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
 def _safe_stem(stem: str) -> str:

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, ui) -> int:
     import ptool
     from ptool.benchmark import BASELINE, Candidate, compare_candidates
     from ptool.cli._compare import build_candidates, format_rows, notes, parse_backends
-    from ptool.cli._model import resolve_model
+    from ptool.cli._model import resolve_from_args
     from ptool.cli.convert import pipeline_specs
     from ptool.errors import UsageError
     from ptool.passes.registry import parse_pipeline
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, ui) -> int:
     parse_pipeline(specs)
 
     with ui.status("loading model"):
-        src = resolve_model(args.model, allow_pickle=args.allow_pickle)
+        src = resolve_from_args(args, ui)
     if src.is_onnx and not args.backends:
         backends = ["onnxruntime"]
     if src.is_onnx and set(backends) - {"onnxruntime"}:

@@ -66,7 +66,7 @@ def check_output(path: Path) -> Path:
 def run(args: argparse.Namespace, ui) -> int:
     import ptool
     from ptool import checkpoint
-    from ptool.cli._model import resolve_model
+    from ptool.cli._model import resolve_from_args
     from ptool.errors import UsageError
     from ptool.passes.registry import parse_pipeline
     from ptool.staging import move_into_place, staging_folder
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, ui) -> int:
         raise UsageError(f"--tolerance must be > 0, got {args.tolerance}")
 
     with ui.status("loading model"):
-        src = resolve_model(args.model, allow_pickle=args.allow_pickle)
+        src = resolve_from_args(args, ui)
     if src.is_onnx and args.verify and args.backend == "tvm":
         raise UsageError("--backend tvm --verify needs a torch model; an ONNX input is verified with onnxruntime")
     try:

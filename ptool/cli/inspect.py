@@ -97,11 +97,15 @@ def torch_figures(gm: Any, call: tuple[tuple, dict] | None = None) -> dict:
     }
 
 
-def onnx_figures(proto: Any) -> dict:
-    """The same figures for an ONNX model (FLOPs are not estimated at the ONNX level)."""
-    import math
+def onnx_figures(proto: Any, shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """The same figures for an ONNX model: nodes of every subgraph (``Constant`` nodes excluded),
+    weights in initializers and ``Constant`` nodes, FLOPs on the example's input ``shapes``."""
+    import onnx_ir as ir
 
-    nodes = list(proto.graph.node)
+    from ptool.ir.onnx_flops import estimate_onnx_flops, onnx_graphs
+    from ptool.passes.onnx.manager import node_count, parameter_count
+
+    nodes = [n for g in onnx_graphs(proto.graph) for n in g.node]
     hist = Counter(n.op_type if not n.domain or n.domain == "ai.onnx" else f"{n.domain}.{n.op_type}" for n in nodes)
     sites = {
         "BatchNorm": hist.get("BatchNormalization", 0),
@@ -113,33 +117,42 @@ def onnx_figures(proto: Any) -> dict:
                              + hist.get("com.microsoft.MultiHeadAttention", 0),
         "softmax": hist.get("Softmax", 0),
     }
-    params = sum(math.prod(t.dims) for t in proto.graph.initializer)
+    model = ir.from_proto(proto)
+    weights = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    weights += [n.attributes["value"].value for n in model.graph.all_nodes()
+                if n.op_type == "Constant" and "value" in n.attributes
+                and n.attributes["value"].type == ir.AttributeType.TENSOR]
+    flops = estimate_onnx_flops(proto, shapes or {})
     return {
-        "nodes": len(nodes),
+        "nodes": node_count(model),
+        "graphs": sum(1 for _ in onnx_graphs(proto.graph)),
         "histogram": dict(hist.most_common()),
         "sites": sites,
         "attention_by_layer": {},
         "attention_sites": [],
-        "parameters": params,
-        "parameter_bytes": None,
-        "flops": None,
-        "flops_by_op": {},
-        "flops_unknown_nodes": 0,
+        "parameters": parameter_count(model),
+        "parameter_bytes": sum(t.nbytes for t in weights),
+        "flops": flops.total,
+        "flops_by_op": dict(flops.by_op),
+        "flops_unknown_nodes": flops.unknown,
         "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
     }
 
 
 def _onnx_inputs(proto: Any) -> str:
-    def dims(vi: Any) -> str:
-        shape = vi.type.tensor_type.shape
-        return "(" + ", ".join(d.dim_param or str(d.dim_value) for d in shape.dim) + ")"
+    """``images (batch, 3, height, width) float32``: symbolic dims by name, unknown ones as ``?``."""
+    from ptool.onnx_module import input_specs
 
-    init = {t.name for t in proto.graph.initializer}
-    return ", ".join(f"{vi.name} {dims(vi)}" for vi in proto.graph.input if vi.name not in init) or "(none)"
+    def dims(spec: Any) -> str:
+        if spec.dims is None:
+            return "(rank unknown)"
+        return "(" + ", ".join("?" if d is None or d == 0 else str(d) for d in spec.dims) + ")"
+
+    return ", ".join(f"{s.name} {dims(s)} {s.dtype or 'non-tensor'}" for s in input_specs(proto)) or "(none)"
 
 
 def run(args: argparse.Namespace, ui) -> int:
-    from ptool.cli._model import resolve_model
+    from ptool.cli._model import resolve_from_args
     from ptool.cli._ui import key_values
     from ptool.ir.flops import format_flops
     from ptool.report import format_table
@@ -147,11 +160,12 @@ def run(args: argparse.Namespace, ui) -> int:
     if args.top < 1:
         raise _bad("--top must be at least 1")
     with ui.status("loading model"):
-        src = resolve_model(args.model, allow_pickle=args.allow_pickle)
+        src = resolve_from_args(args, ui)
     capture_seconds = None
     if src.is_onnx:
-        figures = onnx_figures(src.obj)
+        figures = onnx_figures(src.obj, {n: tuple(a.shape) for n, a in zip(src.input_names(), src.args)})
         method, inputs = "none (ONNX input: analysed as ONNX)", _onnx_inputs(src.obj)
+        inputs += f"; run on {src.input_summary()}"
     else:
         gm, method = _capture(src, ui)
         capture_seconds = gm[1]
@@ -166,20 +180,18 @@ def run(args: argparse.Namespace, ui) -> int:
 
     params = figures["parameters"]
     size = f", {figures['parameter_bytes'] / 2**20:.1f} MiB" if figures["parameter_bytes"] else ""
-    if figures["flops"] is None:
-        flops = "not estimated for ONNX input"
-    else:
-        by_op = ", ".join(f"{k.removeprefix('aten.')} {format_flops(v)}" for k, v in
-                          sorted(figures["flops_by_op"].items(), key=lambda kv: -kv[1]))
-        flops = f"{format_flops(figures['flops'])} per call (matmul-class ops only{': ' + by_op if by_op else ''})"
-        if figures["flops_unknown_nodes"]:
-            flops += f"; {figures['flops_unknown_nodes']} nodes without shapes not counted"
+    by_op = ", ".join(f"{k.removeprefix('aten.')} {format_flops(v)}" for k, v in
+                      sorted(figures["flops_by_op"].items(), key=lambda kv: -kv[1]))
+    flops = f"{format_flops(figures['flops'])} per call (matmul-class ops only{': ' + by_op if by_op else ''})"
+    if figures["flops_unknown_nodes"]:
+        flops += f"; {figures['flops_unknown_nodes']} nodes without shapes not counted"
     capture_text = method + (f" ({capture_seconds:.1f}s)" if capture_seconds is not None else "")
     ui.out(key_values([
         ("model", src.label),
         ("inputs", inputs),
         ("captured with", capture_text),
-        ("compute nodes", str(figures["nodes"])),
+        ("compute nodes", str(figures["nodes"]) + (f" (in {figures['graphs']} graphs: main + If/Loop bodies)"
+                                                   if figures.get("graphs", 1) > 1 else "")),
         ("parameters", f"{params:,} ({params / 1e6:.2f}M){size}"),
         ("FLOPs", flops),
     ]))

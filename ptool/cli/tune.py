@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, ui) -> int:
     import ptool  # noqa: F401
     from ptool.backends.autotune.tuner import TuningInterrupted, autotune
     from ptool.cli._compare import parse_backends
-    from ptool.cli._model import resolve_model, split_specs
+    from ptool.cli._model import resolve_from_args, split_specs
     from ptool.errors import UsageError
 
     if not args.max_error >= 0:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, ui) -> int:
         split_passes(passes)  # bad pass names fail before the model loads
 
     with ui.status("loading model"):
-        src = resolve_model(args.model, allow_pickle=args.allow_pickle)
+        src = resolve_from_args(args, ui)
     if src.is_onnx:
         raise UsageError("ptool tune needs a torch model (an ONNX file runs on onnxruntime only; "
                          "use `ptool bench` for it)")

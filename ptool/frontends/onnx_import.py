@@ -24,27 +24,19 @@ import itertools
 import os
 import pathlib
 import re
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ptool.errors import InputError, ModelLoadError, first_line
+from ptool.errors import InputError, ModelLoadError, did_you_mean, first_line
+from ptool.ir.onnx_flops import onnx_graphs
 from ptool.passes.base import Pass
+from ptool.verify import Fidelity
 
 #: How many calibration batches are used for verification besides the example (as for torch).
 VERIFY_BATCHES = 4
-
-
-def _graphs(graph: Any) -> Iterator[Any]:
-    """``graph`` and every subgraph (If/Loop/Scan bodies) inside it."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)
 
 
 def _all_tensors(proto: Any) -> Iterator[Any]:
@@ -64,7 +56,7 @@ def _all_tensors(proto: Any) -> Iterator[Any]:
                     yield sparse.values
                     yield sparse.indices
 
-    for graph in _graphs(proto.graph):
+    for graph in onnx_graphs(proto.graph):
         yield from graph.initializer
         for sparse in graph.sparse_initializer:
             yield sparse.values
@@ -168,11 +160,62 @@ def _vocab_size(proto: Any, input_name: str) -> int | None:
     return min(sizes) if sizes else None
 
 
-def example_inputs_for(proto: Any, seed: int = 0) -> dict[str, np.ndarray]:
-    """Synthesize one input per runtime graph input, from the graph's declared types.
+def _known_dims(specs: Sequence[Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Symbolic dim name -> size, read off the inputs whose shapes are known.
 
-    Shapes: static dims are kept; a symbolic or unknown dim is 1 if it is a batch dim (its name
-    contains "batch" or is N/B/bs, or it is axis 0 of an input of rank >= 2) and 16 otherwise.
+    Raises:
+        InputError: one dim name given two different sizes (``batch`` is 1 in one input, 2 in another).
+    """
+    known: dict[str, int] = {}
+    seen_in: dict[str, str] = {}
+    for spec in specs:
+        shape = shapes.get(spec.name)
+        if shape is None or spec.dims is None or len(shape) != len(spec.dims):
+            continue
+        for dim, size in zip(spec.dims, shape):
+            if not isinstance(dim, str):
+                continue
+            if known.setdefault(dim, size) != size:
+                raise InputError(f"dim '{dim}' is {known[dim]} in input '{seen_in[dim]}' but {size} in input '{spec.name}'")
+            seen_in.setdefault(dim, spec.name)
+    return known
+
+
+def _synthesized_value(proto: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, rng: Any) -> np.ndarray:
+    lower = name.lower()
+    if dtype.kind in "iu":
+        if "mask" in lower:
+            return np.ones(shape, dtype)
+        if "token_type" in lower:
+            return np.zeros(shape, dtype)
+        if "position" in lower and len(shape) >= 1:
+            return np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+        if "ids" in lower:
+            vocab = _vocab_size(proto, name)
+            high = min(_ID_HIGH, vocab) if vocab else _ID_HIGH
+            return rng.integers(0, high, size=shape).astype(dtype)
+        return np.zeros(shape, dtype)
+    if dtype.kind == "b":
+        return np.ones(shape, dtype)
+    if dtype.kind in "fc":
+        return rng.standard_normal(shape).astype(dtype)
+    raise InputError(f"cannot make up a value for ONNX input '{name}' of dtype {dtype}; give it (e.g. --inputs FILE.npz)")
+
+
+def example_inputs_for(
+    proto: Any,
+    seed: int = 0,
+    *,
+    given: Mapping[str, np.ndarray] | None = None,
+    shapes: Mapping[str, tuple[tuple[int, ...], np.dtype | None]] | None = None,
+) -> dict[str, np.ndarray]:
+    """One value per runtime graph input: the ``given`` arrays, the rest made up from the graph's types.
+
+    Shapes of made-up inputs: ``shapes[name]`` (shape, optional dtype) when the user stated it;
+    otherwise static dims are kept, and a symbolic dim takes the size the same dim name has in a
+    given or shaped input (``batch``, ``seq_len`` ...). A dim still unknown is 1 if it is a batch dim
+    (its name contains "batch" or is N/B/bs, or it is axis 0 of an input of rank >= 2) and 16
+    otherwise.
 
     Values (seeded, so reruns agree):
 
@@ -185,72 +228,117 @@ def example_inputs_for(proto: Any, seed: int = 0) -> dict[str, np.ndarray]:
     Args:
         proto: the ``onnx.ModelProto``.
         seed: the random seed.
+        given: arrays by input name, used as they are.
+        shapes: ``{name: (shape, dtype or None)}`` for inputs to make up at a stated shape.
 
     Returns:
         ``{input name: numpy array}`` in graph-input order.
 
     Raises:
-        InputError: an input that is not a tensor (sequence, map, optional) or has an unsupported
-            element type — such models need explicit ``example_inputs``.
+        InputError: a name the model does not have; an input that is not a tensor (sequence, map,
+            optional) or has an unsupported element type and was not given; a stated shape or dtype
+            that contradicts the model; one dim name given two sizes.
     """
     from ptool.onnx_module import input_specs
 
+    given, shapes = dict(given or {}), dict(shapes or {})
+    specs = input_specs(proto)
+    names = [s.name for s in specs]
+    for name in [*given, *shapes]:
+        if name not in names:
+            raise InputError(f"the ONNX model has no input '{name}'{did_you_mean(name, names)} (inputs: {', '.join(names)})")
+    known = _known_dims(specs, {**{n: s for n, (s, _) in shapes.items()}, **{n: a.shape for n, a in given.items()}})
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
-    for spec in input_specs(proto):
-        if spec.dtype is None or spec.dims is None:
+    for spec in specs:
+        if spec.name in given:
+            feeds[spec.name] = given[spec.name]
+            continue
+        stated_shape, stated_dtype = shapes.get(spec.name, (None, None))
+        dtype = spec.dtype if stated_dtype is None else np.dtype(stated_dtype)
+        if dtype is None or (spec.dims is None and stated_shape is None):
             raise InputError(
-                f"cannot synthesize a value for ONNX input '{spec.name}' (not a tensor of known rank); "
-                "pass example_inputs="
+                f"cannot make up a value for ONNX input '{spec.name}' (not a tensor of known rank and type); "
+                "give it (--inputs FILE.npz, or example_inputs= in Python)"
             )
-        rank = len(spec.dims)
-        shape = tuple(
-            d if isinstance(d, int) and d > 0
-            else 1 if _is_batch_dim(d if isinstance(d, str) else None, axis, rank)
-            else _OTHER_DIM
-            for axis, d in enumerate(spec.dims)
-        )
-        name = spec.name.lower()
-        dtype = spec.dtype
-        if dtype.kind in "iu":
-            if "mask" in name:
-                value = np.ones(shape, dtype)
-            elif "token_type" in name:
-                value = np.zeros(shape, dtype)
-            elif "position" in name and rank >= 1:
-                value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
-            elif "ids" in name:
-                vocab = _vocab_size(proto, spec.name)
-                high = min(_ID_HIGH, vocab) if vocab else _ID_HIGH
-                value = rng.integers(0, high, size=shape).astype(dtype)
-            else:
-                value = np.zeros(shape, dtype)
-        elif dtype.kind == "b":
-            value = np.ones(shape, dtype)
-        elif dtype.kind in "fc":
-            value = rng.standard_normal(shape).astype(dtype)
+        if spec.dtype is not None and stated_dtype is not None and dtype != spec.dtype:
+            raise InputError(f"input '{spec.name}' is {spec.dtype} in the model, not {dtype}")
+        if stated_shape is not None:
+            _check_static_dims(spec, stated_shape)
+            shape = tuple(stated_shape)
         else:
-            raise InputError(f"cannot synthesize a value for ONNX input '{spec.name}' of dtype {dtype}; pass example_inputs=")
-        feeds[spec.name] = value
+            rank = len(spec.dims)
+            shape = tuple(
+                d if isinstance(d, int) and d > 0
+                else known[d] if isinstance(d, str) and d in known
+                else 1 if _is_batch_dim(d if isinstance(d, str) else None, axis, rank)
+                else _OTHER_DIM
+                for axis, d in enumerate(spec.dims)
+            )
+        feeds[spec.name] = _synthesized_value(proto, spec.name, shape, dtype, rng)
     return feeds
+
+
+def _check_static_dims(spec: Any, shape: tuple[int, ...]) -> None:
+    if spec.dims is None:
+        return
+    if len(shape) != len(spec.dims):
+        raise InputError(f"input '{spec.name}' has rank {len(spec.dims)} in the model ({spec.describe()}), "
+                         f"not {len(shape)}")
+    for axis, (want, got) in enumerate(zip(spec.dims, shape)):
+        if isinstance(want, int) and want > 0 and got != want:
+            raise InputError(f"input '{spec.name}' has size {want} on axis {axis} in the model ({spec.describe()}), "
+                             f"not {got}")
 
 
 # --- transform -----------------------------------------------------------------------------
 
-def _as_args(example_inputs: Any) -> tuple:
+def _as_call(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
+    """``example_inputs`` (positional, one tensor or array, or a dict by input name) plus ``example_kwargs``."""
+    kwargs = dict(example_kwargs or {})
     if example_inputs is None:
-        return ()
+        return (), kwargs
+    if isinstance(example_inputs, Mapping):
+        return (), {**dict(example_inputs), **kwargs}
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, dict):
-        raise InputError("example_inputs must be a tuple of inputs; pass named inputs as example_kwargs=")
-    return (example_inputs,)
+        return tuple(example_inputs), kwargs
+    return (example_inputs,), kwargs
+
+
+def example_feeds(proto: Any, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+    """The feeds of one example call; inputs it leaves out are made up (:func:`example_inputs_for`),
+    with a warning that names them and says how to give them."""
+    from ptool.onnx_module import input_specs, partial_feeds
+
+    specs = input_specs(proto)
+    given = partial_feeds(specs, args, kwargs)
+    if len(given) == len(specs):
+        return given
+    feeds = example_inputs_for(proto, given=given)
+    made_up = ", ".join(f"{n} {tuple(v.shape)} {v.dtype}" for n, v in feeds.items() if n not in given)
+    warnings.warn(f"made up ONNX input(s) {made_up} from the model's declared types; give real ones as "
+                  "example_inputs={name: array} (CLI: --input NAME=SHAPE[:DTYPE] or --inputs FILE.npz)",
+                  stacklevel=3)
+    return feeds
 
 
 def _torch_inputs(feeds: dict[str, np.ndarray]) -> tuple:
     import torch
 
-    return tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
+    from ptool.onnx_module import contiguous
+
+    return tuple(torch.from_numpy(contiguous(v)) for v in feeds.values())
+
+
+def noise_floor(proto: Any, feeds: list[dict], reference: list[list]) -> Fidelity:
+    """How far ONNX Runtime's own graph optimizations (Conv+BN fusion, GEMM re-layouts...) move the
+    model's outputs: the float noise of the model itself, that verification judges exact passes
+    against. ``reference``: the unoptimized outputs on ``feeds``."""
+    from ptool.onnx_module import ort_session, run_session
+    from ptool.verify import compare_many
+
+    session = ort_session(proto, optimize=True)
+    return compare_many(reference, [run_session(session, f) for f in feeds])
 
 
 def transform_onnx(
@@ -295,8 +383,7 @@ def transform_onnx(
         onnx_implementation(pass_)
 
     specs = input_specs(proto)
-    args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
-    feeds = example_inputs_for(proto) if not args and not kwargs and specs else feeds_from_call(specs, args, kwargs)
+    feeds = example_feeds(proto, *_as_call(example_inputs, example_kwargs))
     calib = list(calibration or [])
     calib_feeds = [feeds_from_call(specs, a, k) for a, k in itertools.islice(calib, VERIFY_BATCHES)]
     reference = [feeds, *calib_feeds] if verify else []
@@ -307,12 +394,12 @@ def transform_onnx(
     ctx.calibration_calls = calib
 
     model_ir = ir.from_proto(proto)
-    start_outputs = None
+    start_outputs, noise = None, None
     if reference:
-        session = ort_session(proto, optimize=False)
-        start_outputs = [run_session(session, f) for f in reference]
-        del session  # ORT holds a copy of every weight: free it before the passes run
-    records = run_onnx_pipeline(model_ir, pipeline, ctx, reference, reference_outputs=start_outputs)
+        start_outputs = [run_session(ort_session(proto, optimize=False), f) for f in reference]
+        noise = noise_floor(proto, reference, start_outputs)
+    records = run_onnx_pipeline(model_ir, pipeline, ctx, reference, reference_outputs=start_outputs,
+                                noise_floor=noise.max_abs_error if noise else 0.0)
 
     final = None
     if start_outputs is not None:
@@ -321,8 +408,8 @@ def transform_onnx(
         session = ort_session(model_ir, optimize=True)
         final = [run_session(session, f) for f in reference]
         del session
-    module = OnnxTransformedModule(model_ir, Report(records=records, capture="onnx",
-                                                                 verified_on=len(reference)), example_args, {})
+    module = OnnxTransformedModule(model_ir, Report(records=records, capture="onnx", verified_on=len(reference),
+                                                    noise=noise), example_args, {})
     if final is not None:
         module.report.total = compare_many(start_outputs, final)
     return module

@@ -105,8 +105,9 @@ class ConstantFold(Pass):
     """Precompute pure nodes whose inputs are all weights or constants.
 
     Args:
-        max_growth_bytes: refuse a fold that adds more than this many weight bytes to the model
-            (default 1 MiB: small masks and index tensors fold, a large ``expand`` does not).
+        max_growth_bytes: the most weight bytes the whole pass may add to the model (each fold's
+            result minus the constants it frees, summed; default 1 MiB: small masks and index
+            tensors fold, a large ``expand`` does not). A fold past it is skipped, with the reason.
     """
 
     name: ClassVar[str] = "constant-fold"
@@ -142,15 +143,19 @@ class ConstantFold(Pass):
             from_param[node] = any(from_param[i] for i in inputs)
 
         # fold the frontier: constant nodes read by at least one non-constant node
+        grown = 0
         for node in list(values):
             if node.op == "get_attr" or not isinstance(values[node], torch.Tensor):
                 continue
             if all(u in values for u in node.users):
                 continue
             growth = _nbytes(values[node]) - sum(_nbytes(values[a]) for a in _freed_attrs(node, values))
-            if growth > self.max_growth_bytes:
-                result.skip(f"{node.name} ({op_name(node)})", f"folding would add {growth} weight bytes (max_growth_bytes={self.max_growth_bytes})")
+            if grown + growth > self.max_growth_bytes:
+                result.skip(f"{node.name} ({op_name(node)})",
+                            f"folding would add {growth} weight bytes to the {grown} already added "
+                            f"(max_growth_bytes={self.max_growth_bytes} for the whole pass)")
                 continue
+            grown += growth
             owner = _common_owner(node, values)
             new = add_tensor(gm, owner, f"folded_{node.name}", values[node].contiguous(), parameter=from_param[node], before=node)
             mark(new, self.name)

@@ -31,8 +31,11 @@ def run_reference(gm: torch.nn.Module, inputs: ReferenceInputs) -> list:
         return [gm(*args, **kwargs) for args, kwargs in inputs]
 
 
-def judge(pass_: Pass, before: list, after: list, ran: str) -> tuple:
+def judge(pass_: Pass, before: list, after: list, ran: str, noise_floor: float = 0.0) -> tuple:
     """Compare outputs after a pass with those before it; raise if an exact pass drifted.
+
+    ``noise_floor``: how far the model's outputs move under a mere re-ordering of its float
+    arithmetic (max abs); an exact pass may move them by :data:`ptool.verify.NOISE_FACTOR` times it.
 
     Returns:
         ``(fidelity, violation)``: the comparison and the contract violation (None if kept).
@@ -41,7 +44,7 @@ def judge(pass_: Pass, before: list, after: list, ran: str) -> tuple:
         VerificationError: an exact pass broke its tolerance (names the pass and those before it).
     """
     fidelity = compare_many(before, after)
-    violation = pass_.numerics.violation(fidelity)
+    violation = pass_.numerics.violation(fidelity, noise_floor)
     if violation and pass_.numerics.exact:
         raise VerificationError(
             f"exact pass '{pass_.spec()}' changed the outputs: {violation} (passes before it: {ran})"

@@ -18,6 +18,7 @@ from ptool.errors import BackendError, InputError, ModelLoadError
 from ptool.frontends.onnx_import import example_inputs_for, load_onnx
 from ptool.onnx_module import OnnxTransformedModule
 from ptool.verify import compare
+from tests.models.onnx_graphs import reshaping_model
 
 
 class _Net(nn.Module):
@@ -120,6 +121,67 @@ def test_example_inputs_for_rules():
     assert pixels.shape == (1, 3, 16, 16) and pixels.dtype == np.float32 and pixels.std() > 0.5
     again = example_inputs_for(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]))
     assert np.array_equal(again["pixels"], pixels)  # seeded
+
+
+def test_example_inputs_for_takes_given_arrays_and_stated_shapes_and_resolves_dim_names():
+    model = reshaping_model()
+    feeds = example_inputs_for(model, shapes={"x": ((3, 32), None)})
+    assert feeds["x"].shape == (3, 32)
+    assert feeds["b"].shape == (3, 4, 8)  # 'batch' took x's size, not the default 1
+    assert feeds["s"].shape == ()  # a scalar stays a scalar
+    given = np.full((2, 4, 8), 7.0, np.float32)
+    feeds = example_inputs_for(model, given={"b": given})
+    assert feeds["b"] is given and feeds["x"].shape == (2, 16)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"shapes": {"z": ((1, 32), None)}}, "no input 'z'"),
+    ({"shapes": {"b": ((1, 5, 8), None)}}, "size 4 on axis 1"),
+    ({"shapes": {"b": ((1, 4), None)}}, "rank 3"),
+    ({"shapes": {"x": ((1, 32), np.dtype("int64"))}}, "float32 in the model, not int64"),
+    ({"shapes": {"x": ((2, 32), None)}, "given": {"b": np.zeros((3, 4, 8), np.float32)}}, "'batch' is"),
+])
+def test_example_inputs_for_refuses_what_contradicts_the_model(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        example_inputs_for(reshaping_model(), **kwargs)
+
+
+def test_transform_takes_a_dict_of_arrays_and_warns_about_made_up_inputs():
+    model = reshaping_model()
+    x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"made up ONNX input\(s\) s \(\) float32, b \(2, 4, 8\) float32"):
+        m2 = ptool.transform(model, ["dce"], example_inputs={"x": x})
+    assert m2.example_inputs[0].shape == (2, 32) and m2.example_inputs[1].shape == ()
+    s = np.array(3.0, np.float32)
+    out = m2(x=x, s=s, b=np.ones((2, 4, 8), np.float32))
+    np.testing.assert_allclose(out.numpy(), x.reshape(2, 4, 8) * 3 + 1, rtol=1e-6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every input given: nothing made up, no warning
+        ptool.transform(model, ["dce"], example_inputs={"x": x, "s": s, "b": np.ones((2, 4, 8), np.float32)})
+
+
+def test_an_onnx_runtime_failure_is_one_line_naming_the_node():
+    # made-up x (1, 16) cannot be reshaped to (-1, 4, 8): ORT fails inside the Reshape node
+    with pytest.warns(UserWarning, match="made up"), pytest.raises(BackendError) as info:
+        ptool.transform(reshaping_model(), ["dce"])
+    message = str(info.value)
+    assert "\n" not in message and "at node 'to_heads' (Reshape): " in message and "cannot be reshaped" in message
+    assert "inputs: x (1, 16), s (), b (1, 4, 8)" in message
+    assert "onnxruntime_src" not in message
+
+
+def test_onnxruntime_failure_text():
+    from ptool.errors import onnxruntime_failure
+
+    nested = RuntimeError(
+        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Non-zero status code returned while running If node. "
+        "Name:'If_0' Status Message: Non-zero status code returned while running Pad node. Name:'' Status "
+        "Message: /onnxruntime_src/onnxruntime/core/providers/cpu/tensor/pad.cc:12 void f(int) const Pad reflect:"
+        " post-pad (32) exceeds maximum allowed (15)\n for axis 1.")
+    assert onnxruntime_failure(nested) == "an unnamed Pad node: Pad reflect: post-pad (32) exceeds maximum allowed " \
+                                          "(15) for axis 1."
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -82,6 +82,27 @@ def test_constant_fold_refuses_to_grow_the_model():
     assert m3.report["constant-fold"].rewritten == 1
 
 
+def test_constant_fold_budget_is_for_the_whole_pass():
+    class Expands(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("row", torch.randn(1, 256))
+
+        def forward(self, x):  # three 256 KiB materializations; the buffer is read elsewhere too
+            return x + self.row.expand(256, 256) * 2 + self.row.expand(256, 256) * 3 + self.row.expand(256, 256) * 4
+
+    x = torch.randn(256, 256)
+    model = Expands()
+    m2 = ptool.transform(model, ["constant-fold:max_growth_bytes=600000"], (x,))
+    rec = m2.report["constant-fold"]
+    assert rec.rewritten == 2 and len(rec.skipped) == 1  # 2 x 256 KiB fit in the budget, the third does not
+    assert "to the 524288 already added" in rec.skipped[0].reason
+    assert torch.allclose(m2(x), model(x), rtol=1e-6, atol=0)
+    grown = sum(t.numel() * t.element_size() for t in m2.graph_module.buffers()) + \
+        sum(t.numel() * t.element_size() for t in m2.graph_module.parameters()) - 256 * 4
+    assert grown <= 600000
+
+
 def test_dce_removes_dead_pure_nodes_but_not_the_output():
     x = torch.randn(4, 8)
     gm = _gm(_Redundant(), x)

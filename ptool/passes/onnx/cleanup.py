@@ -14,9 +14,9 @@ The equivalence claims are those of ``ptool/passes/cleanup.py``:
   evaluated once at transform time (ONNX reference evaluator) and replaced by an initializer; the
   folder also applies its exact simplifications (``Identity``/``Dropout`` removal, ``Shape`` of a
   static shape, ...). Declared ``Close`` because the reference evaluator's float rounding may differ
-  from ONNX Runtime's kernels. Sites = nodes replaced. A fold whose new tensor would add more than
-  ``max_growth_bytes`` bytes to the model (result size minus the bytes of constant inputs it frees)
-  is refused and reported as a skipped site. Constants made dead by folding are removed.
+  from ONNX Runtime's kernels. Sites = nodes replaced. ``max_growth_bytes`` bounds what the whole
+  pass adds to the weights (each fold's result size minus the bytes of constant inputs it frees,
+  summed): a fold past it is refused and reported as a skipped site. Constants made dead by folding are removed.
 
 Limits: functions and subgraphs are handled as far as the underlying onnx_ir / onnxscript passes
 handle them (dce: yes; cse: main graph only; constant-fold: yes, with ``Constant`` nodes in
@@ -88,6 +88,7 @@ class _BoundedFolder(FoldConstantsPass):
         # The size limits are replaced by the byte budget checked in _prepare_folded_tensor.
         super().__init__(shape_inference=False, input_size_limit=sys.maxsize, output_size_limit=sys.maxsize)
         self.max_growth_bytes = max_growth_bytes
+        self.grown = 0  # net weight bytes the folds so far added (a budget for the whole pass)
         self.result = result
         self.folded: Counter[str] = Counter()
 
@@ -103,12 +104,14 @@ class _BoundedFolder(FoldConstantsPass):
             and not v.is_graph_input() and not v.is_graph_output()
         )
         growth = tensor.nbytes - freed
-        if growth > self.max_growth_bytes:
+        if self.grown + growth > self.max_growth_bytes:
             self.result.skip(
                 f"{node.name or '?'} ({node.op_type})",
-                f"folding would add {growth} weight bytes (max_growth_bytes={self.max_growth_bytes})",
+                f"folding would add {growth} weight bytes to the {self.grown} already added "
+                f"(max_growth_bytes={self.max_growth_bytes} for the whole pass)",
             )
             return None
+        self.grown += growth
         return tensor
 
     def replace_node(self, node: ir.Node, replacement: Any, root: Any) -> None:

@@ -87,6 +87,7 @@ def run_onnx_pipeline(
     reference_inputs: ReferenceInputs = (),
     *,
     reference_outputs: list | None = None,
+    noise_floor: float = 0.0,
 ) -> list[PassRecord]:
     """Run ``passes`` on ``model_ir`` in order, mutating it; return one record per pass.
 
@@ -98,6 +99,8 @@ def run_onnx_pipeline(
         reference_inputs: ORT feed dicts to verify numerics on; empty disables the checks.
         reference_outputs: the outputs of ``model_ir`` on ``reference_inputs``, if the caller
             already has them (saves one ORT session).
+        noise_floor: the model's own float noise (max abs): exact passes are allowed
+            :data:`ptool.verify.NOISE_FACTOR` times it (see :func:`ptool.passes.manager.judge`).
 
     Raises:
         PassError: a pass has no ONNX implementation.
@@ -145,7 +148,7 @@ def run_onnx_pipeline(
                 raise VerificationError(
                     f"pass '{spec}' produced an ONNX model that ONNX Runtime cannot run: {first_line(e)}"
                 ) from e
-            fidelity, violation = judge(pass_, outputs, new_outputs, ran)
+            fidelity, violation = judge(pass_, outputs, new_outputs, ran, noise_floor)
             outputs = new_outputs
 
         record = PassRecord.of(pass_, result, seconds=seconds, nodes=(nodes_before, node_count(model_ir)),

@@ -25,7 +25,7 @@ from ptool.passes.fold_bn import FoldBatchNorm
 from ptool.passes.onnx import ONNX_IMPLEMENTATIONS, onnx_implementation
 from ptool.passes.onnx.fold_bn import fold_batch_norms
 from ptool.passes.onnx.manager import run_onnx_pipeline
-from ptool.verify import Exact, compare
+from ptool.verify import NOISE_FACTOR, Close, Exact, compare
 
 OPSET = 18
 F32 = TensorProto.FLOAT
@@ -269,6 +269,25 @@ def test_constant_fold_respects_growth_budget():
     assert row.rewritten == 1 and not row.skipped
 
 
+def test_constant_fold_budget_is_for_the_whole_pass():
+    b = _Builder(8)
+    y = "x"
+    bigs = [b.randn(64, 64) for _ in range(3)]
+    for big in bigs:  # three folds of 16 KiB each; every weight stays read by a second node
+        y = b.node("Add", [y, b.node("Transpose", [big])])
+    for big in bigs:
+        y = b.node("Add", [y, big])
+    b.nodes[-1].output[0] = "y"
+    proto = b.model([("x", F32, [64, 64])], [("y", F32)])
+    m2 = ptool.transform(proto, ["constant-fold:max_growth_bytes=40000"])
+    row = m2.report[0]
+    assert row.rewritten == 2 and len(row.skipped) == 1  # 2 x 16 KiB fit in 40000 bytes, the third does not
+    assert "to the 32768 already added" in row.skipped[0].reason
+    grown = sum(v.const_value.nbytes for v in ir.from_proto(m2.onnx_model).graph.initializers.values()) \
+        - sum(v.const_value.nbytes for v in ir.from_proto(proto).graph.initializers.values())
+    assert grown == 32768 <= 40000
+
+
 # --- the ONNX manager --------------------------------------------------------------------
 
 def test_onnx_implementations_are_keyed_by_registered_pass_class():
@@ -324,6 +343,39 @@ def test_exact_pass_that_changes_outputs_is_named(monkeypatch):
     feeds = [{"x": np.linspace(-2, 2, 4, dtype=np.float32)}]
     with pytest.raises(VerificationError, match="exact pass 'break-it' changed the outputs.*passes before it: dce"):
         run_onnx_pipeline(model, [ptool.passes.parse_pass("dce"), _BreakIt()], PassContext(), feeds)
+
+
+class _Drift(_BreakIt):
+    """Stands in for a rewrite exact in real arithmetic whose float drift the model's noise covers."""
+
+    name = "drift"
+    numerics = Close(rtol=1e-6)
+
+
+def test_close_pass_judged_against_the_models_own_float_noise(monkeypatch):
+    """A drift within NOISE_FACTOR x the model's own noise floor is float rounding; past it, an error."""
+    monkeypatch.setitem(ONNX_IMPLEMENTATIONS, _BreakIt, _break_it)
+    monkeypatch.setitem(ONNX_IMPLEMENTATIONS, _Drift, _break_it)
+    b = _Builder(9)
+    b.node("Sigmoid", ["x"])
+    b.nodes[-1].output[0] = "y"
+    x = np.linspace(-2, 2, 4, dtype=np.float32)
+    drift = float(np.abs(np.tanh(x) - 1 / (1 + np.exp(-x))).max())
+    records = run_onnx_pipeline(ir.from_proto(b.model([("x", F32, [4])], [("y", F32)])), [_Drift()], PassContext(),
+                                [{"x": x}], noise_floor=drift / NOISE_FACTOR)
+    assert records[0].within_contract and records[0].fidelity.max_abs_error == pytest.approx(drift, rel=1e-5)
+    with pytest.raises(VerificationError, match="noise floor"):
+        run_onnx_pipeline(ir.from_proto(b.model([("x", F32, [4])], [("y", F32)])), [_Drift()], PassContext(),
+                          [{"x": x}], noise_floor=drift / NOISE_FACTOR / 2)
+    with pytest.raises(VerificationError, match="this pass must be bit-exact"):  # bit-exact passes ignore noise
+        run_onnx_pipeline(ir.from_proto(b.model([("x", F32, [4])], [("y", F32)])), [_BreakIt()], PassContext(),
+                          [{"x": x}], noise_floor=drift)
+
+
+def test_report_of_an_onnx_transform_shows_its_noise_floor():
+    m2 = ptool.transform(cleanup_model(), ["dce"], example_inputs={"x": np.ones((3, 6), np.float32)})
+    assert m2.report.noise is not None and m2.report.noise.max_abs_error >= 0
+    assert "noise floor (ONNX Runtime's optimizations on vs off): max abs" in str(m2.report)
 
 
 def test_manager_records_without_verification():
