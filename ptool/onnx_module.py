@@ -89,7 +89,20 @@ def contiguous(array: np.ndarray) -> np.ndarray:
 _FAMILY = {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex"}
 
 
-def _to_numpy(name: str, value: Any, spec: InputSpec) -> np.ndarray:
+def _host_value(value: Any) -> Any:
+    """A sequence / optional input as ONNX Runtime takes it: lists of numpy arrays, None kept."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_host_value(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return value
+
+
+def _to_numpy(name: str, value: Any, spec: InputSpec) -> Any:
+    if spec.elem_type == 0:  # a sequence, map or optional input: passed through as given
+        return _host_value(value)
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:
@@ -243,6 +256,19 @@ def ort_session(model: Any, *, optimize: bool = True) -> Any:
         raise BackendError(f"ONNX Runtime cannot load the model: {first_line(e)}") from None
 
 
+def to_torch(value: Any) -> Any:
+    """An ONNX Runtime value for the torch side: numeric arrays as tensors (a scalar stays rank 0),
+    string arrays as they are, sequences as lists, a missing optional as None."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "OSU":
+            return value
+        canonical = np.dtype(value.dtype.name)  # numpy.ulonglong -> uint64, which torch takes
+        return torch.from_numpy(contiguous(value if value.dtype.char == canonical.char else value.view(canonical)))
+    if isinstance(value, (list, tuple)):
+        return [to_torch(v) for v in value]
+    return value
+
+
 def run_session(session: Any, feeds: dict[str, np.ndarray]) -> list[torch.Tensor | Any]:
     """Run ``session`` on ``feeds``; outputs as torch tensors, in graph-output order.
 
@@ -255,7 +281,7 @@ def run_session(session: Any, feeds: dict[str, np.ndarray]) -> list[torch.Tensor
     except Exception as e:
         shapes = ", ".join(f"{n} {tuple(v.shape)}" for n, v in feeds.items())
         raise BackendError(f"ONNX Runtime failed at {onnxruntime_failure(e)} (inputs: {shapes})") from None
-    return [torch.from_numpy(contiguous(o)) if isinstance(o, np.ndarray) else o for o in outputs]
+    return [to_torch(o) for o in outputs]
 
 
 class OnnxTransformedModule(nn.Module):

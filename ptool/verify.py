@@ -150,8 +150,8 @@ def compare(reference: Any, outputs: Any) -> Fidelity:
     eps = 0.0
     refs, outs = [], []
     for r, o in zip(ref_leaves, out_leaves):
-        if not isinstance(r, torch.Tensor) or not isinstance(o, torch.Tensor):
-            mismatched += int(r != o) if not isinstance(r, torch.Tensor) and not isinstance(o, torch.Tensor) else 1
+        if not isinstance(r, torch.Tensor) or not isinstance(o, torch.Tensor):  # strings, None, numbers
+            mismatched += int(not _same_value(r, o))
             continue
         if r.shape != o.shape:
             mismatched += 1
@@ -166,6 +166,8 @@ def compare(reference: Any, outputs: Any) -> Fidelity:
     if not refs:
         return Fidelity(0.0, 0.0, 1.0, math.inf, 0.0, mismatched)
     ref, out = torch.cat(refs), torch.cat(outs)
+    if ref.numel() == 0:  # only empty float tensors: nothing can differ but their shapes, checked above
+        return Fidelity(0.0, 0.0, 1.0, math.inf, 0.0, mismatched)
     diff = out - ref
     finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(ref).all())
     if not finite:
@@ -189,6 +191,16 @@ def compare(reference: Any, outputs: Any) -> Fidelity:
     noise = float(diff.norm())
     sqnr = math.inf if noise == 0 else (20 * math.log10(ref_norm / noise) if ref_norm > 0 else -math.inf)
     return Fidelity(max_abs, rel, cosine, sqnr, scale, mismatched, eps)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equality of two non-tensor output leaves (numpy string arrays, None, Python numbers)."""
+    import numpy as np
+
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and \
+            bool(np.array_equal(a, b))
+    return type(a) is type(b) and a == b
 
 
 def compare_many(references: list, outputs: list) -> Fidelity:

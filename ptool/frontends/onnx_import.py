@@ -323,11 +323,9 @@ def example_feeds(proto: Any, args: tuple, kwargs: dict) -> dict[str, np.ndarray
 
 
 def _torch_inputs(feeds: dict[str, np.ndarray]) -> tuple:
-    import torch
+    from ptool.onnx_module import to_torch
 
-    from ptool.onnx_module import contiguous
-
-    return tuple(torch.from_numpy(contiguous(v)) for v in feeds.values())
+    return tuple(to_torch(v) for v in feeds.values())
 
 
 def noise_floor(proto: Any, feeds: list[dict], reference: list[list]) -> Fidelity:

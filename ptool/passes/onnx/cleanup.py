@@ -25,6 +25,7 @@ functions).
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections import Counter
 from typing import Any
@@ -33,6 +34,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
+from ptool.errors import first_line
 from ptool.passes.base import Pass, PassContext, PassResult
 
 
@@ -114,6 +116,15 @@ class _BoundedFolder(FoldConstantsPass):
         self.grown += growth
         return tensor
 
+    def process_node(self, node: ir.Node, is_function: bool) -> Any:
+        try:
+            return super().process_node(node, is_function)
+        except RuntimeError as e:  # one of onnxscript's partial evaluators failed: leave the node as it is
+            cause = e.__cause__ or e
+            self.result.skip(f"{node.name or '?'} ({node.op_type})",
+                             f"onnxscript's folder failed on it ({type(cause).__name__}: {first_line(cause)})")
+            return None
+
     def replace_node(self, node: ir.Node, replacement: Any, root: Any) -> None:
         super().replace_node(node, replacement, root)
         self.folded[node.op_type] += 1
@@ -123,7 +134,13 @@ def fold_constants(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResult
     """``constant-fold`` on ONNX: precompute nodes whose inputs are all constants."""
     result = PassResult()
     folder = _BoundedFolder(max_growth_bytes=int(getattr(pass_, "max_growth_bytes", 0)), result=result)
-    modified = folder(model).modified
+    chatter = logging.getLogger("onnxscript.optimizer")  # "Skipping constant folding for op ..." per node
+    level = chatter.level
+    chatter.setLevel(logging.ERROR)
+    try:
+        modified = folder(model).modified
+    finally:
+        chatter.setLevel(level)
     result.hit(sum(folder.folded.values()))
     if modified:
         result.changed = True
