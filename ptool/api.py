@@ -148,8 +148,11 @@ def _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dy
 
 def _unwrap(model: Any) -> tuple[Any, tuple | None, dict]:
     """The torch module to lower and the example call recorded with it, if any."""
+    from ptool.onnx_module import OnnxTransformedModule
     from ptool.transformed import TransformedModule
 
+    if isinstance(model, OnnxTransformedModule):
+        return model, model.example_inputs or None, model.example_kwargs
     if isinstance(model, TransformedModule):
         return model.graph_module, model.example_inputs, model.example_kwargs
     return model, None, {}
@@ -190,7 +193,9 @@ def compile(model: Any, backend: str = "torch", example_inputs: Any = None, *, e
             device: str = "cpu", **options: Any):
     """Lower ``model`` to ``backend`` (``torch``, ``onnxruntime`` or ``tvm``) and return a callable.
 
-    The callable takes the model's own arguments and returns torch tensors in the model's output
+    A model ptool loaded from ONNX goes to ``onnxruntime`` (a session on the file as it is, with the
+    backend's options: threads, graph optimization level, provider) or ``tvm`` (Relax's ONNX
+    frontend and ptool's schedules). The callable takes the model's own arguments and returns torch tensors in the model's output
     structure. ``options`` are backend options (e.g. ``intra_op_threads=2`` for ONNX Runtime).
     ``device`` is ``cpu``, ``cuda`` or ``cuda:N``; on a GPU the outputs stay on it.
 
@@ -205,16 +210,13 @@ def compile(model: Any, backend: str = "torch", example_inputs: Any = None, *, e
 
     from ptool.onnx_module import OnnxTransformedModule
 
-    if isinstance(model, OnnxTransformedModule) and parse_device(device).is_cuda:
-        raise UsageError(f"a model loaded from ONNX runs in its CPU session; for device '{device}' give "
-                         "ptool the torch model or a .pt2")
     if isinstance(model, OnnxTransformedModule):
-        if backend != "onnxruntime" or options:
-            raise UsageError(
-                f"a model loaded from ONNX runs on backend 'onnxruntime' with default options (got '{backend}'"
-                f"{' with options' if options else ''}); give ptool the torch model or a .pt2 for other backends"
-            )
-        return model  # it already runs in an ONNX Runtime session
+        if backend == "torch":
+            raise UsageError("a model loaded from ONNX runs on backend 'onnxruntime' or 'tvm', not 'torch'; give "
+                             "ptool the torch model or a .pt2 to run it in torch")
+        if parse_device(device).is_cuda and backend == "tvm":
+            raise UsageError(f"a model loaded from ONNX builds for TVM on the CPU; for device '{device}' use "
+                             "backend='onnxruntime' or give ptool the torch model")
     module, ex_args, ex_kwargs = _unwrap(model)
     if example_inputs is None and ex_args is not None:
         example_inputs, example_kwargs = ex_args, {**ex_kwargs, **(example_kwargs or {})}

@@ -334,6 +334,11 @@ class OnnxTransformedModule(nn.Module):
         return self._ir if self._ir is not None else self._proto
 
     @property
+    def onnx_model_module(self) -> OnnxTransformedModule:
+        """Itself: how backends tell an ONNX model (written out as it is) from a torch module (exported)."""
+        return self
+
+    @property
     def session(self) -> Any:
         """The ONNX Runtime ``InferenceSession`` (opened on first use)."""
         if self._session is None:

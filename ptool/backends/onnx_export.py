@@ -53,7 +53,8 @@ def export_onnx(
 
     Args:
         module: an ``nn.Module`` (plain, or a GraphModule from ``ExportedProgram.module()``) or
-            an ``ExportedProgram``.
+            an ``ExportedProgram``; an ONNX model ptool loaded (``OnnxTransformedModule``) is written
+            as it is (``dynamic_shapes``, ``opset`` and ``optimize`` do not apply to it).
         path: the ``.onnx`` file to write; its folder is created if missing.
         example_inputs / example_kwargs: one example call, ``module(*example_inputs, **example_kwargs)``.
         dynamic_shapes: as in ``torch.export.export``.
@@ -81,6 +82,9 @@ def export_onnx(
         raise BackendError(f"ONNX output path must end in .onnx, got '{path}'")
     if path.is_dir():
         raise BackendError(f"ONNX output path '{path}' is a folder; give a file name ending in .onnx")
+    onnx_input = getattr(module, "onnx_model_module", None)
+    if onnx_input is not None:  # an ONNX model given to ptool: already ONNX, written as it is
+        return onnx_input.save(path, external_data=None)
     args, kwargs = check_inputs(example_inputs, example_kwargs)
     if not isinstance(module, torch.export.ExportedProgram):
         args, kwargs = canonical_call(module, args, kwargs)

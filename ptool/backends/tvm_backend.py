@@ -259,11 +259,33 @@ def _from_onnx(example: ExampleCall, opts: Options) -> Any:
             dynamic_shapes=opts.dynamic_shapes, opset=opts.opset,
         )
         model = onnx.load(str(path))  # loads external data too
+    shapes = None
+    if opts.dynamic_shapes is None:  # pinned to the example's shapes: shape arithmetic folds at import
+        initializers = {t.name for t in model.graph.initializer}
+        names = [i.name for i in model.graph.input if i.name not in initializers]
+        tensors = list(example.inputs.flatten(example.args, example.kwargs))
+        if len(names) == len(tensors):
+            shapes = {n: list(t.shape) for n, t in zip(names, tensors)}
+            model = _static(model, shapes)
     try:
         with _quiet():
-            return from_onnx(model, keep_params_in_input=False, sanitize_input_names=False)
+            return from_onnx(model, shape_dict=shapes, keep_params_in_input=False, sanitize_input_names=False)
     except Exception as e:
         raise BackendError(f"TVM cannot import the ONNX model: {type(e).__name__}: {first_line(e)}") from e
+
+
+def _static(model: Any, shapes: dict[str, list[int]]) -> Any:
+    """``model`` with its inputs pinned to ``shapes`` and shape arithmetic folded (onnxscript's
+    optimizer), so Relax's importer sees constant shapes: a ``Reshape`` to a shape computed from
+    ``Shape`` / ``Gather`` / ``Concat`` (common in Paddle and TF exports) otherwise fails to import."""
+    import onnxscript
+
+    from ptool.ir.onnx_flops import with_input_shapes
+
+    try:
+        return onnxscript.optimizer.optimize(with_input_shapes(model, shapes))
+    except Exception:  # the optimizer refused the model: import it as it is
+        return model
 
 
 _FRONTENDS = {"exported_program": _from_exported_program, "onnx": _from_onnx}
@@ -516,6 +538,8 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Device = C
         tvm_cuda.check_cuda(device)
 
     frontends = ("exported_program", "onnx") if opts.frontend == "auto" else (opts.frontend,)
+    if getattr(module, "onnx_model_module", None) is not None:  # an ONNX model: Relax's ONNX frontend only
+        frontends = ("onnx",)
     errors: list[BackendError] = []
     for frontend in frontends:
         try:

@@ -75,9 +75,6 @@ def run(args: argparse.Namespace, ui) -> int:
 
     with ui.status("loading model"):
         src = resolve_from_args(args, ui)
-    if src.is_onnx:
-        raise UsageError("ptool tune needs a torch model (an ONNX file runs on onnxruntime only; "
-                         "use `ptool bench` for it)")
     held, calibration = _held_out(args, src)
     ui.out(f"model: {src.label}")
     ui.out(f"inputs: {src.input_summary()}")

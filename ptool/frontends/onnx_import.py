@@ -160,6 +160,11 @@ def _vocab_size(proto: Any, input_name: str) -> int | None:
     return min(sizes) if sizes else None
 
 
+def _named(dim: Any) -> bool:
+    """A symbolic dim with a real name (``batch``, ``p2o.DynamicDimension.0``), not an anonymous ``?``."""
+    return isinstance(dim, str) and any(c.isalnum() for c in dim)
+
+
 def _known_dims(specs: Sequence[Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     """Symbolic dim name -> size, read off the inputs whose shapes are known.
 
@@ -173,7 +178,7 @@ def _known_dims(specs: Sequence[Any], shapes: Mapping[str, tuple[int, ...]]) -> 
         if shape is None or spec.dims is None or len(shape) != len(spec.dims):
             continue
         for dim, size in zip(spec.dims, shape):
-            if not isinstance(dim, str):
+            if not _named(dim):
                 continue
             if known.setdefault(dim, size) != size:
                 raise InputError(f"dim '{dim}' is {known[dim]} in input '{seen_in[dim]}' but {size} in input '{spec.name}'")
@@ -270,7 +275,7 @@ def example_inputs_for(
             rank = len(spec.dims)
             shape = tuple(
                 d if isinstance(d, int) and d > 0
-                else known[d] if isinstance(d, str) and d in known
+                else known[d] if _named(d) and d in known
                 else 1 if _is_batch_dim(d if isinstance(d, str) else None, axis, rank)
                 else _OTHER_DIM
                 for axis, d in enumerate(spec.dims)
@@ -303,6 +308,11 @@ def _as_call(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, d
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), kwargs
     return (example_inputs,), kwargs
+
+
+def example_call(proto: Any, example_inputs: Any, example_kwargs: dict | None = None) -> dict[str, np.ndarray]:
+    """The feeds of ``transform``'s ``example_inputs`` / ``example_kwargs`` (see :func:`example_feeds`)."""
+    return example_feeds(proto, *_as_call(example_inputs, example_kwargs))
 
 
 def example_feeds(proto: Any, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
@@ -381,7 +391,7 @@ def transform_onnx(
         onnx_implementation(pass_)
 
     specs = input_specs(proto)
-    feeds = example_feeds(proto, *_as_call(example_inputs, example_kwargs))
+    feeds = example_call(proto, example_inputs, example_kwargs)
     calib = list(calibration or [])
     calib_feeds = [feeds_from_call(specs, a, k) for a, k in itertools.islice(calib, VERIFY_BATCHES)]
     reference = [feeds, *calib_feeds] if verify else []

@@ -26,7 +26,7 @@ from typing import Any
 
 from ptool.ir.flops import FlopsEstimate
 
-__all__ = ["estimate_onnx_flops", "onnx_graphs"]
+__all__ = ["estimate_onnx_flops", "onnx_graphs", "with_input_shapes"]
 
 _MATMUL = {"MatMul", "MatMulInteger"}
 _CONV = {"Conv", "ConvInteger"}
@@ -43,7 +43,7 @@ def onnx_graphs(graph: Any) -> Iterator[Any]:
                 yield from onnx_graphs(sub)
 
 
-def _pinned(proto: Any, shapes: Mapping[str, tuple[int, ...]]) -> Any:
+def with_input_shapes(proto: Any, shapes: Mapping[str, tuple[int, ...]]) -> Any:
     """A copy of ``proto`` with its runtime inputs' dims set to ``shapes``, shapes inferred."""
     import onnx
 
@@ -116,7 +116,7 @@ def _node_flops(node: Any, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
 def estimate_onnx_flops(proto: Any, shapes: Mapping[str, tuple[int, ...]]) -> FlopsEstimate:
     """Matmul-class FLOPs of one call of ``proto`` on inputs of these shapes (by input name)."""
     try:
-        model = _pinned(proto, shapes)
+        model = with_input_shapes(proto, shapes)
     except Exception:  # inference refused the model (e.g. over 2 GiB): every product is unknown
         model = proto
     known = _known_shapes(model)

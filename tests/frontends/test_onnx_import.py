@@ -146,6 +146,14 @@ def test_example_inputs_for_refuses_what_contradicts_the_model(kwargs, match):
         example_inputs_for(reshaping_model(), **kwargs)
 
 
+def test_anonymous_dims_are_not_one_name():
+    graph = oh.make_graph([oh.make_node("Relu", ["x"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "?", "?"])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "?", "?"])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)])
+    assert example_inputs_for(model, shapes={"x": ((1, 3, 48, 192), None)})["x"].shape == (1, 3, 48, 192)
+
+
 def test_transform_takes_a_dict_of_arrays_and_warns_about_made_up_inputs():
     model = reshaping_model()
     x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)

@@ -13,6 +13,7 @@ its final name is always complete (Ctrl-C while saving leaves the previous one).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import math
@@ -98,8 +99,11 @@ def model_key(module: Any, args: tuple, kwargs: dict) -> str:
 
     from ptool.checkpoint import run_key
 
-    if isinstance(module, torch.export.ExportedProgram):
-        structure: Any = str(module.graph)
+    if hasattr(module, "SerializeToString"):  # an ONNX ModelProto: its bytes are its structure and weights
+        structure: Any = hashlib.sha256(module.SerializeToString()).hexdigest()
+        state = {}
+    elif isinstance(module, torch.export.ExportedProgram):
+        structure = str(module.graph)
         state = dict(module.state_dict)
     else:
         structure = repr(module)

@@ -39,7 +39,7 @@ def format_table(rows: list[Row], *, max_error: float) -> str:
                      _num(r.error, ".1e"), _num(r.cosine, ".6f"), _num(r.build_s, ".1f"), _num(r.memory_mb, ".0f"),
                      r.reason])
     legend = (f"* winner, P Pareto front (latency vs error); error = worst over the held-out inputs vs the original "
-              f"model in eager torch, must be <= max_error {max_error:g}")
+              f"model as given (eager torch, or ONNX Runtime for an ONNX file), must be <= max_error {max_error:g}")
     return _fmt(headers, body, align="lllrrrrrrrl") + "\n" + legend
 
 

@@ -171,7 +171,7 @@ def autotune(
     """
     import torch
 
-    from ptool.frontends.loaders import load_model
+    from ptool.frontends.loaders import ModelKind, load_model
     from ptool.frontends.torch_export import check_inputs
     from ptool.passes.pipelines import default_pipeline
 
@@ -189,25 +189,32 @@ def autotune(
         raise UsageError(f"budget_s must be > 0 seconds, got {budget_s!r}")
     if tvm_trials < 0:
         raise UsageError(f"tvm_trials must be >= 0, got {tvm_trials}")
-    backend_names = check_backends(backends)
-    exact_extra, approximate = split_passes(declared_pass_candidates() if passes is None else passes)
-    base = default_pipeline() + [p for p in exact_extra if p not in default_pipeline()]
-
     loaded = load_model(model)
     source = loaded.obj
+    onnx_input = loaded.kind is ModelKind.ONNX
+    backend_names = check_backends(backends if backends is not None or not onnx_input else _onnx_backends())
+    if onnx_input and "torch" in backend_names:
+        raise UsageError("an ONNX model is tuned on backends onnxruntime and tvm, not torch; give ptool the torch "
+                         "model to tune it in torch")
+    exact_extra, approximate = split_passes(declared_pass_candidates() if passes is None else passes)
+    notes = []
+    if onnx_input:  # only the passes with an ONNX implementation are candidates
+        torch_only = [p for p in (*exact_extra, *approximate) if not runs_on_onnx(p)]
+        exact_extra = [p for p in exact_extra if runs_on_onnx(p)]
+        approximate = [p for p in approximate if runs_on_onnx(p)]
+        if torch_only:
+            notes.append(f"left out, they work on torch graphs only: {', '.join(torch_only)}")
+    base = default_pipeline() + [p for p in exact_extra if p not in default_pipeline()]
+
     if example_inputs is None and loaded.example_inputs is not None:
         example_inputs, example_kwargs = loaded.example_inputs, {**loaded.example_kwargs, **(example_kwargs or {})}
-    args, kwargs = check_inputs(example_inputs, example_kwargs)
-    if isinstance(source, torch.export.ExportedProgram):
-        eager = source.module()
-    elif isinstance(source, torch.nn.Module):
-        eager = source.eval()
+    if onnx_input:
+        eager, args, kwargs = _onnx_reference(source, example_inputs, example_kwargs)
     else:
-        raise UsageError("autotune takes a torch model (nn.Module, ExportedProgram, .pt2 or a Hugging Face folder); "
-                         "an ONNX model runs on onnxruntime only: use ptool.compile")
+        args, kwargs = check_inputs(example_inputs, example_kwargs)
+        eager = source.module() if isinstance(source, torch.export.ExportedProgram) else source.eval()
     held = _calls(held_out_inputs, "held_out_inputs")
     calib = _calls(calibration, "calibration")
-    notes = []
     if not held:
         held = [_Call(args, kwargs)]
         notes.append("no held-out inputs given: fidelity measured on the example call only")
@@ -238,7 +245,7 @@ def autotune(
     }
     key = run_key(fp.key, mkey, settings)
     folder = Path(record_dir) if record_dir is not None else default_record_dir()
-    private = {"_model": eager, "_call": (args, kwargs), "_calibration": calib_items}
+    private = {"_model": source if onnx_input else eager, "_call": (args, kwargs), "_calibration": calib_items}
 
     previous = None if force else read_record(folder, key)
     if previous is not None and previous.get("status") == "complete":
@@ -249,8 +256,10 @@ def autotune(
     done_rows = {r["label"]: Row.from_dict(r) for r in (previous or {}).get("rows", []) if r["status"] in Status.DONE}
 
     candidates, left_out = precision_candidates(approximate, fp)
+    if onnx_input:
+        candidates = [c for c in candidates if all(runs_on_onnx(p) for p in c)]
     search = _Search(eager, args, kwargs, held, calib_items, base, max_error, error_metric, repeat,
-                     max_seconds_per_candidate, done_rows, device, variant_sets)
+                     max_seconds_per_candidate, done_rows, device, variant_sets, source=source if onnx_input else eager)
     for specs, reason in left_out:  # the device cannot run these formats fast: one row each, never built
         search.rows.append(search.excluded_row((*base, *specs), " + ".join(specs), reason))
     update, close = _progress(progress)
@@ -288,6 +297,33 @@ def autotune(
     return result
 
 
+def _onnx_backends() -> list[str]:
+    """The backends an ONNX model is tuned on by default: ONNX Runtime, and TVM when installed."""
+    import importlib.util
+
+    return ["onnxruntime"] + (["tvm"] if importlib.util.find_spec("tvm") is not None else [])
+
+
+def runs_on_onnx(spec: str) -> bool:
+    """Whether the pass ``spec`` names has an ONNX implementation (it can tune an ONNX model)."""
+    from ptool.passes.onnx import ONNX_IMPLEMENTATIONS
+    from ptool.passes.registry import parse_pass
+
+    return type(parse_pass(spec)) in ONNX_IMPLEMENTATIONS
+
+
+def _onnx_reference(proto: Any, example_inputs: Any, example_kwargs: dict | None) -> tuple[Any, tuple, dict]:
+    """The original ONNX model as ONNX Runtime runs it, and its example call as positional tensors in
+    graph-input order (inputs not given are made up, with a warning)."""
+    from ptool.frontends.onnx_import import example_call
+    from ptool.onnx_module import OnnxTransformedModule, to_torch
+    from ptool.report import Report
+
+    feeds = example_call(proto, example_inputs, example_kwargs)
+    args = tuple(to_torch(v) for v in feeds.values())
+    return OnnxTransformedModule(proto, Report(capture="onnx"), args, {}), args, {}
+
+
 def _mark_winner(rows: list[Row]) -> None:
     from ptool.backends.autotune.plot import pareto_front
 
@@ -303,9 +339,10 @@ class _Search:
     """The measuring loop's state: rows so far, live compiled candidates, the transformed pipelines."""
 
     def __init__(self, eager, args, kwargs, held, calibration, base, max_error, metric, repeat, max_seconds,
-                 done_rows, device="cpu", variants=None):
+                 done_rows, device="cpu", variants=None, source=None):
         import torch
 
+        self.source = eager if source is None else source  # what ptool.transform takes: the module or the ONNX model
         self.device = device
         self.variants: dict[str, list[dict]] = variants or {}  # backend -> the option dicts of stage 1
         self.eager, self.args, self.kwargs, self.held = eager, args, kwargs, held
@@ -369,7 +406,7 @@ class _Search:
         import ptool
 
         if pipeline not in self.transformed:
-            self.transformed[pipeline] = ptool.transform(self.eager, list(pipeline), self.args,
+            self.transformed[pipeline] = ptool.transform(self.source, list(pipeline), self.args,
                                                          example_kwargs=self.kwargs, calibration=self.calibration)
         return self.transformed[pipeline]
 

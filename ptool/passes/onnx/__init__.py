@@ -25,6 +25,8 @@ from ptool.passes.cleanup import CommonSubexpressionElimination, ConstantFold, D
 from ptool.passes.fold_bn import FoldBatchNorm
 from ptool.passes.onnx.cleanup import eliminate_common_subexpressions, eliminate_dead_nodes, fold_constants
 from ptool.passes.onnx.fold_bn import fold_batch_norms
+from ptool.passes.onnx.quantize import quantize_onnx
+from ptool.passes.quant.quantize import Quantize
 
 OnnxImplementation = Callable[[Pass, ir.Model, PassContext], PassResult]
 
@@ -34,6 +36,7 @@ ONNX_IMPLEMENTATIONS: dict[type[Pass], OnnxImplementation] = {
     CommonSubexpressionElimination: eliminate_common_subexpressions,
     ConstantFold: fold_constants,
     FoldBatchNorm: fold_batch_norms,
+    Quantize: quantize_onnx,
 }
 
 

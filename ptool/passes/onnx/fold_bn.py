@@ -41,40 +41,14 @@ import numpy as np
 import onnx_ir as ir
 
 from ptool.passes.base import Pass, PassContext, PassResult
-
-_ONNX_DOMAINS = ("", "ai.onnx")
-_PROVENANCE_KEY = "ptool.from_pass"
-
-
-def _is_op(node: ir.Node | None, *op_types: str) -> bool:
-    return node is not None and node.domain in _ONNX_DOMAINS and node.op_type in op_types
-
-
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None or attr.is_ref() else attr.as_int()
-
-
-def _float_attr(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None or attr.is_ref() else attr.as_float()
-
-
-def _constant(value: ir.Value | None, what: str) -> np.ndarray | str:
-    """The value's constant tensor as numpy, or why it is not a usable constant."""
-    if value is None:
-        return f"{what} is missing"
-    if value.is_graph_input():
-        return f"{what} '{value.name}' is a graph input (it can be overridden at run time)"
-    tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None:
-        return f"{what} '{value.name}' is computed at run time, not a constant"
-    return tensor.numpy()
-
-
-def _optional_input(node: ir.Node, index: int) -> ir.Value | None:
-    return node.inputs[index] if len(node.inputs) > index else None
-
+from ptool.passes.onnx._edit import (
+    Rewriter,
+    constant,
+    float_attr,
+    int_attr,
+    is_op,
+    optional_input,
+)
 
 @dataclass
 class _BatchNorm:
@@ -89,22 +63,22 @@ class _BatchNorm:
 
 def _as_batch_norm(node: ir.Node) -> _BatchNorm | str:
     """Normalize a BatchNormalization node, or say why it cannot be folded."""
-    if _int_attr(node, "training_mode", 0) == 1 or _int_attr(node, "is_test", 1) == 0:
+    if int_attr(node, "training_mode", 0) == 1 or int_attr(node, "is_test", 1) == 0:
         return "BatchNormalization runs in training mode (batch statistics); export the model in eval mode"
-    if _int_attr(node, "spatial", 1) == 0:
+    if int_attr(node, "spatial", 1) == 0:
         return "BatchNormalization has spatial=0 (per-element statistics), which is not folded"
     if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
         return "BatchNormalization's running or saved statistics outputs are used"
     params = []
     for index, what in enumerate(("scale", "bias", "mean", "var"), start=1):
-        array = _constant(_optional_input(node, index), f"BatchNormalization {what}")
+        array = constant(optional_input(node, index), f"BatchNormalization {what}")
         if isinstance(array, str):
             return array
         params.append(array.astype(np.float64))
     gamma, beta, mean, var = params
     if any(p.ndim != 1 or p.shape != gamma.shape for p in params):
         return f"BatchNormalization parameters are not 1-D vectors of one length ({[p.shape for p in params]})"
-    scale = gamma / np.sqrt(var + _float_attr(node, "epsilon", 1e-5))
+    scale = gamma / np.sqrt(var + float_attr(node, "epsilon", 1e-5))
     return _BatchNorm(node, node.inputs[0], node.outputs[0], scale, beta - scale * mean)
 
 
@@ -122,11 +96,11 @@ class _Layer:
 
     @property
     def groups(self) -> int:
-        return _int_attr(self.node, "group", 1)
+        return int_attr(self.node, "group", 1)
 
     @property
     def trans_b(self) -> bool:
-        return bool(_int_attr(self.node, "transB", 0))
+        return bool(int_attr(self.node, "transB", 0))
 
     def out_channels(self) -> int:
         if self.op == "Conv":
@@ -146,68 +120,23 @@ class _Layer:
 def _as_layer(node: ir.Node) -> _Layer | str:
     """Normalize a Conv / ConvTranspose / Gemm node with constant weights, or say why not."""
     label = f"{node.op_type} '{node.name}'"
-    weight = _constant(_optional_input(node, 1), f"{label} weight")
+    weight = constant(optional_input(node, 1), f"{label} weight")
     if isinstance(weight, str):
         return weight
     if (node.op_type == "Gemm" and weight.ndim != 2) or (node.op_type != "Gemm" and weight.ndim < 3):
         return f"{label} has a weight of unexpected rank {weight.ndim}"
     if weight.dtype.kind != "f":
         return f"{label} has a {weight.dtype} weight, not floating point"
-    bias_value = _optional_input(node, 2)
+    bias_value = optional_input(node, 2)
     bias = None
     if bias_value is not None:
-        bias = _constant(bias_value, f"{label} bias")
+        bias = constant(bias_value, f"{label} bias")
         if isinstance(bias, str):
             return bias
     layer = _Layer(node, weight, bias)
     if node.op_type == "ConvTranspose" and weight.shape[0] % layer.groups:
         return f"{label} has {weight.shape[0]} input channels, not divisible by group={layer.groups}"
     return layer
-
-
-class _Rewriter:
-    """Graph edits shared by the rules: fresh initializer names and removal of dead constants."""
-
-    def __init__(self, model: ir.Model, pass_name: str) -> None:
-        self.model = model
-        self.pass_name = pass_name
-        self._taken: set[str] = set(model.graph.initializers)
-        for node in model.graph.all_nodes():
-            self._taken.update(v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name)
-        self._taken.update(v.name for v in model.graph.inputs if v.name)
-
-    def initializer(self, base: str, array: np.ndarray) -> ir.Value:
-        name, n = f"{base}_folded", 1
-        while name in self._taken:
-            n += 1
-            name = f"{base}_folded{n}"
-        self._taken.add(name)
-        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
-        self.model.graph.register_initializer(value)
-        return value
-
-    def set_input(self, node: ir.Node, index: int, value: ir.Value) -> ir.Value | None:
-        """Point ``node``'s input ``index`` at ``value``; return what it read before."""
-        if len(node.inputs) <= index:
-            node.resize_inputs(index + 1)
-        old = node.inputs[index]
-        node.replace_input_with(index, value)
-        return old
-
-    def drop_if_dead(self, values: list[ir.Value | None]) -> None:
-        """Remove initializers and Constant nodes that nothing reads any more."""
-        for value in values:
-            if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
-                continue
-            producer = value.producer()
-            if value.is_initializer() and value.graph is not None:
-                value.graph.initializers.pop(value.name, None)
-            elif _is_op(producer, "Constant") and producer.graph is not None:
-                producer.graph.remove(producer, safe=True)
-
-    def mark(self, node: ir.Node) -> None:
-        node.metadata_props[_PROVENANCE_KEY] = self.pass_name
 
 
 @dataclass
@@ -225,7 +154,7 @@ class FoldBatchNormIntoPreviousRule:
         producer = bn.x.producer()
         if producer is None:
             return "its input is a graph input"
-        if not _is_op(producer, "Conv", "ConvTranspose", "Gemm"):
+        if not is_op(producer, "Conv", "ConvTranspose", "Gemm"):
             return f"its input comes from {producer.op_type} '{producer.name}', not a Conv/ConvTranspose/Gemm"
         out = producer.outputs[0]
         if bn.x is not out or out.is_graph_output() or len(out.uses()) != 1:
@@ -237,7 +166,7 @@ class FoldBatchNormIntoPreviousRule:
             return f"{producer.op_type} '{producer.name}' has {layer.out_channels()} output channels, BN has {bn.scale.shape[0]}"
         return _PreviousMatch(bn, layer)
 
-    def rewrite(self, match: _PreviousMatch, rw: _Rewriter) -> None:
+    def rewrite(self, match: _PreviousMatch, rw: Rewriter) -> None:
         bn, layer = match.bn, match.layer
         s, w = bn.scale, layer.weight.astype(np.float64)
         if layer.op == "Conv":
@@ -250,7 +179,7 @@ class FoldBatchNormIntoPreviousRule:
             new_w = w * (s[:, None] if layer.trans_b else s[None, :])
         bias = np.zeros_like(s) if layer.bias is None else layer.bias.astype(np.float64)
         if layer.op == "Gemm":
-            bias = bias * _float_attr(layer.node, "beta", 1.0)
+            bias = bias * float_attr(layer.node, "beta", 1.0)
             layer.node.attributes.pop("beta", None)
         new_b = s * bias + bn.shift
         self._apply(layer, rw, new_w, new_b)
@@ -264,11 +193,11 @@ class FoldBatchNormIntoPreviousRule:
         rw.drop_if_dead(params)
 
     @staticmethod
-    def _apply(layer: _Layer, rw: _Rewriter, new_w: np.ndarray, new_b: np.ndarray) -> None:
+    def _apply(layer: _Layer, rw: Rewriter, new_w: np.ndarray, new_b: np.ndarray) -> None:
         dtype = layer.weight.dtype
         node = layer.node
         weight_name = node.inputs[1].name or "weight"
-        bias = _optional_input(node, 2)
+        bias = optional_input(node, 2)
         bias_name = bias.name if bias is not None and bias.name else weight_name + "_bias"
         old_w = rw.set_input(node, 1, rw.initializer(weight_name, new_w.astype(dtype)))
         old_b = rw.set_input(node, 2, rw.initializer(bias_name, new_b.astype(dtype)))
@@ -304,8 +233,8 @@ class FoldBatchNormIntoNextRule:
         layers = []
         for user, index in uses:
             label = f"{user.op_type} '{user.name}'"
-            if not _is_op(user, "Conv", "Gemm"):
-                if _is_op(user, "ConvTranspose"):
+            if not is_op(user, "Conv", "Gemm"):
+                if is_op(user, "ConvTranspose"):
                     return (
                         f"it feeds {label}: folding into a following ConvTranspose is not exact "
                         "(border outputs see fewer taps)"
@@ -313,7 +242,7 @@ class FoldBatchNormIntoNextRule:
                 return f"its output feeds {label}, not a Conv/Gemm"
             if index != 0 or sum(1 for v in user.inputs if v is bn.out) != 1:
                 return f"its output is not only the data input of {label}"
-            if user.op_type == "Gemm" and _int_attr(user, "transA", 0):
+            if user.op_type == "Gemm" and int_attr(user, "transA", 0):
                 return f"{label} transposes its input (transA=1)"
             if user.op_type == "Conv" and not _zero_padding(user):
                 return f"{label} zero-pads its input: padded zeros would become beta - s*mean after folding (not exact)"
@@ -325,7 +254,7 @@ class FoldBatchNormIntoNextRule:
             layers.append(layer)
         return _NextMatch(bn, layers)
 
-    def rewrite(self, match: _NextMatch, rw: _Rewriter) -> None:
+    def rewrite(self, match: _NextMatch, rw: Rewriter) -> None:
         bn = match.bn
         s, t = bn.scale, bn.shift
         for layer in match.layers:
@@ -342,8 +271,8 @@ class FoldBatchNormIntoNextRule:
             else:  # Gemm: alpha * (A s + t) B_eff + beta C
                 b_eff = w.T if layer.trans_b else w
                 new_w = w * (s[None, :] if layer.trans_b else s[:, None])
-                bias = 0.0 if layer.bias is None else layer.bias.astype(np.float64) * _float_attr(layer.node, "beta", 1.0)
-                new_b = np.asarray(bias + _float_attr(layer.node, "alpha", 1.0) * (t @ b_eff))
+                bias = 0.0 if layer.bias is None else layer.bias.astype(np.float64) * float_attr(layer.node, "beta", 1.0)
+                new_b = np.asarray(bias + float_attr(layer.node, "alpha", 1.0) * (t @ b_eff))
                 layer.node.attributes.pop("beta", None)
             FoldBatchNormIntoPreviousRule._apply(layer, rw, new_w, new_b)
             layer.node.replace_input_with(0, bn.x)
@@ -361,12 +290,12 @@ def fold_batch_norms(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResu
         ctx: unused.
     """
     result = PassResult()
-    rw = _Rewriter(model, pass_.name)
+    rw = Rewriter(model, pass_.name)
     previous, following = FoldBatchNormIntoPreviousRule(), FoldBatchNormIntoNextRule()
     fold_into_next = bool(getattr(pass_, "fold_into_next", True))
     hits = {"into_previous": 0, "into_next": 0}
     for node in list(model.graph.all_nodes()):
-        if node.graph is None or not _is_op(node, previous.root_op):
+        if node.graph is None or not is_op(node, previous.root_op):
             continue
         site = f"{node.name or '?'} (BatchNormalization)"
         bn = _as_batch_norm(node)
