@@ -49,6 +49,7 @@ class PassRecord:
     fidelity: Fidelity | None = None
     within_contract: bool = True
     notes: dict = field(default_factory=dict)
+    violation: str | None = None  # how an approximate pass missed its declared bound
 
     @classmethod
     def of(cls, pass_, result, *, seconds: float, nodes: tuple[int, int], params: tuple[int, int],
@@ -59,7 +60,7 @@ class PassRecord:
             numerics=str(pass_.numerics), seconds=seconds, nodes_before=nodes[0], nodes_after=nodes[1],
             params_before=params[0], params_after=params[1], rewritten=result.rewritten,
             skipped=list(result.skipped), fidelity=fidelity, within_contract=violation is None,
-            notes=dict(result.notes),
+            notes=dict(result.notes), violation=violation,
         )
 
     def to_dict(self) -> dict:

@@ -31,7 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the backend and compare with the original torch model (max error, cosine)")
     p.add_argument("--tolerance", type=float, default=1e-4, metavar="REL",
                    help="--verify fails if backend vs transformed torch differs by more than REL x output scale "
-                        "(default 1e-4, the bar every backend meets in the test suite)")
+                        "(default 1e-4, the bar every backend meets in the test suite); a pipeline with approximate "
+                        "passes is judged by their own declared bounds vs the original model instead")
+    p.add_argument("--accept-lossy", action="store_true",
+                   help="write the model even when an approximate pass missed its declared bound (default: exit 1, "
+                        "nothing written)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-checkpoint", action="store_true",
                    help="do not checkpoint long steps (attention transfer, distillation, fine-tune); by default "
@@ -98,6 +102,12 @@ def run(args: argparse.Namespace, ui) -> int:
     ui.out(f"model: {src.label}")
     ui.out(f"pipeline: {' '.join(specs) or '(none)'}")
     ui.out(str(m2.report))
+    missed = [r for r in m2.report if not r.within_contract]
+    if missed and not args.accept_lossy:
+        from ptool.errors import VerificationError
+
+        raise VerificationError(f"approximate pass '{missed[0].spec}' missed its declared bound {missed[0].numerics}: "
+                                f"{missed[0].violation}; nothing written to {output} (--accept-lossy writes it anyway)")
 
     created_dir = _missing_parent(output)
     try:
@@ -159,6 +169,7 @@ def _verify(args, ui, src, m2, staged: Path) -> None:
 
     import ptool
     from ptool.errors import VerificationError
+    from ptool.passes.registry import parse_pass
     from ptool.verify import Close, compare_many
 
     calls = [(src.args, src.kwargs), *src.calibration[:4]]
@@ -182,9 +193,23 @@ def _verify(args, ui, src, m2, staged: Path) -> None:
             original_out = [original(*a, **k) for a, k in calls]
     vs_transformed = compare_many(transformed_out, backend_out)
     vs_original = compare_many(original_out, backend_out)
+    approximate = [parse_pass(r.spec) for r in m2.report if not r.exact]
+    tolerance = "" if approximate else f" (tolerance {args.tolerance:g} x output scale)"
     ui.out(f"verify: {args.backend} on {len(calls)} input(s): vs original model max abs err "
            f"{vs_original.max_abs_error:.2e}, cosine {vs_original.cosine:.6f}; vs transformed torch max abs err "
-           f"{vs_transformed.max_abs_error:.2e} (tolerance {args.tolerance:g} x output scale)")
+           f"{vs_transformed.max_abs_error:.2e}{tolerance}")
+    if approximate:
+        # the backend's own integer / reduced-precision kernels round at other points than torch's (one
+        # activation step apart at a quantization boundary): the file keeps the passes' own contracts
+        # vs the original model instead of matching the transformed torch model bit for bit
+        problems = [f"{p.spec()}: {p.numerics.violation(vs_original)}" for p in approximate
+                    if p.numerics.violation(vs_original)]
+        ui.out(f"verify: {args.backend} judged by the approximate passes' own bounds vs the original model ("
+               + ", ".join(f"{p.spec()}: {p.numerics}" for p in approximate) + ")")
+        if problems:
+            raise VerificationError(f"{args.backend} breaks the declared bound of {problems[0]}; nothing written to "
+                                    f"{args.output}")
+        return
     problem = Close(atol=0.0, rtol=args.tolerance).violation(vs_transformed)
     if problem:
         raise VerificationError(f"{args.backend} does not reproduce the transformed model: {problem}; "

@@ -5,12 +5,14 @@ sites rewritten/skipped, lints and recompiles the graph, refreshes shape metadat
 reference inputs — compares the outputs with those of the pass's *input* graph. An exact pass
 that drifts past its declared tolerance raises :class:`~ptool.errors.VerificationError` naming the
 pass and the passes that ran before it; an approximate pass has its fidelity recorded (and a
-``within_contract`` flag), because the user or the autotuner decides what is acceptable.
+``within_contract`` flag and a warning when it misses its own bound), because the user or the autotuner
+decides what is acceptable (``ptool convert`` refuses to write such a model without ``--accept-lossy``).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +51,9 @@ def judge(pass_: Pass, before: list, after: list, ran: str, noise_floor: float =
         raise VerificationError(
             f"exact pass '{pass_.spec()}' changed the outputs: {violation} (passes before it: {ran})"
         )
+    if violation:  # an approximate pass past its own bound: the model is returned, the user is told
+        warnings.warn(f"approximate pass '{pass_.spec()}' missed its declared bound {pass_.numerics}: {violation}; "
+                      "the model is returned (report row 'ok' = NO)", stacklevel=2)
     return fidelity, violation
 
 

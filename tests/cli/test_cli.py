@@ -66,6 +66,28 @@ _FIXTURES = textwrap.dedent(
         return _conv_bn(), (torch.randn(2, 5, 8, 8),)
 
 
+    class OutlierMLP(nn.Module):
+        """Weight columns 400x larger on inputs scaled 400x down: the same function, but int4 scales set
+        by the outliers round every other weight to zero (far past quantize's cosine bound)."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(64, 64), nn.Linear(64, 8)
+            damp = torch.ones(64)
+            damp[::16] = 1 / 400
+            self.register_buffer("damp", damp)
+            with torch.no_grad():
+                self.fc.weight[:, ::16] *= 400.0
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(x * self.damp)))
+
+
+    def outlier_mlp():
+        torch.manual_seed(0)
+        return OutlierMLP().eval(), (torch.randn(4, 64),)
+
+
     class Boxed:  # a plain Python object (no pytree registration) holding the output
         def __init__(self, value):
             self.value = value
@@ -304,6 +326,28 @@ def test_bad_input_one_line_exit_code_no_output(capsys, tmp_path, fixture_module
     assert code == expected, line
     assert fragment in line
     assert not out_file.exists() and not out_dir.exists()
+
+
+def test_a_lossy_pass_past_its_bound_writes_nothing_unless_accepted(capsys, tmp_path, fixture_module):
+    out_file = tmp_path / "lossy.onnx"
+    argv = ["convert", _spec(fixture_module, "outlier_mlp"), "-p", "quantize:mode=int4-weight,group_size=64",
+            "-o", str(out_file)]
+    code, out, err = _run(capsys, *argv)
+    line = _assert_one_line_error(err)
+    assert code == 1 and not out_file.exists()
+    assert "approximate pass 'quantize:mode=int4-weight,group_size=64' missed its declared bound" in line
+    assert "--accept-lossy writes it anyway" in line
+    code, out, err = _run(capsys, *argv, "--accept-lossy")
+    assert code == 0 and out_file.is_file()
+    assert "ptool: warning: approximate pass 'quantize:mode=int4-weight,group_size=64' missed its declared bound" in err
+
+
+def test_quantized_model_verified_by_the_passes_bound(capsys, tmp_path, fixture_module):
+    out_file = tmp_path / "q.onnx"
+    code, out, err = _run(capsys, "convert", _spec(fixture_module, "conv_bn"), "-p", "fold-bn", "-p", "quantize",
+                          "-o", str(out_file), "--verify")
+    assert code == 0, err
+    assert "judged by the approximate passes' own bounds vs the original model (quantize: approx(cosine bound" in out
 
 
 def test_failed_conversion_keeps_existing_output(capsys, tmp_path, fixture_module):

@@ -85,6 +85,30 @@ def test_approximate_pass_records_fidelity_and_contract():
     assert m2.report.total.max_abs_error == pytest.approx(rec.fidelity.max_abs_error)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Overreaching(_Approx):
+    """Perturbs a weight by 50%: past any reasonable bound."""
+
+    name: ClassVar[str] = "overreaching-toy"
+    numerics: ClassVar = Lossy("cosine", 0.9999)
+
+    def run(self, gm, ctx):
+        _scale_first_weight(gm, 1.5)
+        r = PassResult()
+        r.hit()
+        return r
+
+
+def test_approximate_pass_past_its_bound_warns_and_says_how():
+    x = torch.randn(3, 8)
+    with pytest.warns(UserWarning, match=r"approximate pass 'overreaching-toy' missed its declared bound "
+                                         r"approx\(cosine bound 0.9999\): cosine 0.9\d+ is past the bound"):
+        m2 = ptool.transform(_MLP(), [_Overreaching()], (x,))
+    rec = m2.report["overreaching-toy"]
+    assert rec.within_contract is False and rec.violation.startswith("cosine ")
+    assert m2.report.to_dict()["passes"][0]["violation"] == rec.violation
+
+
 def test_calibration_batches_are_verified_too():
     x = torch.randn(3, 8)
     calib = [(torch.randn(3, 8),) for _ in range(6)]
