@@ -134,3 +134,18 @@ def test_tvm_runs_one_thread_per_usable_core():
 def test_tvm_threads_follow_the_user():
     assert _tvm_threads("1")["threads"] == 1  # a TVM_NUM_THREADS the user set is kept
     assert _tvm_threads("1", num_cores=2)["threads"] == 2  # the num_cores option wins over it
+
+
+@pytest.mark.slow
+def test_int4_weight_quantized_model_builds_and_matches():
+    """The int4 linears reach TVM as their float decomposition (nibbles unpacked with ops its
+    exported-program frontend takes) and give the transformed model's numbers."""
+    import ptool
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 64)
+    m2 = ptool.transform(model, ["quantize:mode=int4-weight"], (x,))
+    run = ptool.compile(m2, backend="tvm")
+    assert run.info["frontend"] == "exported_program"
+    assert compare(m2(x), run(x)).max_rel_error <= MAX_REL_ERROR

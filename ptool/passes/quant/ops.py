@@ -66,8 +66,12 @@ def dynamic_quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
 def unpack_nibbles(packed: torch.Tensor, width: int) -> torch.Tensor:
     """Unsigned 4-bit values (as float) from bytes holding two each, low nibble first."""
-    low = (packed & 15).to(torch.float32)
-    high = torch.bitwise_right_shift(packed, 4).to(torch.float32)
+    # floor-division and remainder rather than shift and mask: the same values for bytes, and ops every
+    # backend's importer takes (TVM's exported-program frontend has no bitwise_right_shift)
+    wide = packed.to(torch.int32)
+    high = torch.div(wide, 16, rounding_mode="floor")
+    low = (wide - high * 16).to(torch.float32)
+    high = high.to(torch.float32)
     values = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
     return values[..., :width]
 
