@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-lossy", action="store_true",
                    help="write the model even when an approximate pass missed its declared bound (default: exit 1, "
                         "nothing written)")
+    p.add_argument("--dynamic", metavar="DIMS", default=None,
+                   help="leave these input dims open in the ONNX file: batch, seq, or NAME:AXIS[=DIM], "
+                        "comma-separated (default: every dim fixed to the example's size)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-checkpoint", action="store_true",
                    help="do not checkpoint long steps (attention transfer, distillation, fine-tune); by default "
@@ -70,6 +73,7 @@ def check_output(path: Path) -> Path:
 def run(args: argparse.Namespace, ui) -> int:
     import ptool
     from ptool import checkpoint
+    from ptool.cli._dynamic import dynamic_call, parse_dynamic
     from ptool.cli._model import resolve_from_args
     from ptool.errors import UsageError
     from ptool.passes.registry import parse_pipeline
@@ -81,8 +85,15 @@ def run(args: argparse.Namespace, ui) -> int:
     if not args.tolerance > 0:
         raise UsageError(f"--tolerance must be > 0, got {args.tolerance}")
 
+    dynamic = parse_dynamic(args.dynamic) if args.dynamic else None
     with ui.status("loading model"):
         src = resolve_from_args(args, ui)
+    dynamic_shapes = None
+    if dynamic and src.is_onnx:
+        raise UsageError("--dynamic applies to torch models; an ONNX file keeps the dims it declares")
+    if dynamic:
+        src.args, src.kwargs, dynamic_shapes = dynamic_call(dynamic, src.input_names(), src.args, src.kwargs)
+        src.calibration = [c for c in src.calibration if _fits(c, src)]
     if src.is_onnx and args.verify and args.backend == "tvm":
         raise UsageError("--backend tvm --verify needs a torch model; an ONNX input is verified with onnxruntime")
     try:
@@ -92,7 +103,7 @@ def run(args: argparse.Namespace, ui) -> int:
             # unless --verify runs the original afterwards (training passes update shared weights)
             m2 = ptool.transform(src.loaded, specs, example_inputs=src.args or None,
                                  example_kwargs=src.kwargs or None, calibration=src.calibration_items(),
-                                 copy_model=args.verify)
+                                 copy_model=args.verify, dynamic_shapes=dynamic_shapes)
     except checkpoint.Interrupted as e:  # Ctrl-C in a long step, its state saved; nothing written yet
         if ui.debug:
             raise
@@ -114,10 +125,10 @@ def run(args: argparse.Namespace, ui) -> int:
         with staging_folder(output) as folder:
             staged = folder / output.name
             if args.verify:
-                _verify(args, ui, src, m2, staged)
+                _verify(args, ui, src, m2, staged, dynamic_shapes)
             if not staged.exists():
                 with ui.status(f"exporting ONNX to {output}"):
-                    _export(src, m2, staged, args.opset)
+                    _export(src, m2, staged, args.opset, dynamic_shapes)
             move_into_place(folder, output)
     except BaseException:
         if created_dir is not None:
@@ -151,16 +162,26 @@ def _missing_parent(path: Path) -> Path | None:
     return missing
 
 
-def _export(src, m2, staged: Path, opset: int | None) -> None:
+def _export(src, m2, staged: Path, opset: int | None, dynamic_shapes: dict | None = None) -> None:
     import ptool
 
     if src.is_onnx:
         m2.save(staged)
     else:
-        ptool.export_onnx(m2, staged, opset=opset)
+        ptool.export_onnx(m2, staged, opset=opset, dynamic_shapes=dynamic_shapes)
 
 
-def _verify(args, ui, src, m2, staged: Path) -> None:
+def _fits(call: tuple, src) -> bool:
+    """A calibration batch of the example's shapes (the example may have grown to size 2 on a dynamic axis)."""
+    import torch
+
+    args, kwargs = call
+    same = [(a.shape == b.shape) for a, b in zip((*args, *kwargs.values()), (*src.args, *src.kwargs.values()))
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)]
+    return all(same)
+
+
+def _verify(args, ui, src, m2, staged: Path, dynamic_shapes: dict | None = None) -> None:
     """Run the backend on the converted model; compare with transformed and original torch.
 
     The ONNX file is staged at ``staged`` along the way (onnxruntime runs exactly that file).
@@ -182,6 +203,8 @@ def _verify(args, ui, src, m2, staged: Path) -> None:
             original_out = [original(*a, **k) for a, k in calls]
     else:
         options = {"onnx_path": str(staged), "opset": args.opset} if args.backend == "onnxruntime" else {}
+        if dynamic_shapes is not None:
+            options["dynamic_shapes"] = dynamic_shapes
         label = ("building the TVM module (can take minutes)" if args.backend == "tvm"
                  else "exporting and loading in onnxruntime")
         with ui.status(label):

@@ -76,9 +76,24 @@ def check_inputs(example_inputs: object, example_kwargs: object) -> tuple[tuple,
 def export_program(
     model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: object = None, *, strict: bool = False
 ) -> torch.export.ExportedProgram:
-    """``torch.export.export`` with ptool's defaults (non-strict, no grad)."""
+    """``torch.export.export`` with ptool's defaults (non-strict, no grad).
+
+    Dynamic dims whose range the model itself narrows (a 512-position embedding caps ``seq``) are
+    narrowed as torch.export suggests and the export retried once: the dims stay open within what
+    the model can run.
+    """
     with torch.no_grad():
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+        except Exception as e:
+            if dynamic_shapes is None or "Suggested fixes" not in str(e):
+                raise
+            from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+            fixes = str(e).split("Suggested fixes:", 1)[1].splitlines()
+            fixes = "Suggested fixes:\n" + "\n".join(f for f in fixes if " = " in f)  # the parser takes only these
+            refined = refine_dynamic_shapes_from_suggested_fixes(fixes, dynamic_shapes)
+            return torch.export.export(model, args, kwargs, dynamic_shapes=refined, strict=strict)
 
 
 def _validate_call(model: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -328,6 +328,27 @@ def test_bad_input_one_line_exit_code_no_output(capsys, tmp_path, fixture_module
     assert not out_file.exists() and not out_dir.exists()
 
 
+def test_convert_dynamic_dims(capsys, tmp_path, fixture_module):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    out_file = tmp_path / "dyn.onnx"
+    code, out, err = _run(capsys, "convert", _spec(fixture_module, "conv_bn"), "--dynamic", "batch,x:2=height",
+                          "-o", str(out_file), "--verify")
+    assert code == 0, err
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(out_file)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", 8]
+    session = ort.InferenceSession(str(out_file), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.ones((5, 3, 12, 8), np.float32)})[0].shape == (5, 4)
+    code, _, err = _run(capsys, "convert", _spec(fixture_module, "conv_bn"), "--dynamic", "bacth", "-o",
+                        str(tmp_path / "bad.onnx"))
+    assert code == 2 and "--dynamic item 'bacth' is not batch, seq, or NAME:AXIS[=DIM]" in err
+    code, _, err = _run(capsys, "convert", _spec(fixture_module, "conv_bn"), "--dynamic", "y:0", "-o",
+                        str(tmp_path / "bad.onnx"))
+    assert code == 2 and "input 'y', which the model does not take" in err
+
+
 def test_a_lossy_pass_past_its_bound_writes_nothing_unless_accepted(capsys, tmp_path, fixture_module):
     out_file = tmp_path / "lossy.onnx"
     argv = ["convert", _spec(fixture_module, "outlier_mlp"), "-p", "quantize:mode=int4-weight,group_size=64",
