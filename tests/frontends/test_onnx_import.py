@@ -289,5 +289,5 @@ def test_export_and_compile_accept_an_onnx_transformed_model(tmp_path):
     onnx.checker.check_model(str(out))
     run = ptool.compile(m2, backend="onnxruntime")
     torch.testing.assert_close(run(x), model(x), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ptool.UsageError, match="runs on backend 'onnxruntime'"):
-        ptool.compile(m2, backend="tvm")
+    with pytest.raises(ptool.UsageError, match="runs on backend 'onnxruntime' or 'tvm', not 'torch'"):
+        ptool.compile(m2, backend="torch")
