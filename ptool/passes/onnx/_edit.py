@@ -63,6 +63,17 @@ class Rewriter:
         self.model.graph.register_initializer(value)
         return value
 
+    def node_name(self, base: str) -> str:
+        """``base``, numbered if a node of the model already has that name (ORT wants them unique)."""
+        if not hasattr(self, "_node_names"):
+            self._node_names = {n.name for n in self.model.graph.all_nodes() if n.name}
+        name, n = base, 1
+        while name in self._node_names:
+            n += 1
+            name = f"{base}_{n}"
+        self._node_names.add(name)
+        return name
+
     def set_input(self, node: ir.Node, index: int, value: ir.Value) -> ir.Value | None:
         """Point ``node``'s input ``index`` at ``value``; return what it read before."""
         if len(node.inputs) <= index:

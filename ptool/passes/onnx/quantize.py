@@ -22,8 +22,9 @@ quantizers.py``), so a layer gets the same levels either way. A site is skipped,
 when its weight is not a constant 2-D float32 tensor, a Gemm transposes its input, an ``exclude``
 pattern matches the node name, or (int4) the width is not a multiple of ``group_size``; every Conv is
 left float (dynamic int8 ``ConvInteger`` runs 5x slower than float Conv in ONNX Runtime). Only the
-main graph is rewritten (sites inside If / Loop bodies are left float). ``int8-static`` and
-``keep_float`` need the per-layer activations ptool records on torch graphs: on ONNX they raise a
+main graph is rewritten (sites inside If / Loop bodies are left float). ``int8-static`` writes
+calibrated QDQ around Conv, MatMul and Gemm (``ptool/passes/onnx/quantize_static.py``).
+``keep_float`` needs the per-layer errors ptool measures on torch graphs: on ONNX it raises a
 :class:`~ptool.errors.PassError` saying to give the torch model.
 """
 
@@ -45,7 +46,7 @@ _MICROSOFT = "com.microsoft"
 #: Measured here (AMD EPYC, 2 threads): a 64->64 3x3 Conv on 80x80 took 13.4 ms as DynamicQuantizeLinear
 #: + ConvInteger and 2.6 ms in float32, so dynamic int8 would make a CNN slower, not faster.
 _CONV_REASON = ("kept float: ONNX Runtime's dynamic int8 Conv (ConvInteger) ran 5x slower than its float32 Conv "
-                "here; static int8 Conv (QDQ, calibrated) is not built for ONNX input yet")
+                "here; mode=int8-static (calibrated QDQ) quantizes Conv")
 
 
 class _Builder:
@@ -74,9 +75,6 @@ class _Builder:
 
 def quantize_onnx(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResult:
     """``quantize`` on an ONNX model (see the module docstring)."""
-    if pass_.mode == "int8-static":
-        raise PassError("quantize:mode=int8-static needs activation ranges ptool records on torch graphs; give "
-                        "ptool the torch model, or use mode=int8-dynamic / int4-weight on this ONNX model")
     if pass_.keep_float:
         raise PassError("quantize:keep_float needs per-layer errors ptool measures on torch graphs; give ptool the "
                         "torch model, or name the layers to keep with exclude= on this ONNX model")
@@ -84,6 +82,12 @@ def quantize_onnx(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResult:
         raise PassError(f"quantize:mode=int4-weight on ONNX lowers to MatMulNBits, whose group_size must be a power "
                         f"of 2 >= 16, got {pass_.group_size}")
     result = PassResult()
+    if pass_.mode == "int8-static":
+        from ptool.passes.onnx.quantize_static import quantize_static_onnx
+
+        quantize_static_onnx(pass_, model, ctx, result)
+        result.notes["mode"] = pass_.mode
+        return result
     rw = Rewriter(model, pass_.name)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18))
     before = after = 0

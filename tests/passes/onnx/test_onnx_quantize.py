@@ -4,6 +4,7 @@ arithmetic written out in numpy, and the sites it leaves float with their reason
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_sites_left_float_say_why_and_options_that_need_torch_refuse():
         f"{gemm} (Gemm)": "kept float: the Gemm transposes its input (transA=1)",
     }
     assert row.rewritten == 0
-    for spec, fragment in (("quantize:mode=int8-static", "activation ranges"), ("quantize:keep_float=1", "exclude="),
+    for spec, fragment in (("quantize:keep_float=1", "exclude="),
                            ("quantize:mode=int4-weight,group_size=8", "power of 2 >= 16")):
         with pytest.raises(PassError, match=fragment):
             ptool.transform(proto, [spec], example_inputs=feeds)
@@ -132,3 +133,34 @@ def test_a_quantized_graph_output_keeps_its_name_and_the_float_weights_go():
     big_floats = [v.name for v in model.graph.initializers.values()
                   if v.const_value.dtype == ir.DataType.FLOAT and v.const_value.size >= 64]
     assert big_floats == []  # every float matrix replaced by its int8 levels
+
+
+def _conv_net():
+    b = _Builder(5)
+    y = b.node("Conv", ["x", b.randn(8, 3, 3, 3), b.randn(8)], pads=[1, 1, 1, 1])
+    y = b.node("Relu", [b.node("Conv", [y, b.randn(4, 8, 1, 1)])])
+    b.nodes[-1].output[0] = "y"
+    return b.model([("x", F32, [1, 3, 16, 16])], [("y", F32)])
+
+
+def test_int8_static_writes_qdq_that_onnx_runtime_fuses_into_integer_convs(tmp_path):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(6)]
+    m2 = ptool.transform(_conv_net(), ["quantize:mode=int8-static"], example_inputs=calibration[0],
+                         calibration=calibration)
+    row = m2.report[0]
+    assert row.rewritten == 2 and row.within_contract and row.fidelity.cosine >= 0.999
+    ops = [n.op_type for n in m2.onnx_model.graph.node]
+    # the second conv reads the first one's output Q/DQ pair: 3 activation pairs, not 4
+    assert ops.count("QuantizeLinear") == 3 and ops.count("Conv") == 2
+    assert [o.name for o in m2.onnx_model.graph.output] == ["y"]
+    path = m2.save(tmp_path / "static.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert fused.count("QLinearConv") == 2 and "Conv" not in fused
+    with pytest.raises(PassError, match="needs calibration data"):
+        ptool.transform(_conv_net(), ["quantize:mode=int8-static"], example_inputs=calibration[0])

@@ -1,0 +1,172 @@
+"""``quantize:mode=int8-static`` at ONNX level: calibrated QDQ around Conv, MatMul and Gemm.
+
+Each site gets ``QuantizeLinear -> DequantizeLinear`` on its input and its output (uint8,
+asymmetric, ranges from the calibration batches through ``observer``), a ``DequantizeLinear`` of
+int8 weights (symmetric, per output channel), and for Conv an int32 bias at scale
+``x_scale * w_scale``. That is the QDQ form ONNX Runtime's graph optimizer turns into its integer
+kernels (``QLinearConv``, ``QLinearMatMul``), the same form ``onnxruntime.quantization.
+quantize_static`` writes; a site whose output feeds another site shares that Q/DQ pair.
+
+Calibration: ONNX Runtime runs the model (graph optimizations off) with every site's input and
+output exposed as graph outputs, on each calibration batch; the observer turns the values into
+``(scale, zero_point)``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from ptool.passes.base import Pass, PassContext, PassResult
+from ptool.passes.onnx._edit import PROVENANCE_KEY, Rewriter, constant, int_attr, is_op
+from ptool.passes.quant import quantizers as qz
+
+_U8 = qz.IntRange(8, signed=False)
+
+
+def _site(node: ir.Node) -> tuple[np.ndarray, int] | str:
+    """``(float32 weight, its output-channel axis)`` of a Conv / MatMul / Gemm, or why not a site."""
+    if len(node.inputs) < 2:
+        return ""
+    weight = constant(node.inputs[1], "its weight")
+    if isinstance(weight, str):
+        return "" if "computed at run time" in weight or "graph input" in weight else weight
+    if weight.dtype != np.float32:
+        return f"kept float: its weight is {weight.dtype}, not float32"
+    if node.op_type == "Conv":
+        return weight, 0
+    if weight.ndim != 2:
+        return f"kept float: its weight has rank {weight.ndim}, not a 2-D matrix"
+    if node.op_type == "Gemm":
+        if int_attr(node, "transA", 0):
+            return "kept float: the Gemm transposes its input (transA=1)"
+        return weight, 0 if int_attr(node, "transB", 0) else 1
+    return weight, 1
+
+
+def _observe(model: ir.Model, values: list[ir.Value], calls: list[dict], pass_: Pass) -> dict[str, qz.Observer]:
+    """An observer per value name, fed every calibration batch (ORT, graph optimizations off)."""
+    import onnx
+
+    from ptool.onnx_module import ort_session
+
+    proto = ir.to_proto(model)
+    known = {o.name for o in proto.graph.output}
+    for v in values:
+        if v.name not in known:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None))
+    names = [o.name for o in proto.graph.output]
+    session = ort_session(proto, optimize=False)
+    observers = {v.name: qz.Observer(pass_.observer, pass_.percentile) for v in values}
+    for feeds in calls:
+        for name, out in zip(names, session.run(None, feeds)):
+            if name in observers:
+                observers[name].update(torch.from_numpy(np.asarray(out, np.float32)))
+    return observers
+
+
+def quantize_static_onnx(pass_: Pass, model: ir.Model, ctx: PassContext, result: PassResult) -> None:
+    """Rewrite the sites of ``model`` (main graph) to calibrated QDQ; record hits and skips in ``result``."""
+    from ptool.onnx_module import feeds_from_call, input_specs
+
+    sites = []
+    for node in list(model.graph):
+        if not is_op(node, "Conv", "MatMul", "Gemm"):
+            continue
+        label = f"{node.name or '?'} ({node.op_type})"
+        site = _site(node)
+        if isinstance(site, str):
+            if site:
+                result.skip(label, site)
+            continue
+        pattern = next((p for p in pass_.exclude if fnmatch.fnmatchcase(node.name or "", p)), None)
+        if pattern is not None:
+            result.skip(label, f"kept float: matches exclude pattern '{pattern}'")
+            continue
+        sites.append((node, *site))
+    if not sites:
+        return
+    specs = input_specs(model)
+    calls = [feeds_from_call(specs, a, k) for a, k in ctx.require_calibration_calls(f"{pass_.name}:mode=int8-static")]
+    watched = list({v.name: v for n, _, _ in sites for v in (n.inputs[0], n.outputs[0])}.values())
+    observers = _observe(model, watched, calls, pass_)
+    rw = Rewriter(model, pass_.name)
+    made: set[str] = set()  # the DequantizeLinear outputs this pass made: a site reading one reuses it
+    for node, weight, axis in sites:
+        x = node.inputs[0]
+        x_dq = x if x.name in made else _qdq(rw, node, x, observers[x.name], before=node)
+        made.add(x_dq.name)
+        node.replace_input_with(0, x_dq)
+        x_scale = float(x_dq.producer().inputs[1].const_value.numpy())
+        w_levels, w_scale = _int8_weight(weight, axis)
+        base = _base(node)
+        w_dq = _node(rw, node, "DequantizeLinear", [
+            rw.initializer(f"{base}_w_q8", w_levels, suffix=""), rw.initializer(f"{base}_w_scale", w_scale, suffix=""),
+            rw.initializer(f"{base}_w_zero", np.zeros(w_scale.shape, np.int8), suffix="")], axis=axis, before=node)
+        old = [node.inputs[1]]
+        node.replace_input_with(1, w_dq)
+        if node.op_type == "Conv" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = constant(node.inputs[2], "its bias")
+            if not isinstance(bias, str):  # int32 at x_scale * w_scale: what QLinearConv adds
+                b_scale = (x_scale * w_scale).astype(np.float32)
+                b_levels = np.round(bias / np.where(b_scale > 0, b_scale, 1)).astype(np.int32)
+                b_dq = _node(rw, node, "DequantizeLinear", [
+                    rw.initializer(f"{base}_b_q32", b_levels, suffix=""),
+                    rw.initializer(f"{base}_b_scale", b_scale, suffix=""),
+                    rw.initializer(f"{base}_b_zero", np.zeros_like(b_levels), suffix="")], axis=0, before=node)
+                old.append(node.inputs[2])
+                node.replace_input_with(2, b_dq)
+        y = node.outputs[0]
+        made.add(_qdq(rw, node, y, observers[y.name], after=node).name)
+        rw.drop_if_dead(old)
+        result.hit()
+
+
+def _base(node: ir.Node) -> str:
+    return (node.name or node.op_type).replace("/", "_").strip("_") or "q"
+
+
+def _node(rw: Rewriter, site: ir.Node, op_type: str, inputs: list, *, before: ir.Node | None = None,
+          after: ir.Node | None = None, **attributes) -> ir.Value:
+    node = ir.node(op_type, inputs, attributes=attributes,
+                   name=rw.node_name(f"{site.name or _base(site)}/{rw.pass_name}/{op_type}"))
+    node.metadata_props[PROVENANCE_KEY] = rw.pass_name
+    if before is not None:
+        site.graph.insert_before(before, [node])
+    else:
+        site.graph.insert_after(after, [node])
+    return node.outputs[0]
+
+
+def _int8_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 levels (the weight's shape) and one scale per channel along ``axis``."""
+    w = torch.from_numpy(np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1).copy())
+    levels, scales = qz.quantize_weight(w, 8)
+    moved = levels.numpy().reshape(np.moveaxis(weight, axis, 0).shape)
+    return np.ascontiguousarray(np.moveaxis(moved, 0, axis)), scales.reshape(-1).numpy().astype(np.float32)
+
+
+def _qdq(rw: Rewriter, site: ir.Node, value: ir.Value, observer: qz.Observer, *,
+         before: ir.Node | None = None, after: ir.Node | None = None) -> ir.Value:
+    """``QuantizeLinear -> DequantizeLinear`` of ``value`` (uint8, the observer's range), placed before
+    ``before`` (only that site reads it) or after ``after`` (every reader of ``value``, and a graph
+    output of that name, moves to the DequantizeLinear output)."""
+    scale, zero = observer.qparams(_U8)
+    s = rw.initializer(f"{value.name}_scale", np.asarray(float(scale), np.float32).reshape(()), suffix="")
+    z = rw.initializer(f"{value.name}_zero", np.asarray(int(zero), np.uint8).reshape(()), suffix="")
+    uses = [(u.node, u.idx) for u in value.uses()] if after is not None else []
+    q = _node(rw, site, "QuantizeLinear", [value, s, z], before=before, after=after)
+    dq = _node(rw, site, "DequantizeLinear", [q, s, z], after=q.producer())
+    dq.type, dq.shape = value.type, value.shape
+    for user, index in uses:
+        user.replace_input_with(index, dq)
+    if after is not None and value.is_graph_output():  # the output keeps its name, now on the DQ output
+        outputs = site.graph.outputs
+        index = next(i for i, o in enumerate(outputs) if o is value)
+        name, value.name = value.name, f"{value.name}/{rw.pass_name}_float"
+        outputs[index] = dq
+        dq.name = name
+    return dq
