@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def check_output(path: Path) -> Path:
         raise UsageError(f"output '{path}' must end in .onnx")
     if path.is_dir():
         raise UsageError(f"output '{path}' is a folder; give a file name ending in .onnx")
+    existing = next((p for p in path.absolute().parents if p.exists()), None)
+    if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise UsageError(f"cannot write '{path}': '{existing}' is not a writable folder")
     return path
 
 

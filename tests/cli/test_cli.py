@@ -312,6 +312,14 @@ BAD_INPUTS = [
 ]
 
 
+def test_output_under_a_file_is_refused_before_any_work(capsys, tmp_path, fixture_module):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    code, _, err = _run(capsys, "convert", "no_such_module_xyz:build", "-o", str(blocker / "sub" / "model.onnx"))
+    line = _assert_one_line_error(err)
+    assert code == 2 and "is not a writable folder" in line  # before the model (which would fail to load)
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(exist_ok=True)
     return path

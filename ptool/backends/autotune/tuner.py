@@ -247,8 +247,12 @@ def autotune(
     folder = Path(record_dir) if record_dir is not None else default_record_dir()
     private = {"_model": source if onnx_input else eager, "_call": (args, kwargs), "_calibration": calib_items}
 
+    settings["budget_s"] = budget_s  # recorded, not part of the key: a bigger budget continues a smaller one's run
     previous = None if force else read_record(folder, key)
-    if previous is not None and previous.get("status") == "complete":
+    earlier_budget = (previous or {}).get("settings", {}).get("budget_s")
+    budget_done = (previous is not None and previous.get("status") == "budget" and budget_s is not None
+                   and earlier_budget is not None and budget_s <= earlier_budget)
+    if previous is not None and (previous.get("status") == "complete" or budget_done):
         result = TuneResult.from_record(previous, **private)
         result.reused, result.seconds = True, time.perf_counter() - started
         result.record_path = folder
@@ -324,7 +328,15 @@ def _onnx_reference(proto: Any, example_inputs: Any, example_kwargs: dict | None
     return OnnxTransformedModule(proto, Report(capture="onnx"), args, {}), args, {}
 
 
+#: Candidates whose median is within this fraction of the fastest one tie: run-to-run noise on a
+#: busy CPU is about this large, and a winner that flips between reruns helps no one.
+TIE = 0.02
+
+
 def _mark_winner(rows: list[Row]) -> None:
+    """The winner: the fastest row within max_error, or among rows tying with it (within :data:`TIE`),
+    the one with the least error (errors below 1e-6 count as equal), then the simplest configuration
+    (fewest passes and options), then the label: the same answer whichever of them noise put first."""
     from ptool.backends.autotune.plot import pareto_front
 
     front = pareto_front(rows)
@@ -332,7 +344,10 @@ def _mark_winner(rows: list[Row]) -> None:
         r.pareto = r in front
         r.winner = False
     if front:
-        front[0].winner = True  # the fastest row within max_error
+        limit = front[0].median_ms * (1 + TIE)
+        tied = [r for r in rows if r.status == Status.OK and r.median_ms is not None and r.median_ms <= limit]
+        min(tied, key=lambda r: ((r.error or 0.0) if (r.error or 0.0) > 1e-6 else 0.0,
+                                 len(r.config["passes"]) + len(r.config.get("options") or {}), r.label)).winner = True
 
 
 class _Search:
