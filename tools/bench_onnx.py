@@ -148,7 +148,11 @@ def run_model(model: ZooModel, folder: pathlib.Path, repeat: int) -> dict:
                                                                       ["quantize"]),
                                   ("ptool quantize:mode=int8-static (QDQ, as ONNX)", ["quantize:mode=int8-static"])):
                 t0 = time.perf_counter()
-                m2 = ptool.transform(str(path), passes, example_inputs=feeds, calibration=calibration)
+                try:
+                    m2 = ptool.transform(str(path), passes, example_inputs=feeds, calibration=calibration)
+                except Exception as e:
+                    notes[label] = f"failed: {type(e).__name__}: {ptool.errors.first_line(e)[:160]}"
+                    continue
                 rewritten = sum(r.rewritten for r in m2.report)
                 if passes[0].startswith("quantize") and not rewritten:
                     notes[label] = "no MatMul/Gemm/Gather site: " + (m2.report[0].skipped[0].reason

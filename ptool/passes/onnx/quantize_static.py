@@ -2,7 +2,8 @@
 
 Each site gets ``QuantizeLinear -> DequantizeLinear`` on its input and its output (uint8,
 asymmetric, ranges from the calibration batches through ``observer``), a ``DequantizeLinear`` of
-int8 weights (symmetric, per output channel), and for Conv an int32 bias at scale
+int8 weights (symmetric, per output channel; per tensor with ``granularity=per-tensor`` or in a model
+below opset 13, whose DequantizeLinear has no ``axis``), and for Conv an int32 bias at scale
 ``x_scale * w_scale``. That is the QDQ form ONNX Runtime's graph optimizer turns into its integer
 kernels (``QLinearConv``, ``QLinearMatMul``), the same form ``onnxruntime.quantization.
 quantize_static`` writes; a site whose output feeds another site shares that Q/DQ pair.
@@ -94,6 +95,10 @@ def quantize_static_onnx(pass_: Pass, model: ir.Model, ctx: PassContext, result:
     watched = list({v.name: v for n, _, _ in sites for v in (n.inputs[0], n.outputs[0])}.values())
     observers = _observe(model, watched, calls, pass_)
     rw = Rewriter(model, pass_.name)
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
+    per_channel = pass_.granularity == "per-channel" and opset >= 13
+    if pass_.granularity == "per-channel" and not per_channel:
+        result.notes["weights"] = f"per-tensor: DequantizeLinear has no per-channel axis before opset 13 (model: {opset})"
     made: set[str] = set()  # the DequantizeLinear outputs this pass made: a site reading one reuses it
     for node, weight, axis in sites:
         x = node.inputs[0]
@@ -101,11 +106,12 @@ def quantize_static_onnx(pass_: Pass, model: ir.Model, ctx: PassContext, result:
         made.add(x_dq.name)
         node.replace_input_with(0, x_dq)
         x_scale = float(x_dq.producer().inputs[1].const_value.numpy())
-        w_levels, w_scale = _int8_weight(weight, axis)
+        w_levels, w_scale = _int8_weight(weight, axis, per_channel)
         base = _base(node)
         w_dq = _node(rw, node, "DequantizeLinear", [
             rw.initializer(f"{base}_w_q8", w_levels, suffix=""), rw.initializer(f"{base}_w_scale", w_scale, suffix=""),
-            rw.initializer(f"{base}_w_zero", np.zeros(w_scale.shape, np.int8), suffix="")], axis=axis, before=node)
+            rw.initializer(f"{base}_w_zero", np.zeros(w_scale.shape, np.int8), suffix="")],
+            before=node, **({"axis": axis} if per_channel else {}))
         old = [node.inputs[1]]
         node.replace_input_with(1, w_dq)
         if node.op_type == "Conv" and len(node.inputs) > 2 and node.inputs[2] is not None:
@@ -116,7 +122,8 @@ def quantize_static_onnx(pass_: Pass, model: ir.Model, ctx: PassContext, result:
                 b_dq = _node(rw, node, "DequantizeLinear", [
                     rw.initializer(f"{base}_b_q32", b_levels, suffix=""),
                     rw.initializer(f"{base}_b_scale", b_scale, suffix=""),
-                    rw.initializer(f"{base}_b_zero", np.zeros_like(b_levels), suffix="")], axis=0, before=node)
+                    rw.initializer(f"{base}_b_zero", np.zeros(b_scale.shape, np.int32), suffix="")],
+                    before=node, **({"axis": 0} if per_channel else {}))
                 old.append(node.inputs[2])
                 node.replace_input_with(2, b_dq)
         y = node.outputs[0]
@@ -141,8 +148,12 @@ def _node(rw: Rewriter, site: ir.Node, op_type: str, inputs: list, *, before: ir
     return node.outputs[0]
 
 
-def _int8_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 levels (the weight's shape) and one scale per channel along ``axis``."""
+def _int8_weight(weight: np.ndarray, axis: int, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 levels (the weight's shape) and one scale per channel along ``axis`` (or one
+    scale, shape ``()``, for the whole tensor)."""
+    if not per_channel:
+        scale = np.float32(max(float(np.abs(weight).max()) / 127, float(np.finfo(np.float32).tiny)))
+        return np.clip(np.round(weight / scale), -127, 127).astype(np.int8), np.asarray(scale, np.float32)
     w = torch.from_numpy(np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1).copy())
     levels, scales = qz.quantize_weight(w, 8)
     moved = levels.numpy().reshape(np.moveaxis(weight, axis, 0).shape)
