@@ -164,3 +164,15 @@ def test_int8_static_writes_qdq_that_onnx_runtime_fuses_into_integer_convs(tmp_p
     assert fused.count("QLinearConv") == 2 and "Conv" not in fused
     with pytest.raises(PassError, match="needs calibration data"):
         ptool.transform(_conv_net(), ["quantize:mode=int8-static"], example_inputs=calibration[0])
+
+
+def test_int8_static_below_opset_13_uses_per_tensor_weight_scales():
+    proto = _conv_net()
+    proto.opset_import[0].version = 11
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+    m2 = ptool.transform(proto, ["quantize:mode=int8-static"], example_inputs=calibration[0], calibration=calibration)
+    assert "per-tensor" in m2.report[0].notes["weights"] and m2.report[0].rewritten == 2
+    assert not any(a.name == "axis" for n in m2.onnx_model.graph.node if n.op_type == "DequantizeLinear"
+                   for a in n.attribute)
+    assert m2.report[0].fidelity.cosine >= 0.99
