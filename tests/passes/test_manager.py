@@ -53,9 +53,10 @@ class _Approx(Pass):
     name: ClassVar[str] = "approx-toy"
     family: ClassVar[Family] = Family.ATTENTION_LINEAR
     numerics: ClassVar = Lossy("cosine", 0.999999)
+    factor: ClassVar[float] = 1.01
 
     def run(self, gm, ctx):
-        _scale_first_weight(gm, 1.01)
+        _scale_first_weight(gm, self.factor)
         r = PassResult()
         r.hit()
         return r
@@ -91,12 +92,7 @@ class _Overreaching(_Approx):
 
     name: ClassVar[str] = "overreaching-toy"
     numerics: ClassVar = Lossy("cosine", 0.9999)
-
-    def run(self, gm, ctx):
-        _scale_first_weight(gm, 1.5)
-        r = PassResult()
-        r.hit()
-        return r
+    factor: ClassVar[float] = 1.5
 
 
 def test_approximate_pass_past_its_bound_warns_and_says_how():

@@ -3,6 +3,9 @@ initializers with fresh names, removal of constants nothing reads any more."""
 
 from __future__ import annotations
 
+import fnmatch
+from typing import Any
+
 import numpy as np
 import onnx_ir as ir
 
@@ -95,3 +98,18 @@ class Rewriter:
 
     def mark(self, node: ir.Node) -> None:
         node.metadata_props[PROVENANCE_KEY] = self.pass_name
+
+
+def accepted_site(node: ir.Node, found: Any, exclude: tuple[str, ...], result: Any) -> Any:
+    """``found`` (a site's data) unless it is a reason string or an ``exclude`` pattern matches the
+    node name; the reason goes to ``result.skip`` (an empty reason: not a site, nothing said)."""
+    label = f"{node.name or '?'} ({node.op_type})"
+    if isinstance(found, str):
+        if found:
+            result.skip(label, found)
+        return None
+    pattern = next((p for p in exclude if fnmatch.fnmatchcase(node.name or "", p)), None)
+    if pattern is not None:
+        result.skip(label, f"kept float: matches exclude pattern '{pattern}'")
+        return None
+    return found

@@ -30,15 +30,13 @@ calibrated QDQ around Conv, MatMul and Gemm (``ptool/passes/onnx/quantize_static
 
 from __future__ import annotations
 
-import fnmatch
-
 import numpy as np
 import onnx_ir as ir
 import torch
 
 from ptool.errors import PassError
 from ptool.passes.base import Pass, PassContext, PassResult
-from ptool.passes.onnx._edit import PROVENANCE_KEY, Rewriter, constant, float_attr, int_attr, is_op
+from ptool.passes.onnx._edit import PROVENANCE_KEY, Rewriter, accepted_site, constant, float_attr, int_attr, is_op
 from ptool.passes.quant import quantizers as qz
 from ptool.passes.quant.ops import pack_nibbles
 
@@ -98,15 +96,9 @@ def quantize_onnx(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResult:
         kind = "linear" if is_op(node, "MatMul", "Gemm") else "embedding" if is_op(node, "Gather") else None
         if kind is None or (kind == "embedding" and not pass_.embeddings):
             continue
-        label = f"{node.name or '?'} ({node.op_type})"
-        site = _linear_site(node, pass_) if kind == "linear" else _embedding_site(node, pass_)
-        if isinstance(site, str):
-            if site:
-                result.skip(label, site)
-            continue
-        pattern = next((p for p in pass_.exclude if fnmatch.fnmatchcase(node.name or "", p)), None)
-        if pattern is not None:
-            result.skip(label, f"kept float: matches exclude pattern '{pattern}'")
+        site = accepted_site(node, _linear_site(node, pass_) if kind == "linear" else _embedding_site(node, pass_),
+                             pass_.exclude, result)
+        if site is None:
             continue
         weight_value, weight = site
         build = _Builder(rw, node, pass_.name)

@@ -15,14 +15,12 @@ output exposed as graph outputs, on each calibration batch; the observer turns t
 
 from __future__ import annotations
 
-import fnmatch
-
 import numpy as np
 import onnx_ir as ir
 import torch
 
 from ptool.passes.base import Pass, PassContext, PassResult
-from ptool.passes.onnx._edit import PROVENANCE_KEY, Rewriter, constant, int_attr, is_op
+from ptool.passes.onnx._edit import PROVENANCE_KEY, Rewriter, accepted_site, constant, int_attr, is_op
 from ptool.passes.quant import quantizers as qz
 
 _U8 = qz.IntRange(8, signed=False)
@@ -77,17 +75,9 @@ def quantize_static_onnx(pass_: Pass, model: ir.Model, ctx: PassContext, result:
     for node in list(model.graph):
         if not is_op(node, "Conv", "MatMul", "Gemm"):
             continue
-        label = f"{node.name or '?'} ({node.op_type})"
-        site = _site(node)
-        if isinstance(site, str):
-            if site:
-                result.skip(label, site)
-            continue
-        pattern = next((p for p in pass_.exclude if fnmatch.fnmatchcase(node.name or "", p)), None)
-        if pattern is not None:
-            result.skip(label, f"kept float: matches exclude pattern '{pattern}'")
-            continue
-        sites.append((node, *site))
+        site = accepted_site(node, _site(node), pass_.exclude, result)
+        if site is not None:
+            sites.append((node, *site))
     if not sites:
         return
     specs = input_specs(model)
