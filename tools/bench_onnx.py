@@ -155,7 +155,7 @@ def run_model(model: ZooModel, folder: pathlib.Path, repeat: int) -> dict:
                     continue
                 rewritten = sum(r.rewritten for r in m2.report)
                 if passes[0].startswith("quantize") and not rewritten:
-                    notes[label] = "no MatMul/Gemm/Gather site: " + (m2.report[0].skipped[0].reason
+                    notes[label] = "no site rewritten: " + (m2.report[0].skipped[0].reason
                                                                    if m2.report[0].skipped else "none")
                     continue
                 files[label] = m2.save(tmp / f"{len(files)}.onnx")
