@@ -3,7 +3,8 @@
 Per model (``tools/onnx_zoo.py``; batch 1, 2 threads, every candidate of a model timed side by side):
 
 1. The CLI as a user runs it, with the model's inputs on the command line: ``ptool inspect``,
-   ``ptool convert -p dce,cse,constant-fold,fold-bn --verify`` and ``ptool bench`` (exit codes).
+   ``ptool convert -p dce,cse,constant-fold,fold-bn --verify``, ``ptool bench`` and ``ptool tune
+   --backend onnxruntime -p quantize`` (exit codes).
 2. Latency and fidelity (output cosine and max relative error vs the original under ONNX Runtime,
    worst over the example and 3 perturbed inputs) of: the original; ptool's exact pipeline; ptool
    ``quantize`` as ONNX (int8 dynamic, where the model has MatMul / Gemm weights; int8 static QDQ
@@ -134,6 +135,8 @@ def run_model(model: ZooModel, folder: pathlib.Path, repeat: int) -> dict:
             "convert --verify": _cli(["convert", str(path), *inputs, "-p", ",".join(EXACT), "-o", str(tmp / "c.onnx"),
                                       "--verify"]),
             "bench": _cli(["bench", str(path), *inputs, "--repeat", "5", "--warmup", "1"]),
+            "tune": _cli(["tune", str(path), *inputs, "--backend", "onnxruntime", "-p", "quantize", "--repeat", "3",
+                          "--budget", "120", "-o", str(tmp / "tuned")]),
         }
         src = resolve_model(str(path), inputs=list(model.shapes), inputs_file=str(model.npz(folder) or "") or None)
         names = src.input_names()
@@ -265,12 +268,12 @@ def render(models: dict, minilm_rows: dict, fingerprint: str) -> str:
                   for k, v in minilm_rows.items()]
         lines.append("")
     lines += ["### The CLI on each model", "",
-              "| model | task | nodes | params | GFLOPs | inspect | convert --verify | bench |",
-              "|---|---|---:|---:|---:|---|---|---|"]
+              "| model | task | nodes | params | GFLOPs | inspect | convert --verify | bench | tune |",
+              "|---|---|---:|---:|---:|---|---|---|---|"]
     for key, m in models.items():
         cli = m["cli"]
         lines.append(f"| {key} | {m['task']} | {m['nodes']} | {m['parameters']:,} | {m['gflops']} | {cli['inspect']} | "
-                     f"{cli['convert --verify']} | {cli['bench']} |")
+                     f"{cli['convert --verify']} | {cli['bench']} | {cli.get('tune', '–')} |")
     lines.append("")
     for key, m in models.items():
         lines += [f"### {key} ({m['package']})", "",
