@@ -9,6 +9,8 @@ Importing ptool is cheap: torch, ONNX Runtime, TVM and transformers load only wh
 
 from __future__ import annotations
 
+import warnings
+
 from ptool.errors import (
     BackendError,
     InputError,
@@ -21,6 +23,10 @@ from ptool.errors import (
 )
 
 __version__ = "0.1.0"
+
+# torch warns about its own use of a deprecated pytree check whenever an exported program is copied
+# (run_decompositions, deepcopy): nothing a ptool user can act on, so that one message is not shown.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 _LAZY = {
     "transform": "ptool.api",

@@ -145,7 +145,11 @@ def test_int4_weight_quantized_model_builds_and_matches():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
     x = torch.randn(4, 64)
-    m2 = ptool.transform(model, ["quantize:mode=int4-weight"], (x,))
-    run = ptool.compile(m2, backend="tvm")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force stay (ptool's included)
+        m2 = ptool.transform(model, ["quantize:mode=int4-weight"], (x,))
+        run = ptool.compile(m2, backend="tvm")
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]  # torch's own deprecation noise, kept quiet
     assert run.info["frontend"] == "exported_program"
     assert compare(m2(x), run(x)).max_rel_error <= MAX_REL_ERROR
