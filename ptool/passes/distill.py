@@ -4,9 +4,7 @@ checkpoints, so an interrupted run resumes where it stopped (:mod:`ptool.checkpo
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,20 +12,10 @@ from typing import Any, Literal
 
 import torch
 
+from ptool.progress import steps as progress
 from ptool.verify import flatten_outputs
 
 DistillLoss = Literal["mse", "cosine"]
-
-
-def progress(total: int, desc: str, initial: int = 0):
-    """A tqdm bar on an interactive stderr, else a silent stand-in (tqdm is imported lazily);
-    ``initial``: steps already done (a resumed run)."""
-    disable = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
-    try:
-        from tqdm import tqdm
-    except ImportError:  # without tqdm, no bar
-        return contextlib.nullcontext(None)
-    return tqdm(total=total, desc=desc, unit="step", disable=disable, leave=False, initial=initial)
 
 
 def float_leaves(outputs: Any) -> list[torch.Tensor]:

@@ -35,7 +35,7 @@ from ptool.ir.graph import (add_tensor, attr_tensor, eliminate_dead_code, is_op,
                             remove_unused_attributes)
 from ptool.ir.record import record_values
 from ptool.passes.base import Family, Pass, PassContext, PassResult
-from ptool.passes.distill import progress
+from ptool.progress import steps as progress
 from ptool.passes.quant import quantizers as qz
 from ptool.passes.quant._sites import exclude_pattern
 from ptool.passes.quant.ops import pack_nibbles  # also registers torch.ops.ptool_quant.*
