@@ -4,7 +4,9 @@ Every command that runs a model (``inspect``, ``convert``, ``bench``, ``tune``) 
 
 - ``--inputs FILE.npz``: arrays by input name (``numpy.savez``), used as they are;
 - ``--input NAME=SHAPE[:DTYPE]`` (repeatable): make that input up at this shape, e.g.
-  ``--input images=1x3x640x640`` or ``--input input_ids=1x64:int64``; ``NAME=`` alone is a scalar.
+  ``--input images=1x3x640x640`` or ``--input input_ids=1x64:int64``; ``NAME=`` alone is a scalar;
+- ``--calibration FILE.npz``: calibration batches, N samples per input stacked on a new first axis
+  (inputs it leaves out keep the example's value in every batch).
 
 For an ONNX file, inputs named by neither are made up from the graph's declared types, a symbolic
 dim taking the size the same dim name got from a given input (``batch``, ``seq_len``); for a torch
@@ -22,7 +24,7 @@ from typing import Any
 
 from ptool.errors import UsageError
 
-__all__ = ["InputShape", "add_input_arguments", "parse_input_shape", "load_npz"]
+__all__ = ["InputShape", "add_input_arguments", "calibration_calls", "parse_input_shape", "load_npz"]
 
 _SPEC = re.compile(r"^(?P<name>[^=]+)=(?P<shape>[^:]*)(?::(?P<dtype>\w+))?$")
 _FORM = "NAME=SHAPE[:DTYPE], e.g. images=1x3x640x640 or input_ids=1x128:int64 (NAME= for a scalar)"
@@ -89,3 +91,20 @@ def add_input_arguments(p: argparse.ArgumentParser) -> None:
                         "symbolic dims of the other inputs follow it")
     p.add_argument("--inputs", metavar="FILE.npz", default=None,
                    help="run the model on these arrays (numpy.savez, one array per input name)")
+    p.add_argument("--calibration", metavar="FILE.npz", default=None,
+                   help="calibration batches for passes that need data (quantize:mode=int8-static ...): per input "
+                        "name, N samples stacked on a new first axis (N calls); inputs left out keep the example's")
+
+
+def calibration_calls(arrays: dict[str, Any], path: str) -> list[dict[str, Any]]:
+    """``{name: (N, *shape) array}`` -> N dicts ``{name: array of shape}``.
+
+    Raises:
+        UsageError: arrays with different sample counts, or a scalar (no sample axis).
+    """
+    counts = {name: (a.shape[0] if a.ndim else None) for name, a in arrays.items()}
+    if None in counts.values() or len(set(counts.values())) != 1:
+        raise UsageError(f"--calibration '{path}': every array needs the same number of samples on its first axis "
+                         f"(got {', '.join(f'{n}: {c}' for n, c in counts.items())})")
+    count = next(iter(counts.values()))
+    return [{name: a[i] for name, a in arrays.items()} for i in range(count)]

@@ -158,7 +158,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def resolve_from_args(args: argparse.Namespace, ui: Any) -> ResolvedModel:
     """:func:`resolve_model` on a command's parsed arguments; says on stderr which inputs were made up."""
     src = resolve_model(args.model, allow_pickle=args.allow_pickle, inputs=getattr(args, "input", ()),
-                        inputs_file=getattr(args, "inputs", None))
+                        inputs_file=getattr(args, "inputs", None), calibration_file=getattr(args, "calibration", None))
     if src.made_up:
         ui.err(f"ptool: note: made up input(s) {'; '.join(src.made_up)} from the model's declared types; "
                "give real ones with --input NAME=SHAPE[:DTYPE] or --inputs FILE.npz")
@@ -166,7 +166,7 @@ def resolve_from_args(args: argparse.Namespace, ui: Any) -> ResolvedModel:
 
 
 def resolve_model(spec: str | None, *, allow_pickle: bool = False, inputs: Sequence[str] = (),
-                  inputs_file: str | None = None) -> ResolvedModel:
+                  inputs_file: str | None = None, calibration_file: str | None = None) -> ResolvedModel:
     """Load ``MODEL`` (see the module docstring); ``allow_pickle`` as in :func:`ptool.transform`.
 
     ``inputs`` (``NAME=SHAPE[:DTYPE]`` texts) and ``inputs_file`` (an ``.npz``) set the example
@@ -203,7 +203,33 @@ def resolve_model(spec: str | None, *, allow_pickle: bool = False, inputs: Seque
             _onnx_inputs(src, given, shapes)
     elif given or shapes:
         _torch_inputs(src, given, shapes)
+    if calibration_file:
+        src.calibration = _calibration(src, calibration_file)
     return src
+
+
+def _calibration(src: ResolvedModel, path: str) -> list[tuple[tuple, dict]]:
+    """The ``--calibration`` batches as calls of the example's form: by position in the example's
+    order, an input the file leaves out taking the example's value."""
+    import numpy as np
+    import torch
+
+    from ptool.cli._inputs import calibration_calls, load_npz
+
+    names = src.input_names()
+    current = {**dict(zip(names, src.args)), **src.kwargs}
+    batches = calibration_calls(load_npz(path), path)
+    unknown = sorted(set(batches[0]) - set(current)) if batches else []
+    if unknown:
+        raise UsageError(f"--calibration '{path}' names input(s) {', '.join(unknown)} the model does not take "
+                         f"(inputs: {', '.join(current)})")
+    calls = []
+    for batch in batches:
+        values = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) and v.ndim else
+                  torch.from_numpy(np.array(v)) for k, v in batch.items()}
+        merged = {**current, **values}
+        calls.append((tuple(merged[n] for n in names), {k: merged[k] for k in src.kwargs}))
+    return calls
 
 
 def _onnx_inputs(src: ResolvedModel, given: dict, shapes: list) -> None:

@@ -90,7 +90,7 @@ class PassContext:
         if not self.calibration:
             raise PassError(
                 f"pass '{pass_name}' needs calibration data: pass calibration=[(x,), ...] "
-                "(an iterable of input tuples or a DataLoader)"
+                "(an iterable of input tuples or a DataLoader; CLI: --calibration FILE.npz)"
             )
         return self.calibration
 

@@ -169,3 +169,33 @@ def test_inspect_onnx_counts_every_subgraph_constant_weights_and_flops(capfd, tm
     assert figures["parameter_bytes"] == 2 * 16 * 4 * 4
     assert figures["flops"] == 2 * (2 * 8 * 4 * 16)  # each branch's MatMul counted once
     assert figures["flops_unknown_nodes"] == 0
+
+
+def _conv_onnx(path):
+    rng = np.random.default_rng(0)
+    graph = oh.make_graph(
+        [oh.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), oh.make_node("Relu", ["c"], ["y"])], "g",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")])
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_calibration_npz_feeds_static_quantization(capfd, tmp_path):
+    model = _conv_onnx(tmp_path / "conv.onnx")
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, x=np.random.default_rng(1).standard_normal((6, 1, 3, 8, 8)).astype(np.float32))
+    out_file = tmp_path / "q.onnx"
+    code, out, err = _run(capfd, "convert", str(model), "--input", "x=1x3x8x8", "--calibration", str(calibration),
+                          "-p", "quantize:mode=int8-static", "-o", str(out_file), "--verify")
+    assert code == 0, err
+    assert "verify: onnxruntime on 5 input(s)" in out  # the example and the first 4 calibration batches
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out_file)).graph.node}
+    code, _, err = _run(capfd, "convert", str(model), "--input", "x=1x3x8x8", "-p", "quantize:mode=int8-static",
+                        "-o", str(out_file))
+    assert code == 2 and "CLI: --calibration FILE.npz" in err
+    np.savez(calibration, x=np.zeros((2, 1, 3, 8, 8), np.float32), y=np.zeros((3, 1), np.float32))
+    code, _, err = _run(capfd, "inspect", str(model), "--calibration", str(calibration))
+    assert code == 2 and "the same number of samples on its first axis" in err
