@@ -279,7 +279,7 @@ def run_session(session: Any, feeds: dict[str, np.ndarray]) -> list[torch.Tensor
     try:
         outputs = session.run(None, feeds)
     except Exception as e:
-        shapes = ", ".join(f"{n} {tuple(v.shape)}" for n, v in feeds.items())
+        shapes = ", ".join(f"{n} {tuple(v.shape) if hasattr(v, 'shape') else type(v).__name__}" for n, v in feeds.items())
         raise BackendError(f"ONNX Runtime failed at {onnxruntime_failure(e)} (inputs: {shapes})") from None
     return [to_torch(o) for o in outputs]
 
@@ -332,11 +332,6 @@ class OnnxTransformedModule(nn.Module):
     def _model(self) -> Any:
         """The model in whichever form is current: the IR, or the proto once it was asked for."""
         return self._ir if self._ir is not None else self._proto
-
-    @property
-    def onnx_model_module(self) -> OnnxTransformedModule:
-        """Itself: how backends tell an ONNX model (written out as it is) from a torch module (exported)."""
-        return self
 
     @property
     def session(self) -> Any:

@@ -82,9 +82,10 @@ def export_onnx(
         raise BackendError(f"ONNX output path must end in .onnx, got '{path}'")
     if path.is_dir():
         raise BackendError(f"ONNX output path '{path}' is a folder; give a file name ending in .onnx")
-    onnx_input = getattr(module, "onnx_model_module", None)
-    if onnx_input is not None:  # an ONNX model given to ptool: already ONNX, written as it is
-        return onnx_input.save(path, external_data=None)
+    from ptool.onnx_module import OnnxTransformedModule
+
+    if isinstance(module, OnnxTransformedModule):  # an ONNX model given to ptool: already ONNX, written as it is
+        return module.save(path)
     args, kwargs = check_inputs(example_inputs, example_kwargs)
     if not isinstance(module, torch.export.ExportedProgram):
         args, kwargs = canonical_call(module, args, kwargs)

@@ -538,7 +538,9 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Device = C
         tvm_cuda.check_cuda(device)
 
     frontends = ("exported_program", "onnx") if opts.frontend == "auto" else (opts.frontend,)
-    if getattr(module, "onnx_model_module", None) is not None:  # an ONNX model: Relax's ONNX frontend only
+    from ptool.onnx_module import OnnxTransformedModule
+
+    if isinstance(module, OnnxTransformedModule):  # an ONNX model: Relax's ONNX frontend only
         frontends = ("onnx",)
     errors: list[BackendError] = []
     for frontend in frontends:

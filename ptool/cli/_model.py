@@ -94,6 +94,10 @@ class ResolvedModel:
             return names + [f"arg{i}" for i in range(len(names), len(self.args))]
         return _positional_names(self.eager(), len(self.args))
 
+    def call_by_name(self) -> dict[str, Any]:
+        """The example call's inputs by name (positional ones under :meth:`input_names`)."""
+        return {**dict(zip(self.input_names(), self.args)), **self.kwargs}
+
     def input_summary(self) -> str:
         """``input_ids (1, 128) int64, attention_mask (1, 128) int64``-style text."""
         import torch
@@ -215,9 +219,10 @@ def _calibration(src: ResolvedModel, path: str) -> list[tuple[tuple, dict]]:
     import torch
 
     from ptool.cli._inputs import calibration_calls, load_npz
+    from ptool.onnx_module import contiguous
 
     names = src.input_names()
-    current = {**dict(zip(names, src.args)), **src.kwargs}
+    current = src.call_by_name()
     batches = calibration_calls(load_npz(path), path)
     unknown = sorted(set(batches[0]) - set(current)) if batches else []
     if unknown:
@@ -225,8 +230,7 @@ def _calibration(src: ResolvedModel, path: str) -> list[tuple[tuple, dict]]:
                          f"(inputs: {', '.join(current)})")
     calls = []
     for batch in batches:
-        values = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) and v.ndim else
-                  torch.from_numpy(np.array(v)) for k, v in batch.items()}
+        values = {k: torch.from_numpy(contiguous(np.asarray(v))) for k, v in batch.items()}
         merged = {**current, **values}
         calls.append((tuple(merged[n] for n in names), {k: merged[k] for k in src.kwargs}))
     return calls
@@ -234,16 +238,14 @@ def _calibration(src: ResolvedModel, path: str) -> list[tuple[tuple, dict]]:
 
 def _onnx_inputs(src: ResolvedModel, given: dict, shapes: list) -> None:
     """The example call of an ONNX file: the given arrays, the stated shapes, the rest made up."""
-    import torch
-
     from ptool.frontends.onnx_import import example_inputs_for
-    from ptool.onnx_module import input_specs, partial_feeds
+    from ptool.onnx_module import input_specs, partial_feeds, to_torch
 
     arrays = partial_feeds(input_specs(src.obj), (), given)
     feeds = example_inputs_for(src.obj, given=arrays, shapes={s.name: (s.shape, s.dtype) for s in shapes})
     stated = set(arrays) | {s.name for s in shapes}
     src.made_up = [f"{name} {tuple(v.shape)} {v.dtype}" for name, v in feeds.items() if name not in stated]
-    src.args = tuple(torch.from_numpy(v.copy()) for v in feeds.values())
+    src.args = tuple(to_torch(v) for v in feeds.values())
 
 
 def _torch_inputs(src: ResolvedModel, given: dict, shapes: list) -> None:
@@ -254,8 +256,8 @@ def _torch_inputs(src: ResolvedModel, given: dict, shapes: list) -> None:
 
     from ptool.onnx_module import contiguous
 
-    names = _positional_names(src.eager(), len(src.args))
-    current = {**dict(zip(names, src.args)), **src.kwargs}
+    names = src.input_names()
+    current = src.call_by_name()
     accepted = _forward_parameters(src.eager()) | set(current)
     gen = torch.Generator().manual_seed(0)
     new: dict[str, Any] = {}

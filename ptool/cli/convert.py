@@ -229,8 +229,8 @@ def _verify(args, ui, src, m2, staged: Path, dynamic_shapes: dict | None = None)
         # the backend's own integer / reduced-precision kernels round at other points than torch's (one
         # activation step apart at a quantization boundary): the file keeps the passes' own contracts
         # vs the original model instead of matching the transformed torch model bit for bit
-        problems = [f"{p.spec()}: {p.numerics.violation(vs_original)}" for p in approximate
-                    if p.numerics.violation(vs_original)]
+        verdicts = [(p.spec(), p.numerics.violation(vs_original)) for p in approximate]
+        problems = [f"{spec}: {problem}" for spec, problem in verdicts if problem]
         ui.out(f"verify: {args.backend} judged by the approximate passes' own bounds vs the original model ("
                + ", ".join(f"{p.spec()}: {p.numerics}" for p in approximate) + ")")
         if problems:

@@ -105,7 +105,8 @@ def onnx_figures(proto: Any, shapes: dict[str, tuple[int, ...]] | None = None) -
     from ptool.ir.onnx_flops import estimate_onnx_flops, onnx_graphs
     from ptool.passes.onnx.manager import node_count, parameter_count
 
-    nodes = [n for g in onnx_graphs(proto.graph) for n in g.node]
+    graphs = list(onnx_graphs(proto.graph))
+    nodes = [n for g in graphs for n in g.node]
     hist = Counter(n.op_type if not n.domain or n.domain == "ai.onnx" else f"{n.domain}.{n.op_type}" for n in nodes)
     sites = {
         "BatchNorm": hist.get("BatchNormalization", 0),
@@ -125,7 +126,7 @@ def onnx_figures(proto: Any, shapes: dict[str, tuple[int, ...]] | None = None) -
     flops = estimate_onnx_flops(proto, shapes or {})
     return {
         "nodes": node_count(model),
-        "graphs": sum(1 for _ in onnx_graphs(proto.graph)),
+        "graphs": len(graphs),
         "histogram": dict(hist.most_common()),
         "sites": sites,
         "attention_by_layer": {},

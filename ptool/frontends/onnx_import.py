@@ -404,7 +404,9 @@ def transform_onnx(
     model_ir = ir.from_proto(proto)
     start_outputs, noise = None, None
     if reference:
-        start_outputs = [run_session(ort_session(proto, optimize=False), f) for f in reference]
+        session = ort_session(proto, optimize=False)
+        start_outputs = [run_session(session, f) for f in reference]
+        del session  # ORT holds a copy of every weight: free it before the passes run
         noise = noise_floor(proto, reference, start_outputs)
     records = run_onnx_pipeline(model_ir, pipeline, ctx, reference, reference_outputs=start_outputs,
                                 noise_floor=noise.max_abs_error if noise else 0.0)

@@ -77,6 +77,14 @@ class Rewriter:
         self._node_names.add(name)
         return name
 
+    def take_over(self, old: ir.Value, new: ir.Value) -> None:
+        """``new`` (the same values) replaces ``old`` for every reader; a graph output keeps its name."""
+        new.type, new.shape = old.type, old.shape
+        if old.is_graph_output():
+            name, old.name = old.name, f"{old.name}/{self.pass_name}_replaced"
+            new.name = name
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+
     def set_input(self, node: ir.Node, index: int, value: ir.Value) -> ir.Value | None:
         """Point ``node``'s input ``index`` at ``value``; return what it read before."""
         if len(node.inputs) <= index:
@@ -113,3 +121,31 @@ def accepted_site(node: ir.Node, found: Any, exclude: tuple[str, ...], result: A
         result.skip(label, f"kept float: matches exclude pattern '{pattern}'")
         return None
     return found
+
+
+class NodeBuilder:
+    """New nodes for one site, named after it and marked with the pass that made them; inserted
+    together before or after the site."""
+
+    def __init__(self, rw: Rewriter, site: ir.Node) -> None:
+        self.rw, self.site, self.nodes = rw, site, []
+        self.base = (site.name or site.op_type).replace("/", "_").strip("_") or "q"
+
+    def op(self, op_type: str, inputs: list, *, outputs: int = 1, domain: str = "", **attributes) -> list[ir.Value]:
+        node = ir.node(op_type, inputs, attributes=attributes, domain=domain, num_outputs=outputs,
+                       name=self.rw.node_name(f"{self.site.name or self.base}/{self.rw.pass_name}/{op_type}"))
+        node.metadata_props[PROVENANCE_KEY] = self.rw.pass_name
+        self.nodes.append(node)
+        return list(node.outputs)
+
+    def one(self, op_type: str, inputs: list, **kw) -> ir.Value:
+        return self.op(op_type, inputs, **kw)[0]
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        return self.rw.initializer(f"{self.base}_{name}", np.asarray(array), suffix="")
+
+    def insert_before(self) -> None:
+        self.site.graph.insert_before(self.site, self.nodes)
+
+    def insert_after(self) -> None:
+        self.site.graph.insert_after(self.site, self.nodes)

@@ -36,7 +36,7 @@ import torch
 
 from ptool.errors import PassError
 from ptool.passes.base import Pass, PassContext, PassResult
-from ptool.passes.onnx._edit import PROVENANCE_KEY, Rewriter, accepted_site, constant, float_attr, int_attr, is_op
+from ptool.passes.onnx._edit import NodeBuilder, Rewriter, accepted_site, constant, float_attr, int_attr, is_op
 from ptool.passes.quant import quantizers as qz
 from ptool.passes.quant.ops import pack_nibbles
 
@@ -45,30 +45,6 @@ _MICROSOFT = "com.microsoft"
 #: + ConvInteger and 2.6 ms in float32, so dynamic int8 would make a CNN slower, not faster.
 _CONV_REASON = ("kept float: ONNX Runtime's dynamic int8 Conv (ConvInteger) ran 5x slower than its float32 Conv "
                 "here; mode=int8-static (calibrated QDQ) quantizes Conv")
-
-
-class _Builder:
-    """Appends new nodes before one site, each marked with the pass that made it."""
-
-    def __init__(self, rw: Rewriter, site: ir.Node, pass_name: str) -> None:
-        self.rw, self.site, self.pass_name, self.nodes = rw, site, pass_name, []
-        self.base = (site.name or site.op_type).replace("/", "_").strip("_") or "q"
-
-    def op(self, op_type: str, inputs: list, *, outputs: int = 1, domain: str = "", **attributes) -> list[ir.Value]:
-        node = ir.node(op_type, inputs, attributes=attributes, domain=domain, num_outputs=outputs,
-                       name=f"{self.site.name or self.base}/{self.pass_name}/{op_type}_{len(self.nodes)}")
-        node.metadata_props[PROVENANCE_KEY] = self.pass_name
-        self.nodes.append(node)
-        return list(node.outputs)
-
-    def one(self, op_type: str, inputs: list, **kw) -> ir.Value:
-        return self.op(op_type, inputs, **kw)[0]
-
-    def const(self, name: str, array: np.ndarray) -> ir.Value:
-        return self.rw.initializer(f"{self.base}_{name}", np.asarray(array), suffix="")
-
-    def insert(self) -> None:
-        self.site.graph.insert_before(self.site, self.nodes)
 
 
 def quantize_onnx(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResult:
@@ -101,16 +77,11 @@ def quantize_onnx(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResult:
         if site is None:
             continue
         weight_value, weight = site
-        build = _Builder(rw, node, pass_.name)
+        build = NodeBuilder(rw, node)
         out = _quantized_linear(build, node, weight, pass_, opset) if kind == "linear" else \
             _quantized_embedding(build, node.inputs[1], weight)
-        build.insert()
-        old = node.outputs[0]
-        out.type, out.shape = old.type, old.shape  # same values, same type
-        if old.is_graph_output():  # the output keeps its name
-            name, old.name = old.name, f"{old.name}/{pass_.name}_replaced"
-            out.name = name
-        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+        build.insert_before()
+        rw.take_over(node.outputs[0], out)
         inputs = list(node.inputs)
         node.graph.remove(node, safe=True)  # detaches its inputs, so the float weight is dead now
         before += weight.nbytes
@@ -152,26 +123,26 @@ def _embedding_site(node: ir.Node, pass_: Pass) -> tuple[ir.Value, np.ndarray] |
     return node.inputs[0], table
 
 
-def _int8_levels(weight_in_out: np.ndarray, granularity: str) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 levels ``(in, out)`` and one scale per output (the torch pass's arithmetic)."""
-    w = torch.from_numpy(weight_in_out.T.copy())
-    if granularity == "per-tensor":
-        scale = (w.abs().max() / 127).clamp_min(torch.finfo(torch.float32).tiny)
-        levels = qz.quantize(w, scale, 0, qz.IntRange(8)).to(torch.int8)
-        scales = scale.expand(w.shape[0])
-    else:
-        levels, scales = qz.quantize_weight(w, 8)
-    return levels.T.contiguous().numpy(), scales.reshape(-1).float().numpy()
+def int8_weight(weight: np.ndarray, axis: int, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 levels (the weight's shape) and one scale per channel along ``axis`` (the
+    torch pass's arithmetic), or one scale, shape ``()``, for the whole tensor."""
+    if not per_channel:
+        scale = np.float32(max(float(np.abs(weight).max()) / 127, float(np.finfo(np.float32).tiny)))
+        return np.clip(np.round(weight / scale), -127, 127).astype(np.int8), np.asarray(scale, np.float32)
+    moved = np.moveaxis(weight, axis, 0)
+    levels, scales = qz.quantize_weight(torch.from_numpy(moved.reshape(moved.shape[0], -1).copy()), 8)
+    levels = np.moveaxis(levels.numpy().reshape(moved.shape), 0, axis)
+    return np.ascontiguousarray(levels), scales.reshape(-1).numpy().astype(np.float32)
 
 
-def _reduce_max_last(b: _Builder, x: ir.Value, opset: int) -> ir.Value:
+def _reduce_max_last(b: NodeBuilder, x: ir.Value, opset: int) -> ir.Value:
     """``ReduceMax(x)`` over the last axis, kept: ``axes`` is an input from opset 18, an attribute before."""
     if opset >= 18:
         return b.one("ReduceMax", [x, b.const("last_axis", np.array([-1], np.int64))], keepdims=1)
     return b.one("ReduceMax", [x], axes=[-1], keepdims=1)
 
 
-def _quantized_linear(b: _Builder, node: ir.Node, weight: np.ndarray, pass_: Pass, opset: int) -> ir.Value:
+def _quantized_linear(b: NodeBuilder, node: ir.Node, weight: np.ndarray, pass_: Pass, opset: int) -> ir.Value:
     x = node.inputs[0]
     k, n = weight.shape
     if pass_.mode == "int4-weight":
@@ -182,7 +153,7 @@ def _quantized_linear(b: _Builder, node: ir.Node, weight: np.ndarray, pass_: Pas
                                   b.const("q4_zero", pack_nibbles(zeros).numpy().reshape(-1))],
                   domain=_MICROSOFT, K=k, N=n, bits=4, block_size=pass_.group_size)
     else:
-        levels, scales = _int8_levels(weight, pass_.granularity)
+        levels, scales = int8_weight(weight, 1, pass_.granularity == "per-channel")
         w_levels, w_scale = b.const("q8_weight", levels), b.const("q8_scale", scales)
         if pass_.activations == "per-token":
             peak = _reduce_max_last(b, b.one("Abs", [x]), opset)
@@ -205,7 +176,7 @@ def _quantized_linear(b: _Builder, node: ir.Node, weight: np.ndarray, pass_: Pas
     return y
 
 
-def _quantized_embedding(b: _Builder, ids: ir.Value, table: np.ndarray) -> ir.Value:
+def _quantized_embedding(b: NodeBuilder, ids: ir.Value, table: np.ndarray) -> ir.Value:
     """int8 rows, one scale per row, gathered and rescaled (in every mode: ORT has no 4-bit Gather)."""
     levels, scales = qz.quantize_weight(torch.from_numpy(table.copy()), 8)
     rows = b.one("Cast", [b.one("Gather", [b.const("q8_table", levels.numpy()), ids])], to=ir.DataType.FLOAT)

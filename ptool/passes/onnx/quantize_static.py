@@ -20,7 +20,8 @@ import onnx_ir as ir
 import torch
 
 from ptool.passes.base import Pass, PassContext, PassResult
-from ptool.passes.onnx._edit import PROVENANCE_KEY, Rewriter, accepted_site, constant, int_attr, is_op
+from ptool.passes.onnx._edit import NodeBuilder, Rewriter, accepted_site, constant, int_attr, is_op
+from ptool.passes.onnx.quantize import int8_weight
 from ptool.passes.quant import quantizers as qz
 
 _U8 = qz.IntRange(8, signed=False)
@@ -91,83 +92,48 @@ def quantize_static_onnx(pass_: Pass, model: ir.Model, ctx: PassContext, result:
         result.notes["weights"] = f"per-tensor: DequantizeLinear has no per-channel axis before opset 13 (model: {opset})"
     made: set[str] = set()  # the DequantizeLinear outputs this pass made: a site reading one reuses it
     for node, weight, axis in sites:
+        before, after = NodeBuilder(rw, node), NodeBuilder(rw, node)
         x = node.inputs[0]
-        x_dq = x if x.name in made else _qdq(rw, node, x, observers[x.name], before=node)
-        made.add(x_dq.name)
-        node.replace_input_with(0, x_dq)
-        x_scale = float(x_dq.producer().inputs[1].const_value.numpy())
-        w_levels, w_scale = _int8_weight(weight, axis, per_channel)
-        base = _base(node)
-        w_dq = _node(rw, node, "DequantizeLinear", [
-            rw.initializer(f"{base}_w_q8", w_levels, suffix=""), rw.initializer(f"{base}_w_scale", w_scale, suffix=""),
-            rw.initializer(f"{base}_w_zero", np.zeros(w_scale.shape, np.int8), suffix="")],
-            before=node, **({"axis": axis} if per_channel else {}))
+        x_scale = _qdq(before, x, observers[x.name]) if x.name not in made else \
+            x.producer().inputs[1].const_value.numpy()
+        w_levels, w_scale = int8_weight(weight, axis, per_channel)
+        per_axis = {"axis": axis} if per_channel else {}
+        w_dq = before.one("DequantizeLinear", [before.const("w_q8", w_levels), before.const("w_scale", w_scale),
+                                               before.const("w_zero", np.zeros(w_scale.shape, np.int8))], **per_axis)
         old = [node.inputs[1]]
         node.replace_input_with(1, w_dq)
         if node.op_type == "Conv" and len(node.inputs) > 2 and node.inputs[2] is not None:
             bias = constant(node.inputs[2], "its bias")
             if not isinstance(bias, str):  # int32 at x_scale * w_scale: what QLinearConv adds
-                b_scale = (x_scale * w_scale).astype(np.float32)
+                b_scale = (float(x_scale) * w_scale).astype(np.float32)
                 b_levels = np.round(bias / np.where(b_scale > 0, b_scale, 1)).astype(np.int32)
-                b_dq = _node(rw, node, "DequantizeLinear", [
-                    rw.initializer(f"{base}_b_q32", b_levels, suffix=""),
-                    rw.initializer(f"{base}_b_scale", b_scale, suffix=""),
-                    rw.initializer(f"{base}_b_zero", np.zeros(b_scale.shape, np.int32), suffix="")],
-                    before=node, **({"axis": 0} if per_channel else {}))
+                b_dq = before.one("DequantizeLinear", [before.const("b_q32", b_levels), before.const("b_scale", b_scale),
+                                                       before.const("b_zero", np.zeros(b_scale.shape, np.int32))],
+                                  **({"axis": 0} if per_channel else {}))
                 old.append(node.inputs[2])
                 node.replace_input_with(2, b_dq)
+        before.insert_before()
+        if x.name not in made:  # this site alone reads the new pair
+            x_dq = before.nodes[1].outputs[0]
+            x_dq.type, x_dq.shape = x.type, x.shape
+            node.replace_input_with(0, x_dq)
+            made.add(x_dq.name)
         y = node.outputs[0]
-        made.add(_qdq(rw, node, y, observers[y.name], after=node).name)
+        _qdq(after, y, observers[y.name])
+        after.insert_after()
+        q, dq = after.nodes[0], after.nodes[1].outputs[0]
+        rw.take_over(y, dq)  # every reader of y (and a graph output of its name) moves to the DQ output ...
+        q.replace_input_with(0, y)  # ... except the QuantizeLinear that reads y itself
+        made.add(dq.name)
         rw.drop_if_dead(old)
         result.hit()
 
 
-def _base(node: ir.Node) -> str:
-    return (node.name or node.op_type).replace("/", "_").strip("_") or "q"
-
-
-def _node(rw: Rewriter, site: ir.Node, op_type: str, inputs: list, *, before: ir.Node | None = None,
-          after: ir.Node | None = None, **attributes) -> ir.Value:
-    node = ir.node(op_type, inputs, attributes=attributes,
-                   name=rw.node_name(f"{site.name or _base(site)}/{rw.pass_name}/{op_type}"))
-    node.metadata_props[PROVENANCE_KEY] = rw.pass_name
-    if before is not None:
-        site.graph.insert_before(before, [node])
-    else:
-        site.graph.insert_after(after, [node])
-    return node.outputs[0]
-
-
-def _int8_weight(weight: np.ndarray, axis: int, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 levels (the weight's shape) and one scale per channel along ``axis`` (or one
-    scale, shape ``()``, for the whole tensor)."""
-    if not per_channel:
-        scale = np.float32(max(float(np.abs(weight).max()) / 127, float(np.finfo(np.float32).tiny)))
-        return np.clip(np.round(weight / scale), -127, 127).astype(np.int8), np.asarray(scale, np.float32)
-    w = torch.from_numpy(np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1).copy())
-    levels, scales = qz.quantize_weight(w, 8)
-    moved = levels.numpy().reshape(np.moveaxis(weight, axis, 0).shape)
-    return np.ascontiguousarray(np.moveaxis(moved, 0, axis)), scales.reshape(-1).numpy().astype(np.float32)
-
-
-def _qdq(rw: Rewriter, site: ir.Node, value: ir.Value, observer: qz.Observer, *,
-         before: ir.Node | None = None, after: ir.Node | None = None) -> ir.Value:
-    """``QuantizeLinear -> DequantizeLinear`` of ``value`` (uint8, the observer's range), placed before
-    ``before`` (only that site reads it) or after ``after`` (every reader of ``value``, and a graph
-    output of that name, moves to the DequantizeLinear output)."""
+def _qdq(build: NodeBuilder, value: ir.Value, observer: qz.Observer) -> np.ndarray:
+    """Append ``QuantizeLinear -> DequantizeLinear`` of ``value`` (uint8, the observer's range) to
+    ``build`` as its first two nodes; returns the scale."""
     scale, zero = observer.qparams(_U8)
-    s = rw.initializer(f"{value.name}_scale", np.asarray(float(scale), np.float32).reshape(()), suffix="")
-    z = rw.initializer(f"{value.name}_zero", np.asarray(int(zero), np.uint8).reshape(()), suffix="")
-    uses = [(u.node, u.idx) for u in value.uses()] if after is not None else []
-    q = _node(rw, site, "QuantizeLinear", [value, s, z], before=before, after=after)
-    dq = _node(rw, site, "DequantizeLinear", [q, s, z], after=q.producer())
-    dq.type, dq.shape = value.type, value.shape
-    for user, index in uses:
-        user.replace_input_with(index, dq)
-    if after is not None and value.is_graph_output():  # the output keeps its name, now on the DQ output
-        outputs = site.graph.outputs
-        index = next(i for i, o in enumerate(outputs) if o is value)
-        name, value.name = value.name, f"{value.name}/{rw.pass_name}_float"
-        outputs[index] = dq
-        dq.name = name
-    return dq
+    s = build.const(f"{value.name}_scale", np.asarray(float(scale), np.float32).reshape(()))
+    z = build.const(f"{value.name}_zero", np.asarray(int(zero), np.uint8).reshape(()))
+    build.one("DequantizeLinear", [build.one("QuantizeLinear", [value, s, z]), s, z])
+    return s.const_value.numpy()
