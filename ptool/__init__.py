@@ -33,7 +33,7 @@ _LAZY = {
     "export_onnx": "ptool.api",
     "compile": "ptool.api",
     "list_passes": "ptool.api",
-    "autotune": "ptool.backends.autotune.tuner",
+    "autotune": "ptool.tune.tuner",
     "passes": "ptool.passes",
     "verify": "ptool.verify",
 }

@@ -2,51 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ptool.errors import InputError, UsageError
+from ptool.errors import UsageError
 from ptool.passes.base import Pass
-
-#: How many calibration batches the pass manager verifies numerics on (besides the example).
-VERIFY_BATCHES = 4
-
-
-def _as_call(item: Any) -> tuple[tuple, dict]:
-    """One calibration item -> (args, kwargs).
-
-    Accepted: a tensor, a tuple/list of positional inputs, a dict of keyword inputs, or an
-    ``(args_tuple, kwargs_dict)`` pair for models called with both.
-    """
-    import torch
-
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple) and isinstance(item[1], dict):
-        return item[0], dict(item[1])
-    if isinstance(item, torch.Tensor):
-        return (item,), {}
-    if isinstance(item, dict):
-        return (), dict(item)
-    if isinstance(item, (tuple, list)):
-        return tuple(item), {}
-    raise InputError(
-        f"calibration items must be tensors, tuples of tensors or dicts of keyword inputs, not {type(item).__name__}"
-    )
-
-
-def _materialize_calibration(calibration: Iterable | None) -> list[tuple[tuple, dict]] | None:
-    if calibration is None:
-        return None
-    try:
-        items = list(calibration)
-    except TypeError:
-        raise InputError("calibration= must be an iterable of input tuples or a DataLoader") from None
-    if not items:
-        raise InputError("calibration= is empty: give at least one input tuple")
-    return [_as_call(i) for i in items]
 
 
 def transform(
@@ -95,8 +58,10 @@ def transform(
         model path. TraceError: the model cannot be captured. VerificationError: an exact pass
         changed the outputs.
     """
-    from ptool.frontends.loaders import ModelKind, load_model
+    from ptool.frontends.loaders import load_model
+    from ptool.inputs import materialize_calibration
     from ptool.passes.registry import parse_pipeline
+    from ptool.pipeline import transform as run_pipeline
 
     pipeline = parse_pipeline(passes)  # fail fast on bad pass specs, before any tracing
     loaded = load_model(model, allow_pickle=allow_pickle)
@@ -104,51 +69,16 @@ def transform(
         example_inputs, example_kwargs = loaded.example_inputs, {**loaded.example_kwargs, **(example_kwargs or {})}
     elif example_inputs is None and loaded.example_kwargs and example_kwargs is None:
         example_inputs, example_kwargs = (), loaded.example_kwargs
-    calib = _materialize_calibration(calibration)
+    calib = materialize_calibration(calibration)
 
-    if loaded.kind is ModelKind.ONNX:
-        from ptool.frontends.onnx_import import transform_onnx
-
-        return transform_onnx(loaded.obj, pipeline, example_inputs, example_kwargs or {}, calib, verify=verify,
-                              instruments=instruments)
     copy_model = copy_model and not isinstance(model, (str, os.PathLike))  # loaded from a path: ours to share
-    return _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes, verify,
-                            instruments, copy_model)
-
-
-def _transform_torch(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes, verify, instruments,
-                     copy_model):
-    from ptool.frontends.loaders import ModelKind
-    from ptool.frontends.torch_export import capture, check_inputs, from_exported_program
-    from ptool.passes.base import PassContext
-    from ptool.passes.manager import run_pipeline, run_reference
-    from ptool.report import Report
-    from ptool.transformed import TransformedModule
-    from ptool.verify import compare_many
-
-    if loaded.kind is ModelKind.EXPORTED:
-        captured = from_exported_program(loaded.obj)
-        args, kwargs = check_inputs(example_inputs, example_kwargs)
-    else:
-        args, kwargs = check_inputs(example_inputs, example_kwargs)
-        captured = capture(loaded.obj, args, kwargs, dynamic_shapes=dynamic_shapes, copy_model=copy_model)
-    gm = captured.graph_module
-
-    reference = [(args, kwargs)] + (list(itertools.islice(calib, VERIFY_BATCHES)) if calib else [])
-    reference = reference if verify else []
-    ctx = PassContext(example_inputs=args, example_kwargs=kwargs, calibration=[a for a, _ in calib] if calib else None,
-                      calibration_calls=calib, instruments=instruments)
-    start_outputs = run_reference(gm, reference) if reference else None
-    records = run_pipeline(gm, pipeline, ctx, reference_inputs=reference)
-    report = Report(records=records, capture=captured.method.value, verified_on=len(reference))
-    if start_outputs is not None:
-        report.total = compare_many(start_outputs, run_reference(gm, reference))
-    return TransformedModule(gm, report, args, kwargs)
+    return run_pipeline(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes=dynamic_shapes,
+                        verify=verify, instruments=instruments, copy_model=copy_model)
 
 
 def _unwrap(model: Any) -> tuple[Any, tuple | None, dict]:
     """The torch module to lower and the example call recorded with it, if any."""
-    from ptool.onnx_module import OnnxTransformedModule
+    from ptool.ir.onnx_module import OnnxTransformedModule
     from ptool.transformed import TransformedModule
 
     if isinstance(model, OnnxTransformedModule):
@@ -175,8 +105,8 @@ def export_onnx(model: Any, path: str | pathlib.Path, example_inputs: Any = None
     """
     from ptool.backends.onnx_export import DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES
     from ptool.backends.onnx_export import export_onnx as _export
-    from ptool.frontends.torch_export import check_inputs
-    from ptool.onnx_module import OnnxTransformedModule
+    from ptool.inputs import check_inputs
+    from ptool.ir.onnx_module import OnnxTransformedModule
 
     if isinstance(model, OnnxTransformedModule):  # already ONNX: write it (atomically, checked)
         return model.save(path, external_data=external_data)
@@ -206,9 +136,8 @@ def compile(model: Any, backend: str = "torch", example_inputs: Any = None, *, e
     """
     from ptool.backends import compile_module
     from ptool.backends.device import parse_device
-    from ptool.frontends.torch_export import check_inputs
-
-    from ptool.onnx_module import OnnxTransformedModule
+    from ptool.inputs import check_inputs
+    from ptool.ir.onnx_module import OnnxTransformedModule
 
     if isinstance(model, OnnxTransformedModule):
         if backend == "torch":

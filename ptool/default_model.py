@@ -166,7 +166,6 @@ def reference_sentences() -> list[str]:
     distillation text that never overlaps the held-out sentences.
     """
     import re
-
     from pydoc_data.topics import topics
 
     text = " ".join(topics[key] for key in sorted(topics))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ptool.passes.base import Skip
 from ptool.verify import Fidelity
 
 
@@ -28,6 +27,14 @@ def format_table(headers: list[str], rows: list[list[str]], *, align: str | None
 
 def _fmt_err(x: float) -> str:
     return "0" if x == 0 else ("inf" if math.isinf(x) else f"{x:.2e}")
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A site a pass looked at and left alone, with the reason (shown in the report)."""
+
+    site: str
+    reason: str
 
 
 @dataclass

@@ -311,7 +311,7 @@ def main() -> int:
 
     from _sections import write_section
 
-    from ptool.backends.autotune.fingerprint import device_fingerprint
+    from ptool.tune.fingerprint import device_fingerprint
 
     fingerprint = device_fingerprint(a.device)
     print(f"fingerprint: {fingerprint}", flush=True)

@@ -38,12 +38,13 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import ptool  # noqa: E402
 from _minilm import heldout_batches, log  # noqa: E402
-from _sections import write_section  # noqa: E402
+from _sections import update_section  # noqa: E402
 from onnx_zoo import ZOO, ZooModel, fetch  # noqa: E402
-from ptool.backends.autotune.fingerprint import device_fingerprint  # noqa: E402
+
+import ptool  # noqa: E402
 from ptool.benchmark import measure_interleaved  # noqa: E402
+from ptool.tune.fingerprint import DeviceFingerprint, device_fingerprint  # noqa: E402
 
 EXACT = ["dce", "cse", "constant-fold", "fold-bn"]
 
@@ -86,15 +87,16 @@ def _tvm_runner(compiled: Callable) -> Callable:
     return run
 
 
-def _max_rel(want: list, got: list) -> float:
-    """Max |got - want| / max |want| over the float outputs and calls."""
-    worst = 0.0
+def _max_errors(want: list, got: list) -> tuple[float, float]:
+    """``(max |got - want|, max |got - want| / max |want|)`` over the float outputs and calls."""
+    worst_abs = worst_rel = 0.0
     for w, g in zip(want, got):
         for a, b in zip(w, g):
             a, b = np.asarray(a), np.asarray(b)
             if a.dtype.kind == "f" and a.size:
-                worst = max(worst, float(np.abs(b.astype(np.float64) - a).max() / (np.abs(a).max() or 1.0)))
-    return float(f"{worst:.3g}")
+                err = float(np.abs(b.astype(np.float64) - a).max())
+                worst_abs, worst_rel = max(worst_abs, err), max(worst_rel, err / (float(np.abs(a).max()) or 1.0))
+    return float(f"{worst_abs:.3g}"), float(f"{worst_rel:.3g}")
 
 
 def _cosine(want: list, got: list) -> float:
@@ -196,7 +198,8 @@ def run_model(model: ZooModel, folder: pathlib.Path, repeat: int) -> dict:
         want = [runs["original (ONNX Runtime)"](f) for f in checks]
         for label, run in runs.items():
             got = [run(f) for f in checks]
-            cands[label] = {"cosine": round(_cosine(want, got), 5), "max_rel_err": _max_rel(want, got),
+            max_abs, max_rel = _max_errors(want, got)
+            cands[label] = {"cosine": round(_cosine(want, got), 5), "max_rel_err": max_rel, "max_abs_err": max_abs,
                             "size_mib": round(pathlib.Path(files[label]).stat().st_size / 2**20, 2)
                             if label in files else None}
         timings = measure_interleaved(runs, (feeds,), warmup=2, settle=1, repeat=repeat)
@@ -239,7 +242,7 @@ def minilm(repeat: int) -> dict:
                          op_types_to_quantize=["MatMul", "Gather"])
         files = {"ONNX Runtime fp32": fp32, "peer: ORT quantize_dynamic per-channel": tmp / "ort.onnx"}
         example = {"input_ids": held[0][0].numpy(), "attention_mask": held[0][1].numpy()}
-        for spec in ("quantize", "quantize:embeddings=false", "quantize:activations=per-token"):
+        for spec in ("quantize", "quantize:embeddings=false", "quantize:activations=per-token", "precision:dtype=fp16"):
             files[f"ptool {spec} (as ONNX)"] = ptool.transform(str(fp32), [spec], example_inputs=example).save(
                 tmp / f"{spec.replace(':', '_')}.onnx")
         runs = {k: _session(v) for k, v in files.items()}
@@ -277,14 +280,15 @@ def render(models: dict, minilm_rows: dict, fingerprint: str) -> str:
     lines.append("")
     for key, m in models.items():
         lines += [f"### {key} ({m['package']})", "",
-                  "| candidate | median ms | speedup | cosine | max rel err | MiB | note |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+                  "| candidate | median ms | speedup | cosine | max abs err | max rel err | MiB | note |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for label, c in m["candidates"].items():
             if "median_ms" in c:
-                lines.append(f"| {label} | {c['median_ms']:.2f} | {c['speedup']:.2f}x | {c['cosine']:.5f} | "
+                abs_err = f"{c['max_abs_err']:.2g}" if "max_abs_err" in c else "–"
+                lines.append(f"| {label} | {c['median_ms']:.2f} | {c['speedup']:.2f}x | {c['cosine']:.5f} | {abs_err} | "
                              f"{c['max_rel_err']:.2g} | {c['size_mib'] or '–'} | {c.get('note', '')} |")
             else:
-                lines.append(f"| {label} | – | – | – | – | – | {c.get('note', '')} |")
+                lines.append(f"| {label} | – | – | – | – | – | – | {c.get('note', '')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -305,9 +309,18 @@ def main() -> None:
             models[m.key] = run_model(m, folder, args.repeat)
     minilm_rows = {} if args.no_minilm else minilm(args.repeat * 3)
     fp = device_fingerprint()
-    section = render(models, minilm_rows, str(fp))
-    write_section("onnx-models", section, {"fingerprint": fp.to_dict(), "models": models, "minilm": minilm_rows})
-    print(section)
+
+    def merged(previous: dict) -> tuple[str, dict]:
+        """The models run now replace their rows; the others (and MiniLM, when skipped) keep the last
+        run's, if it was on this device."""
+        same_device = "fingerprint" in previous and DeviceFingerprint.from_dict(previous["fingerprint"]).key == fp.key
+        old_models = previous.get("models", {}) if same_device else {}
+        all_models = {m.key: models.get(m.key, old_models.get(m.key)) for m in ZOO
+                      if m.key in models or m.key in old_models}
+        rows = minilm_rows or (previous.get("minilm", {}) if same_device else {})
+        return render(all_models, rows, str(fp)), {"fingerprint": fp.to_dict(), "models": all_models, "minilm": rows}
+
+    print(update_section("onnx-models", merged))
 
 
 if __name__ == "__main__":

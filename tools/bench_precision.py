@@ -44,12 +44,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import ptool  # noqa: E402
 from _minilm import heldout_batches, log  # noqa: E402
 from _sections import write_section  # noqa: E402
-from ptool.backends.autotune.fingerprint import device_fingerprint  # noqa: E402
+
+import ptool  # noqa: E402
 from ptool.benchmark import measure_interleaved  # noqa: E402
 from ptool.ir.flops import estimate_flops  # noqa: E402
+from ptool.tune.fingerprint import device_fingerprint  # noqa: E402
 
 MAX_ERROR = 0.005
 COMPILED = {"compile": True, "freezing": True}

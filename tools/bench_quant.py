@@ -25,14 +25,14 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import ptool  # noqa: E402
 from _sections import write_section  # noqa: E402
+
+import ptool  # noqa: E402
 from ptool.benchmark import measure_interleaved  # noqa: E402
 from ptool.default_model import encode, load_embedder, reference_sentences  # noqa: E402
 from ptool.frontends.huggingface import sample_sentences  # noqa: E402

@@ -45,8 +45,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _sections import write_section  # noqa: E402
+
 from ptool.benchmark import measure_interleaved  # noqa: E402
-from ptool.passes.shiftadd import arith  # noqa: E402
+from ptool.ops import shift_arith as arith  # noqa: E402
 
 THREADS = 2
 LINEAR_SIZES = {  # label -> (M, K, N)
@@ -71,7 +72,7 @@ class TvmKernel:
     def __init__(self, func, inputs: list[torch.Tensor], out_shape: tuple[int, ...], out_dtype: str):
         import tvm
 
-        from ptool.backends.tvm_backend import host_target
+        from ptool.backends.tvm_host import host_target
         from ptool.backends.tvm_kernels.shiftadd import compile_kernel
 
         dev = tvm.cpu()
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     load_at_start = os.getloadavg()[0]
-    from ptool.backends.tvm_backend import host_cpu
+    from ptool.backends.tvm_host import host_cpu
 
     data: dict = {"threads": THREADS, "load_average_at_start": load_at_start, "cpu": host_cpu(), "linear": {}, "attention": {}}
     lines = [

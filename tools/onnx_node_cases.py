@@ -76,7 +76,7 @@ def _host(value: Any) -> Any:
 
 
 def _runnable(case: Any, inputs: list, outputs: list) -> bool:
-    from ptool.onnx_module import ort_session
+    from ptool.ir.onnx_module import ort_session
 
     try:
         session = ort_session(case.model, optimize=False)

@@ -28,9 +28,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from ptool.errors import InputError, PassError, UsageError, did_you_mean, first_line
-from ptool.frontends.torch_export import check_inputs
-from ptool.passes.options import describe_type, parse_value
-
+from ptool.inputs import check_inputs
+from ptool.options import describe_type, parse_value
 
 # --------------------------------------------------------------------------------------------
 # Options

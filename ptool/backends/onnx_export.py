@@ -75,14 +75,14 @@ def export_onnx(
     import torch
 
     from ptool.backends._common import canonical_call
-    from ptool.frontends.torch_export import check_inputs
+    from ptool.inputs import check_inputs
 
     path = Path(path)
     if path.suffix != ".onnx":
         raise BackendError(f"ONNX output path must end in .onnx, got '{path}'")
     if path.is_dir():
         raise BackendError(f"ONNX output path '{path}' is a folder; give a file name ending in .onnx")
-    from ptool.onnx_module import OnnxTransformedModule
+    from ptool.ir.onnx_module import OnnxTransformedModule
 
     if isinstance(module, OnnxTransformedModule):  # an ONNX model given to ptool: already ONNX, written as it is
         return module.save(path)
@@ -97,21 +97,18 @@ def export_onnx(
     return path
 
 
-def _custom_translations() -> dict | None:
-    """ONNX translations of ptool's own graph ops (quantized and shift layers), if any can be in the graph.
+def _custom_translations(module: Any) -> dict | None:
+    """ONNX translations of ptool's own graph ops (:data:`ptool.ops.OP_MODULES`), when a graph
+    inside ``module`` holds any: only a pass puts them there, so a plain export skips the table."""
+    import torch
 
-    A graph can only hold them once their module (``ptool.passes.quant.ops``,
-    ``ptool.passes.shiftadd.ops``, ``ptool.passes.shiftadd.binary_ops``) has registered them, so a
-    plain export imports none of them.
-    """
-    import sys
+    from ptool.ops import is_ptool_op, onnx_translations
 
-    table = {}
-    for name in ("ptool.passes.quant.ops", "ptool.passes.shiftadd.ops", "ptool.passes.shiftadd.binary_ops"):
-        ops = sys.modules.get(name)
-        if ops is not None:
-            table.update(ops.onnx_translations())
-    return table or None
+    root = module.graph_module if isinstance(module, torch.export.ExportedProgram) else module
+    graphs = [m.graph for m in root.modules() if isinstance(m, torch.fx.GraphModule)] if isinstance(root, torch.nn.Module) else []
+    if any(is_ptool_op(n.target) for g in graphs for n in g.nodes if n.op == "call_function"):
+        return onnx_translations()
+    return None
 
 
 def _export_ir(
@@ -140,7 +137,7 @@ def _export_ir(
                 optimize=optimize,
                 verbose=False,
                 report=False,
-                custom_translation_table=_custom_translations(),
+                custom_translation_table=_custom_translations(module),
             )
     except PtoolError:
         raise
@@ -231,7 +228,7 @@ def _write_atomically(model: Any, path: Path, threshold: int) -> None:
     import onnx
     import onnx_ir as ir
 
-    from ptool.onnx_module import ir_weight_bytes
+    from ptool.ir.onnx_module import ir_weight_bytes
     from ptool.staging import move_into_place, staging_folder
 
     data_name = f"{path.name}.data" if ir_weight_bytes(model) > threshold else None

@@ -74,7 +74,7 @@ def compile_options(opts: Options) -> dict[str, Any]:
 
 def with_traceable_kernels(module: Any) -> Any:
     """``module`` with ptool's int8 linear ops swapped for their plain-torch integer kernels
-    (:func:`ptool.passes.quant.ops.integer_kernels`) so ``torch.compile`` traces into them.
+    (:func:`ptool.ops.quant.integer_kernels`) so ``torch.compile`` traces into them.
 
     The graph is copied (the weights are shared, not copied): the user's module is not touched.
     A module without those ops is returned as it is.
@@ -84,7 +84,7 @@ def with_traceable_kernels(module: Any) -> Any:
     gm = getattr(module, "graph_module", module)
     if not isinstance(gm, fx.GraphModule):
         return module
-    from ptool.passes.quant.ops import integer_kernels
+    from ptool.ops.quant import integer_kernels
 
     kernels = integer_kernels()
     if not any(n.op == "call_function" and n.target in kernels for n in gm.graph.nodes):

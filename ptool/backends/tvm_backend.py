@@ -51,7 +51,6 @@ which costs one compare per gathered element.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 import warnings
@@ -64,6 +63,7 @@ import torch
 
 from ptool.backends._common import CompiledModel, ExampleCall, cast_input, check_shape, first_line, options_dict
 from ptool.backends.device import CPU, Device
+from ptool.backends.tvm_host import host_target, use_threads
 from ptool.errors import BackendError
 
 NAME = "tvm"
@@ -146,48 +146,6 @@ def _metaschedule_build(mod: Any, target: Any, opts: Options, inputs: list[torch
     return tvm.compile(mod, target=target, relax_pipeline=_pipeline(target, opts, database=database)), facts
 
 
-def host_cpu() -> str:
-    """LLVM's name for this machine's CPU (``znver4``, ``skylake-avx512``...)."""
-    from tvm.target import codegen
-
-    return str(codegen.llvm_get_system_cpu())
-
-
-def host_target(mcpu: str | None = None, num_cores: int | None = None) -> Any:
-    """The LLVM target for this CPU, as a TVM 0.27 JSON-style target."""
-    import tvm
-
-    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": num_cores or usable_cores()})
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def use_threads(num_cores: int | None = None) -> int:
-    """Make TVM's runtime thread pool run ``num_cores`` threads (default: every usable core);
-    returns the number it will run.
-
-    TVM sizes its pool once, at the first parallel kernel, from ``TVM_NUM_THREADS`` or else
-    half the hardware threads (it assumes x86 CPUs run two per core). On a machine without SMT
-    that is half the cores: on this 2-core host every TVM model ran on one thread. Setting the
-    variable before the pool exists fixes it. A ``TVM_NUM_THREADS`` the user set is kept unless
-    ``num_cores`` is given. A pool made earlier in this thread keeps its size; the return value
-    says what it runs.
-    """
-    import tvm
-
-    if num_cores is not None:
-        os.environ["TVM_NUM_THREADS"] = str(num_cores)
-    else:
-        os.environ.setdefault("TVM_NUM_THREADS", str(usable_cores()))
-    return int(tvm.get_global_func("runtime.NumThreads")())
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
@@ -230,7 +188,9 @@ def _from_exported_program(example: ExampleCall, opts: Options) -> Any:
 
 def _kernel_ops(ep: Any) -> dict[str, Any] | None:
     """Converters lowering ptool's shift-add ops onto TIR kernels (``ptool.backends.tvm_kernels``)."""
-    if not any(getattr(n.target, "namespace", None) == "ptool_shift" for n in ep.graph.nodes):
+    from ptool.ops import TVM_KERNEL_NAMESPACE, is_ptool_op
+
+    if not any(is_ptool_op(n.target, TVM_KERNEL_NAMESPACE) for n in ep.graph.nodes):
         return None
     from ptool.backends.tvm_kernels.relax_ops import convert_map
 
@@ -239,12 +199,11 @@ def _kernel_ops(ep: Any) -> dict[str, Any] | None:
 
 def _float_quant_ops(ep: Any) -> Any:
     """ptool's quantized-layer ops in float aten ops: TVM here has no integer kernels for them."""
-    import sys
+    from ptool.ops import is_ptool_op, tvm_decompositions
 
-    ops = sys.modules.get("ptool.passes.quant.ops")
-    if ops is None or not any(ops.is_quant_op(n.target) for n in ep.graph.nodes):
-        return ep
-    return ep.run_decompositions(ops.decompositions())
+    decompositions = tvm_decompositions() if any(is_ptool_op(n.target) for n in ep.graph.nodes) else {}
+    present = [n.target for n in ep.graph.nodes if n.target in decompositions]
+    return ep.run_decompositions(decompositions) if present else ep
 
 
 def _from_onnx(example: ExampleCall, opts: Options) -> Any:
@@ -538,7 +497,7 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Device = C
         tvm_cuda.check_cuda(device)
 
     frontends = ("exported_program", "onnx") if opts.frontend == "auto" else (opts.frontend,)
-    from ptool.onnx_module import OnnxTransformedModule
+    from ptool.ir.onnx_module import OnnxTransformedModule
 
     if isinstance(module, OnnxTransformedModule):  # an ONNX model: Relax's ONNX frontend only
         frontends = ("onnx",)

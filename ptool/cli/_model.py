@@ -69,7 +69,7 @@ class ResolvedModel:
         if kind == "exported-program":
             return self.obj.module()
         if kind == "onnx":
-            from ptool.onnx_module import OnnxTransformedModule
+            from ptool.ir.onnx_module import OnnxTransformedModule
             from ptool.report import Report
 
             return OnnxTransformedModule(self.obj, Report(capture="onnx"))
@@ -88,7 +88,7 @@ class ResolvedModel:
         """Names of the example call's positional inputs (graph inputs of an ONNX file, else
         ``forward``'s parameters)."""
         if self.is_onnx:
-            from ptool.onnx_module import input_specs
+            from ptool.ir.onnx_module import input_specs
 
             names = [s.name for s in input_specs(self.obj)][: len(self.args)]
             return names + [f"arg{i}" for i in range(len(names), len(self.args))]
@@ -219,7 +219,7 @@ def _calibration(src: ResolvedModel, path: str) -> list[tuple[tuple, dict]]:
     import torch
 
     from ptool.cli._inputs import calibration_calls, load_npz
-    from ptool.onnx_module import contiguous
+    from ptool.ir.onnx_module import contiguous
 
     names = src.input_names()
     current = src.call_by_name()
@@ -239,7 +239,7 @@ def _calibration(src: ResolvedModel, path: str) -> list[tuple[tuple, dict]]:
 def _onnx_inputs(src: ResolvedModel, given: dict, shapes: list) -> None:
     """The example call of an ONNX file: the given arrays, the stated shapes, the rest made up."""
     from ptool.frontends.onnx_import import example_inputs_for
-    from ptool.onnx_module import input_specs, partial_feeds, to_torch
+    from ptool.ir.onnx_module import input_specs, partial_feeds, to_torch
 
     arrays = partial_feeds(input_specs(src.obj), (), given)
     feeds = example_inputs_for(src.obj, given=arrays, shapes={s.name: (s.shape, s.dtype) for s in shapes})
@@ -254,7 +254,7 @@ def _torch_inputs(src: ResolvedModel, given: dict, shapes: list) -> None:
     import numpy as np
     import torch
 
-    from ptool.onnx_module import contiguous
+    from ptool.ir.onnx_module import contiguous
 
     names = src.input_names()
     current = src.call_by_name()

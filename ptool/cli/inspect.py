@@ -103,7 +103,7 @@ def onnx_figures(proto: Any, shapes: dict[str, tuple[int, ...]] | None = None) -
     import onnx_ir as ir
 
     from ptool.ir.onnx_flops import estimate_onnx_flops, onnx_graphs
-    from ptool.passes.onnx.manager import node_count, parameter_count
+    from ptool.ir.onnx_graph import node_count, parameter_count
 
     graphs = list(onnx_graphs(proto.graph))
     nodes = [n for g in graphs for n in g.node]
@@ -142,7 +142,7 @@ def onnx_figures(proto: Any, shapes: dict[str, tuple[int, ...]] | None = None) -
 
 def _onnx_inputs(proto: Any) -> str:
     """``images (batch, 3, height, width) float32``: symbolic dims by name, unknown ones as ``?``."""
-    from ptool.onnx_module import input_specs
+    from ptool.ir.onnx_module import input_specs
 
     def dims(spec: Any) -> str:
         if spec.dims is None:
@@ -231,7 +231,8 @@ def _bad(message: str) -> Exception:
 
 def _capture(src, ui) -> tuple[tuple[Any, float], str]:
     from ptool.frontends.loaders import ModelKind
-    from ptool.frontends.torch_export import capture, check_inputs, from_exported_program
+    from ptool.frontends.torch_export import capture, from_exported_program
+    from ptool.inputs import check_inputs
 
     start = time.perf_counter()
     with ui.status("capturing the graph (torch.export)"):

@@ -52,10 +52,10 @@ def _held_out(args: argparse.Namespace, src) -> tuple[list, list | None]:
 
 def run(args: argparse.Namespace, ui) -> int:
     import ptool  # noqa: F401
-    from ptool.backends.autotune.tuner import TuningInterrupted, autotune
     from ptool.cli._compare import parse_backends
     from ptool.cli._model import resolve_from_args, split_specs
     from ptool.errors import UsageError
+    from ptool.tune.tuner import TuningInterrupted, autotune
 
     if not args.max_error >= 0:
         raise UsageError(f"--max-error must be a number >= 0, got {args.max_error}")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, ui) -> int:
     specs = split_specs(args.passes)
     passes = None if not args.passes else [s for s in specs if s != "none"]
     if passes is not None:
-        from ptool.backends.autotune.space import split_passes
+        from ptool.tune.space import split_passes
 
         split_passes(passes)  # bad pass names fail before the model loads
 
@@ -106,8 +106,14 @@ def _bar(ui):
 
     @contextlib.contextmanager
     def bar():
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("ETA"), TimeRemainingColumn(), console=ui._rich(), transient=True) as p:

@@ -8,7 +8,7 @@ tensors and plain containers (never code) — so a pickled state dict is recogni
 and a pickled module (which needs code to rebuild) is still refused.
 
 ONNX models stay ONNX: ptool runs the passes that make sense at that level on an ONNX IR (see
-``ptool/frontends/onnx_import.py``) instead of converting them back to torch.
+``ptool/pipeline/onnx_ir.py``) instead of converting them back to torch.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _checked_onnx(proto: Any, where: str) -> Any:
     with external data, which the path-based checker reads without the weights."""
     import onnx
 
-    from ptool.onnx_module import LARGE_MODEL_BYTES, saved_with_external_data, weight_bytes
+    from ptool.ir.onnx_module import LARGE_MODEL_BYTES, saved_with_external_data, weight_bytes
 
     try:
         if weight_bytes(proto) <= LARGE_MODEL_BYTES:

@@ -1,13 +1,8 @@
-"""The ONNX frontend: load ``.onnx`` files safely and transform ONNX models *as ONNX*.
+"""The ONNX frontend: load ``.onnx`` files safely and make the example inputs of an ONNX model.
 
-Design: an ONNX model handed to ptool stays ONNX. Converting it back to torch would lose what the
-ONNX file is (its opset, its exact graph) and is not possible in general, so ptool runs the passes
-that make sense at ONNX level on an ONNX IR (``onnx_ir.Model``) instead — the pass's ONNX
-implementation is looked up in :data:`ptool.passes.onnx.ONNX_IMPLEMENTATIONS`. A pass that only
-exists for torch graphs raises :class:`~ptool.errors.PassError` naming it and saying to give ptool
-the torch model or an ExportedProgram instead. Verification runs real ONNX Runtime sessions before
-and after every pass (``ptool/passes/onnx/manager.py``), and the result is an
-:class:`ptool.onnx_module.OnnxTransformedModule`: an ``nn.Module`` that runs ONNX Runtime.
+An ONNX model handed to ptool stays ONNX: the pipeline (``ptool/pipeline/onnx_ir.py``) runs the
+passes on an ``onnx_ir.Model``; this module only loads the file and turns the user's inputs (or,
+failing those, the graph's declared types) into ONNX Runtime feeds.
 
 Loading (:func:`load_onnx`) is defensive: external-data locations that are absolute or leave the
 model's folder are refused *before* any data is read, the file must pass ``onnx.checker`` (run on
@@ -20,7 +15,6 @@ graph's input types (see its docstring for the rules).
 
 from __future__ import annotations
 
-import itertools
 import os
 import pathlib
 import re
@@ -32,11 +26,6 @@ import numpy as np
 
 from ptool.errors import InputError, ModelLoadError, did_you_mean, first_line
 from ptool.ir.onnx_flops import onnx_graphs
-from ptool.passes.base import Pass
-from ptool.verify import Fidelity
-
-#: How many calibration batches are used for verification besides the example (as for torch).
-VERIFY_BATCHES = 4
 
 
 def _all_tensors(proto: Any) -> Iterator[Any]:
@@ -244,7 +233,7 @@ def example_inputs_for(
             optional) or has an unsupported element type and was not given; a stated shape or dtype
             that contradicts the model; one dim name given two sizes.
     """
-    from ptool.onnx_module import input_specs
+    from ptool.ir.onnx_module import input_specs
 
     given, shapes = dict(given or {}), dict(shapes or {})
     specs = input_specs(proto)
@@ -318,7 +307,7 @@ def example_call(proto: Any, example_inputs: Any, example_kwargs: dict | None = 
 def example_feeds(proto: Any, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
     """The feeds of one example call; inputs it leaves out are made up (:func:`example_inputs_for`),
     with a warning that names them and says how to give them."""
-    from ptool.onnx_module import input_specs, partial_feeds
+    from ptool.ir.onnx_module import input_specs, partial_feeds
 
     specs = input_specs(proto)
     given = partial_feeds(specs, args, kwargs)
@@ -330,97 +319,3 @@ def example_feeds(proto: Any, args: tuple, kwargs: dict) -> dict[str, np.ndarray
                   "example_inputs={name: array} (CLI: --input NAME=SHAPE[:DTYPE] or --inputs FILE.npz)",
                   stacklevel=3)
     return feeds
-
-
-def _torch_inputs(feeds: dict[str, np.ndarray]) -> tuple:
-    from ptool.onnx_module import to_torch
-
-    return tuple(to_torch(v) for v in feeds.values())
-
-
-def noise_floor(proto: Any, feeds: list[dict], reference: list[list]) -> Fidelity:
-    """How far ONNX Runtime's own graph optimizations (Conv+BN fusion, GEMM re-layouts...) move the
-    model's outputs: the float noise of the model itself, that verification judges exact passes
-    against. ``reference``: the unoptimized outputs on ``feeds``."""
-    from ptool.onnx_module import ort_session, run_session
-    from ptool.verify import compare_many
-
-    session = ort_session(proto, optimize=True)
-    return compare_many(reference, [run_session(session, f) for f in feeds])
-
-
-def transform_onnx(
-    proto: Any,
-    pipeline: Sequence[Pass],
-    example_inputs: Any,
-    example_kwargs: dict | None,
-    calibration: list[tuple[tuple, dict]] | None,
-    *,
-    verify: bool = True,
-    instruments: Sequence[Any] = (),
-) -> Any:
-    """Run ``pipeline`` on an ONNX model at ONNX level and return an ONNX-backed module.
-
-    Args:
-        proto: the ``onnx.ModelProto`` (not modified: passes work on an ``onnx_ir`` copy).
-        pipeline: configured passes; each must have an ONNX implementation.
-        example_inputs: positional inputs (graph-input order), or None to synthesize them
-            (:func:`example_inputs_for`) when ``example_kwargs`` is empty too.
-        example_kwargs: inputs by graph-input name.
-        calibration: ``(args, kwargs)`` pairs; the first few are verification inputs too.
-        verify: run ONNX Runtime before and after every pass and compare.
-        instruments: objects with ``before_pass`` / ``after_pass`` hooks (given the ``onnx_ir.Model``).
-
-    Returns:
-        A :class:`ptool.onnx_module.OnnxTransformedModule` with ``.report`` (``capture="onnx"``).
-
-    Raises:
-        PassError: a pass has no ONNX implementation. InputError: inputs do not fit the graph.
-        VerificationError: an exact pass changed the outputs.
-    """
-    import onnx_ir as ir
-
-    from ptool.onnx_module import OnnxTransformedModule, feeds_from_call, input_specs, ort_session, run_session
-    from ptool.passes.base import PassContext
-    from ptool.passes.onnx import onnx_implementation
-    from ptool.passes.onnx.manager import run_onnx_pipeline
-    from ptool.report import Report
-    from ptool.verify import compare_many
-
-    for pass_ in pipeline:  # fail fast, before any work
-        onnx_implementation(pass_)
-
-    specs = input_specs(proto)
-    feeds = example_call(proto, example_inputs, example_kwargs)
-    calib = list(calibration or [])
-    calib_feeds = [feeds_from_call(specs, a, k) for a, k in itertools.islice(calib, VERIFY_BATCHES)]
-    reference = [feeds, *calib_feeds] if verify else []
-
-    example_args = _torch_inputs(feeds)
-    ctx = PassContext(example_inputs=example_args, example_kwargs={},
-                      calibration=[a for a, _ in calib] if calib else None, instruments=instruments)
-    ctx.calibration_calls = calib
-
-    model_ir = ir.from_proto(proto)
-    start_outputs, noise = None, None
-    if reference:
-        session = ort_session(proto, optimize=False)
-        start_outputs = [run_session(session, f) for f in reference]
-        del session  # ORT holds a copy of every weight: free it before the passes run
-        noise = noise_floor(proto, reference, start_outputs)
-    records = run_onnx_pipeline(model_ir, pipeline, ctx, reference, reference_outputs=start_outputs,
-                                noise_floor=noise.max_abs_error if noise else 0.0)
-
-    final = None
-    if start_outputs is not None:
-        # The whole model as the user will run it: ORT with its own graph optimizations on (a
-        # session of its own, closed again: a big model's ORT weights are not kept while it is saved).
-        session = ort_session(model_ir, optimize=True)
-        final = [run_session(session, f) for f in reference]
-        del session
-    module = OnnxTransformedModule(model_ir, Report(records=records, capture="onnx", verified_on=len(reference),
-                                                    noise=noise), example_args, {})
-    if final is not None:
-        module.report.total = compare_many(start_outputs, final)
-    return module
-

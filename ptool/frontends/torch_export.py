@@ -22,7 +22,7 @@ import contextlib
 import copy
 import enum
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,7 @@ import torch.fx
 from torch import nn
 
 from ptool.errors import InputError, TraceError, first_line
+from ptool.inputs import check_inputs
 
 
 class CaptureMethod(str, enum.Enum):
@@ -45,32 +46,6 @@ class Captured:
     graph_module: torch.fx.GraphModule
     method: CaptureMethod
     exported_program: torch.export.ExportedProgram | None = None
-
-
-def check_inputs(example_inputs: object, example_kwargs: object) -> tuple[tuple, dict]:
-    """Normalize one example call to ``(tuple, dict)``: ``(x,)``, ``[x]`` or a bare tensor.
-
-    The one input check every entry point (transform, export, backends) shares.
-
-    Raises:
-        InputError: anything else, or no inputs at all.
-    """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    elif example_inputs is None:
-        example_inputs = ()
-    elif isinstance(example_inputs, list):
-        example_inputs = tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
-        raise InputError(
-            f"example_inputs must be a tuple of tensors (e.g. (x,)), not {type(example_inputs).__name__}"
-        )
-    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
-        raise InputError(f"example_kwargs must be a dict, not {type(example_kwargs).__name__}")
-    example_kwargs = dict(example_kwargs or {})
-    if not example_inputs and not example_kwargs:
-        raise InputError("example inputs are required to trace a torch model: pass example_inputs=(x,)")
-    return example_inputs, example_kwargs
 
 
 def export_program(

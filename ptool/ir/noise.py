@@ -1,23 +1,18 @@
-"""What the pattern matcher sees through: noise op sets, compile-time scalars, scale steps.
+"""What the graph passes see through: noise op sets, compile-time scalars, scale steps.
 
-This is the matcher's canonicalization vocabulary, kept in a leaf module (it imports only torch)
-so that the pattern elements in :mod:`ptool.ir.pattern` build on it and rules or other passes can
-use it without the matcher:
+The site finders of several passes (attention, fold-affine, merge-branches, logquant, shift-add)
+walk the graph past ops that do not change what a value means. This leaf module (it imports only
+torch) is their shared vocabulary:
 
 * **Noise ops** (:data:`LAYOUT_OPS`, :data:`CAST_OPS`, :data:`IDENTITY_OPS`, their union
   :data:`NOISE_OPS`) move, broadcast, cast or copy a value without changing what it means for a
-  pattern, so a pattern element with ``noise=True`` skips them (:func:`is_noise`).
+  site finder (:func:`is_noise`).
 * **Compile-time scalars** (:func:`constant_value`): Python numbers, one-element tensor
   attributes and small expressions over them, e.g. ``torch.sqrt(torch.tensor(d))``.
-* **Scale steps** (:func:`scale_step`): a ``mul``/``div`` of a tensor by such a scalar, the
-  nodes :class:`~ptool.ir.pattern.Scaled` folds into one captured factor.
+* **Scale steps** (:func:`scale_step`): a ``mul``/``div`` of a tensor by such a scalar (the
+  attention scale, however the model spells it).
 * **Arguments in schema order** (:func:`node_args`), with :data:`MISSING` for an argument that
   was neither passed nor has a default.
-
-The :class:`~ptool.ir.pattern.Noise` and :class:`~ptool.ir.pattern.Scaled` pattern elements
-that use these live with the other elements in :mod:`ptool.ir.pattern`: they subclass its
-``Pattern`` base, whose search in turn needs this module, so keeping them here would make the
-two modules import each other.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ compares, hashes and round-trips to the CLI string ``name:key=value``. Class-lev
 ``family``, ``numerics``, ``needs_calibration``) describe the pass itself, not one use of it.
 
 ``run(graph_module, ctx)`` mutates the FX graph it is given and returns a :class:`PassResult`.
-The pass manager (``passes/manager.py``) does the rest: lint, recompile, metadata refresh,
+The pass manager (``ptool/pipeline/manager.py``) does the rest: lint, recompile, metadata refresh,
 timing, and the numerics check against the pass's input graph.
 """
 
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ptool.report import Skip
 from ptool.verify import Numerics
 
 if TYPE_CHECKING:
@@ -34,14 +35,6 @@ class Family(str, enum.Enum):
     QUANTIZATION = "quantization"
     SHIFT_ADD = "shift-add"
     PRECISION = "precision"
-
-
-@dataclass(frozen=True)
-class Skip:
-    """A site a pass looked at and left alone, with the reason (shown in the report)."""
-
-    site: str
-    reason: str
 
 
 @dataclass
@@ -140,7 +133,7 @@ class Pass:
         Only options that differ from their defaults are written, so ``spec`` round-trips
         through :func:`ptool.passes.registry.parse_pass`.
         """
-        from ptool.passes.options import format_value
+        from ptool.options import format_value
 
         parts = []
         for f in dataclasses.fields(self):

@@ -23,7 +23,15 @@ import torch
 import torch.fx
 
 from ptool.ir.graph import (
-    add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, module_path, no_padding, owner_of, replace_tensor,
+    add_tensor,
+    attr_tensor,
+    eliminate_dead_code,
+    is_op,
+    mark,
+    module_path,
+    no_padding,
+    owner_of,
+    replace_tensor,
     rounded_storage,
 )
 from ptool.passes.base import Family, Pass, PassContext, PassResult

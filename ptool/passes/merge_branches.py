@@ -45,12 +45,19 @@ import torch
 import torch.fx
 
 from ptool.ir.graph import (
-    add_tensor, attr_tensor, eliminate_dead_code, erase_if_unused, is_op, mark, owner_of, replace_tensor,
+    add_tensor,
+    attr_tensor,
+    eliminate_dead_code,
+    erase_if_unused,
+    is_op,
+    mark,
+    module_path,
+    owner_of,
+    replace_tensor,
     rounded_storage,
 )
 from ptool.ir.noise import IDENTITY_OPS, is_noise, node_args
 from ptool.passes.base import Family, Pass, PassContext, PassResult
-from ptool.ir.graph import module_path
 from ptool.passes.fold_bn import as_batch_norm
 from ptool.verify import Close, Numerics
 

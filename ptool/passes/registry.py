@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ptool.errors import PassError, did_you_mean
+from ptool.options import build_pass, describe_type, field_types, format_value, split_spec
 from ptool.passes.base import Pass
-from ptool.passes.options import build_pass, describe_type, field_types, format_value, split_spec
 
 
 def _pass_classes() -> tuple[type[Pass], ...]:
@@ -29,8 +29,8 @@ def _pass_classes() -> tuple[type[Pass], ...]:
     from ptool.passes.quant.rotate import Rotate
     from ptool.passes.quant.smooth import SmoothQuant
     from ptool.passes.repbn import RepBatchNorm
-    from ptool.passes.shiftadd.shift_linear import ShiftLinear
     from ptool.passes.shiftadd.binary_attention import BinaryAttention
+    from ptool.passes.shiftadd.shift_linear import ShiftLinear
 
     return (
         DeadCodeElimination, CommonSubexpressionElimination, ConstantFold,

@@ -77,7 +77,7 @@ def test_out_of_range_ids_do_not_crash(bert, tvm_models):
 
 
 def test_target_is_the_host_cpu(tvm_models):
-    from ptool.backends.tvm_backend import host_cpu
+    from ptool.backends.tvm_host import host_cpu
 
     cpu = host_cpu()
     assert cpu and cpu != "generic"

@@ -14,9 +14,9 @@ from torch import nn
 
 import ptool
 from ptool.backends import DEVICES, compile_module
-from ptool.backends.autotune.fingerprint import FEATURES, DeviceFingerprint, device_fingerprint
 from ptool.backends.device import CPU, Device, check_available, parse_device
 from ptool.errors import BackendError, UsageError
+from ptool.tune.fingerprint import FEATURES, DeviceFingerprint, device_fingerprint
 
 HAS_CUDA = torch.cuda.is_available()
 no_cuda_only = pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA: the refusal cannot be shown")
@@ -327,7 +327,7 @@ def test_ort_element_types():
 @pytest.mark.tvm
 def test_tvm_cuda_target_from_the_compute_capability():
     from ptool.backends import tvm_cuda
-    from ptool.backends.tvm_backend import host_target
+    from ptool.backends.tvm_host import host_target
 
     assert tvm_cuda.arch_of("8.0") == "sm_80" and tvm_cuda.arch_of("9.0") == "sm_90"
     target = tvm_cuda.cuda_target("sm_86", host=host_target(), max_shared_memory_per_block=101376)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ptool.backends import compile_module, onnxruntime_backend
-from ptool.backends.autotune.fingerprint import device_fingerprint
 from ptool.errors import BackendError, UsageError
+from ptool.tune.fingerprint import device_fingerprint
 
 
 @pytest.fixture(scope="module")

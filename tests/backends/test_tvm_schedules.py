@@ -19,7 +19,7 @@ MAX_REL_ERROR = 1e-4
 
 @pytest.fixture(scope="module")
 def target():
-    from ptool.backends.tvm_backend import host_target
+    from ptool.backends.tvm_host import host_target
 
     return host_target()
 

@@ -1,4 +1,4 @@
-"""The shift-add TIR kernels equal ``ptool.passes.shiftadd.arith`` bit for bit, alone and inside
+"""The shift-add TIR kernels equal ``ptool.ops.shift_arith`` bit for bit, alone and inside
 the TVM backend (``custom_convert_map`` lowering of the ``ptool_shift`` ops)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from ptool.passes.shiftadd import arith
+from ptool.ops import shift_arith as arith
 
 pytestmark = pytest.mark.tvm
 
@@ -226,7 +226,7 @@ def _kernel_names(module, args):
 
 @pytest.mark.parametrize("ternary", [False, True])
 def test_shift_linear_on_tvm_matches_torch(ternary):
-    import ptool.passes.shiftadd.ops  # noqa: F401  (registers the op)
+    import ptool.ops.shift  # noqa: F401  (registers the op)
     from ptool.backends import compile_module
 
     layer = _ShiftLayer(48, 40, 2, ternary=ternary).eval()
@@ -245,7 +245,7 @@ def test_shift_linear_on_tvm_matches_torch(ternary):
 
 def test_shift_linear_accumulator_is_exact_through_the_backend():
     """``alpha = 1``, no bias and integer rows with max 127 (``sx = 1``): the output is ``acc``."""
-    import ptool.passes.shiftadd.ops  # noqa: F401
+    import ptool.ops.shift  # noqa: F401
     from ptool.backends import compile_module
 
     layer = _ShiftLayer(64, 300, 2, bias=False, seed=3).eval()
@@ -284,7 +284,7 @@ class _BinaryAttention(torch.nn.Module):
 
 @pytest.mark.parametrize("bits", [16, 40])
 def test_binary_attention_on_tvm_matches_reference(bits):
-    import ptool.passes.shiftadd.binary_ops  # noqa: F401  (registers the op)
+    import ptool.ops.binary  # noqa: F401  (registers the op)
     from ptool.backends import compile_module
 
     gen = torch.Generator().manual_seed(bits)

@@ -10,9 +10,8 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
-from onnx import numpy_helper
 
 from ptool.cli import main
 from ptool.cli._inputs import InputShape, parse_input_shape

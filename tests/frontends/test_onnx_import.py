@@ -8,15 +8,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
-from onnx import numpy_helper
 from torch import nn
 
 import ptool
 from ptool.errors import BackendError, InputError, ModelLoadError
 from ptool.frontends.onnx_import import example_inputs_for, load_onnx
-from ptool.onnx_module import OnnxTransformedModule
+from ptool.ir.onnx_module import OnnxTransformedModule
 from ptool.verify import compare
 from tests.models.onnx_graphs import reshaping_model
 
@@ -264,7 +263,7 @@ def test_save_roundtrip_and_external_data(tmp_path):
 
 def test_large_model_path_uses_external_data(tmp_path, monkeypatch):
     # Pretend every model is "large": sessions and save go through external data files.
-    monkeypatch.setattr("ptool.onnx_module.LARGE_MODEL_BYTES", 0)
+    monkeypatch.setattr("ptool.ir.onnx_module.LARGE_MODEL_BYTES", 0)
     m = ptool.transform(_tiny_model(), ["dce"])
     x = torch.randn(2, 4)
     m.save(tmp_path / "model.onnx")

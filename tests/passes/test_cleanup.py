@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import ptool
+from ptool.frontends.torch_export import capture
 from ptool.ir.graph import op_histogram
 from ptool.passes.base import PassContext
-from ptool.frontends.torch_export import capture
 
 
 class _Redundant(torch.nn.Module):

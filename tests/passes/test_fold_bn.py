@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import ptool
+from ptool.frontends.torch_export import capture
 from ptool.ir.graph import op_histogram
 from ptool.passes.base import PassContext
-from ptool.frontends.torch_export import capture
 from tests.models import zoo
 
 BN_OPS = ("aten.batch_norm", "aten._native_batch_norm_legit_no_training")

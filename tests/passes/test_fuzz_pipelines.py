@@ -26,7 +26,7 @@ the example batch plus a held-out batch. Properties:
 Where approximate passes claim their bound: the bound of a ``Lossy`` pass is measured at its
 reference configuration (its docstring, and ``test_conformance.py``) and recorded as
 ``within_contract`` for every other one, "because the user or the autotuner decides what is
-acceptable" (``passes/manager.py``). The fuzz found these configurations outside the bounds on the
+acceptable" (``ptool/pipeline/manager.py``). The fuzz found these configurations outside the bounds on the
 random-weight fixtures; each is documented behaviour of the method, not a bug, so it is left out of
 :data:`CLAIMS` rather than loosening the bound:
 
@@ -74,12 +74,13 @@ from hypothesis import strategies as st
 import ptool
 from ptool.errors import PassError, PtoolError, VerificationError
 from ptool.frontends.torch_export import capture
+from ptool.options import field_types
 from ptool.passes.base import Pass, PassContext
-from ptool.passes.manager import run_pipeline, run_reference
-from ptool.passes.options import field_types
 from ptool.passes.quant.logquant import GELU_SHIFT
 from ptool.passes.quant.quantize import Quantize
 from ptool.passes.registry import parse_pass, registry
+from ptool.pipeline.fx_ir import FxIR, run_reference
+from ptool.pipeline.manager import run_pipeline
 from ptool.verify import EPS_FACTOR, Close, Exact, compare_many
 from tests.models import zoo
 
@@ -623,7 +624,7 @@ def _check_pipeline(captured: Captured, pipeline: list[Pass]) -> None:
     gm = copy.deepcopy(captured.gm)
     original = run_reference(gm, captured.reference)
     try:
-        records = run_pipeline(gm, pipeline, captured.ctx, reference_inputs=captured.reference)
+        records = run_pipeline(gm, pipeline, captured.ctx, FxIR(), captured.reference)
     except VerificationError as e:  # an exact pass drifted, or a pass left a graph that does not run
         _log(captured.name, specs, [{"error": str(e)}])
         raise AssertionError(f"{captured.name} {specs}: {e}") from e

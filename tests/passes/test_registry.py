@@ -8,9 +8,9 @@ import pytest
 
 import ptool
 from ptool.errors import PassError
+from ptool.options import build_pass, split_spec
 from ptool.passes.base import Family, Pass
-from ptool.passes.options import build_pass, split_spec
-from ptool.passes.registry import list_passes, parse_pass, parse_pipeline, registry
+from ptool.passes.registry import parse_pass, parse_pipeline, registry
 from ptool.verify import Exact
 
 REQUIRED = {"dce", "cse", "constant-fold", "fold-bn"}

@@ -15,7 +15,7 @@ from torch import nn
 import ptool
 from ptool.errors import PassError
 from ptool.ir.graph import op_histogram
-from ptool.passes.options import build_pass, split_spec
+from ptool.options import build_pass, split_spec
 from ptool.passes.repbn import RepBatchNorm
 from tests.models import digits_vit as dv
 

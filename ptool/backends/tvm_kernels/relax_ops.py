@@ -2,7 +2,7 @@
 
 ``from_exported_program(ep, custom_convert_map=convert_map(ep))`` hands each op node to a
 converter ``(node, importer) -> relax.Expr``. The converters build, with the importer's block
-builder, the arithmetic of :mod:`ptool.passes.shiftadd.arith`:
+builder, the arithmetic of :mod:`ptool.ops.shift_arith`:
 
 - ``shift_linear``: per-row int8 quantization in Relax ops (``round`` is round-half-to-even, as
   ``torch.round``), the codes transposed to k-major (constant: folded at build time), the
@@ -28,7 +28,7 @@ import torch
 from tvm import relax, tirx
 
 from ptool.backends.tvm_kernels import shiftadd
-from ptool.passes.shiftadd.arith import INT8_MAX
+from ptool.ops.shift_arith import INT8_MAX
 
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 _TINY = float(np.finfo(np.float32).tiny)

@@ -1,7 +1,7 @@
 """TIR kernels for the shift-add layers (TVM 0.27): shifts, selects and additions, no multiplies.
 
 Each builder returns a scheduled ``tvm.tirx.PrimFunc`` computing one function of
-:mod:`ptool.passes.shiftadd.arith` bit for bit (int32 arithmetic; every partial sum fits int32
+:mod:`ptool.ops.shift_arith` bit for bit (int32 arithmetic; every partial sum fits int32
 within the bounds arith.py states):
 
 - :func:`matshift`: ``acc[m, n] = sum_k sum_t sign[t, n, k] * (x[m, k] << exp[t, n, k])`` from
@@ -260,6 +260,6 @@ def _check_terms(terms: int) -> None:
 
 def compile_kernel(func: tirx.PrimFunc, target: object | None = None) -> tvm.runtime.Module:
     """Build one PrimFunc for the host CPU (or ``target``); call it with ``tvm.runtime.Tensor`` s."""
-    from ptool.backends.tvm_backend import host_target
+    from ptool.backends.tvm_host import host_target
 
     return tvm.compile(func, target=target or host_target())

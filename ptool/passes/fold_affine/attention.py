@@ -24,7 +24,13 @@ import torch.fx as fx
 from ptool.ir.graph import is_op, op_name
 from ptool.ir.noise import CAST_OPS, IDENTITY_OPS, LAYOUT_OPS, MISSING, node_args, scale_step
 from ptool.passes.fold_affine._layers import (
-    Layer, as_layer, channel_range, fold_outputs, out_features, through_identity, through_last_dim,
+    Layer,
+    as_layer,
+    channel_range,
+    fold_outputs,
+    out_features,
+    through_identity,
+    through_last_dim,
     why_not_editable,
 )
 

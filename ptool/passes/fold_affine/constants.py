@@ -25,8 +25,16 @@ import torch.fx as fx
 from ptool.ir.graph import attr_tensor, is_op, no_padding, op_name, rounded_storage
 from ptool.ir.noise import constant_value
 from ptool.passes.fold_affine._layers import (
-    Layer, as_layer, dtype_of, fold_inputs, fold_outputs, in_features, out_features, through_identity,
-    through_last_dim, why_not_editable,
+    Layer,
+    as_layer,
+    dtype_of,
+    fold_inputs,
+    fold_outputs,
+    in_features,
+    out_features,
+    through_identity,
+    through_last_dim,
+    why_not_editable,
 )
 
 aten = torch.ops.aten

@@ -1,6 +1,6 @@
 """ONNX-level implementations of ptool passes.
 
-An ONNX model given to ptool stays ONNX (``ptool/frontends/onnx_import.py``): the passes that make
+An ONNX model given to ptool stays ONNX (``ptool/pipeline/onnx_ir.py``): the passes that make
 sense at ONNX level run on an ``onnx_ir.Model``. Each one is a plain function
 ``(pass_, model, ctx) -> PassResult`` that mutates ``model`` in place and is configured by the same
 pass object (dataclass) as its torch-graph twin, so ``"fold-bn:fold_into_next=false"`` means the same
@@ -10,7 +10,7 @@ thing for both.
 works on torch graphs only; :func:`onnx_implementation` raises a :class:`~ptool.errors.PassError`
 for it that says to give ptool the torch model or an ExportedProgram instead.
 
-Importing this package imports torch, onnx_ir and onnxscript; only the ONNX frontend does that.
+Importing this package imports torch, onnx_ir and onnxscript; only the ONNX pipeline does that.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from ptool.passes.cleanup import CommonSubexpressionElimination, ConstantFold, D
 from ptool.passes.fold_bn import FoldBatchNorm
 from ptool.passes.onnx.cleanup import eliminate_common_subexpressions, eliminate_dead_nodes, fold_constants
 from ptool.passes.onnx.fold_bn import fold_batch_norms
+from ptool.passes.onnx.precision import precision_onnx
 from ptool.passes.onnx.quantize import quantize_onnx
+from ptool.passes.precision import Precision
 from ptool.passes.quant.quantize import Quantize
 
 OnnxImplementation = Callable[[Pass, ir.Model, PassContext], PassResult]
@@ -37,6 +39,7 @@ ONNX_IMPLEMENTATIONS: dict[type[Pass], OnnxImplementation] = {
     ConstantFold: fold_constants,
     FoldBatchNorm: fold_batch_norms,
     Quantize: quantize_onnx,
+    Precision: precision_onnx,
 }
 
 

@@ -50,6 +50,7 @@ from ptool.passes.onnx._edit import (
     optional_input,
 )
 
+
 @dataclass
 class _BatchNorm:
     """An inference-mode BatchNormalization as ``y = scale * x + shift`` (float64, per channel)."""

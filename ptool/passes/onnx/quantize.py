@@ -1,6 +1,6 @@
 """``quantize`` at ONNX level: MatMul / Gemm with constant weights and Gather on constant tables, to
 the integer forms ONNX Runtime runs as integer kernels — the same forms ``ptool.export_onnx`` writes
-for a quantized torch model (``ptool/passes/quant/ops.py``), so both routes run the same kernels.
+for a quantized torch model (``ptool/ops/quant.py``), so both routes run the same kernels.
 
 =====================  ==============================================================================
 site                   rewrite
@@ -35,10 +35,11 @@ import onnx_ir as ir
 import torch
 
 from ptool.errors import PassError
+from ptool.ops.quant import pack_nibbles
 from ptool.passes.base import Pass, PassContext, PassResult
 from ptool.passes.onnx._edit import NodeBuilder, Rewriter, accepted_site, constant, float_attr, int_attr, is_op
+from ptool.passes.onnx._int8 import int8_weight
 from ptool.passes.quant import quantizers as qz
-from ptool.passes.quant.ops import pack_nibbles
 
 _MICROSOFT = "com.microsoft"
 #: Measured here (AMD EPYC, 2 threads): a 64->64 3x3 Conv on 80x80 took 13.4 ms as DynamicQuantizeLinear
@@ -121,18 +122,6 @@ def _embedding_site(node: ir.Node, pass_: Pass) -> tuple[ir.Value, np.ndarray] |
     if isinstance(table, str) or table.ndim != 2 or table.dtype != np.float32:
         return ""  # a Gather of shapes or indices, not an embedding table
     return node.inputs[0], table
-
-
-def int8_weight(weight: np.ndarray, axis: int, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 levels (the weight's shape) and one scale per channel along ``axis`` (the
-    torch pass's arithmetic), or one scale, shape ``()``, for the whole tensor."""
-    if not per_channel:
-        scale = np.float32(max(float(np.abs(weight).max()) / 127, float(np.finfo(np.float32).tiny)))
-        return np.clip(np.round(weight / scale), -127, 127).astype(np.int8), np.asarray(scale, np.float32)
-    moved = np.moveaxis(weight, axis, 0)
-    levels, scales = qz.quantize_weight(torch.from_numpy(moved.reshape(moved.shape[0], -1).copy()), 8)
-    levels = np.moveaxis(levels.numpy().reshape(moved.shape), 0, axis)
-    return np.ascontiguousarray(levels), scales.reshape(-1).numpy().astype(np.float32)
 
 
 def _reduce_max_last(b: NodeBuilder, x: ir.Value, opset: int) -> ir.Value:

@@ -21,7 +21,7 @@ import torch
 
 from ptool.passes.base import Pass, PassContext, PassResult
 from ptool.passes.onnx._edit import NodeBuilder, Rewriter, accepted_site, constant, int_attr, is_op
-from ptool.passes.onnx.quantize import int8_weight
+from ptool.passes.onnx._int8 import int8_weight
 from ptool.passes.quant import quantizers as qz
 
 _U8 = qz.IntRange(8, signed=False)
@@ -51,7 +51,7 @@ def _observe(model: ir.Model, values: list[ir.Value], calls: list[dict], pass_: 
     """An observer per value name, fed every calibration batch (ORT, graph optimizations off)."""
     import onnx
 
-    from ptool.onnx_module import ort_session
+    from ptool.ir.onnx_module import ort_session
 
     proto = ir.to_proto(model)
     known = {o.name for o in proto.graph.output}
@@ -70,7 +70,7 @@ def _observe(model: ir.Model, values: list[ir.Value], calls: list[dict], pass_: 
 
 def quantize_static_onnx(pass_: Pass, model: ir.Model, ctx: PassContext, result: PassResult) -> None:
     """Rewrite the sites of ``model`` (main graph) to calibrated QDQ; record hits and skips in ``result``."""
-    from ptool.onnx_module import feeds_from_call, input_specs
+    from ptool.ir.onnx_module import feeds_from_call, input_specs
 
     sites = []
     for node in list(model.graph):

@@ -26,7 +26,13 @@ import torch.fx as fx
 
 from ptool.ir.graph import attr_tensor, erase_if_unused, is_op, mark, op_name, replace_tensor
 from ptool.passes.fold_affine._layers import (
-    Layer, as_layer, fold_inputs, fold_inputs_matrix, fold_outputs_matrix, through_identity, through_last_dim,
+    Layer,
+    as_layer,
+    fold_inputs,
+    fold_inputs_matrix,
+    fold_outputs_matrix,
+    through_identity,
+    through_last_dim,
     why_not_editable,
 )
 from ptool.passes.quant._sites import DONE_KEY, _up_single, users

@@ -35,7 +35,15 @@ import torch.fx as fx
 from ptool.ir.graph import add_tensor, attr_tensor, attr_users, is_op, mark, module_path, op_name, owner_of
 from ptool.ir.record import record_values
 from ptool.passes.fold_affine._layers import (
-    _INDEXING, Layer, _shape, as_layer, channel_range, in_features, out_features, through_last_dim, why_not_editable,
+    _INDEXING,
+    Layer,
+    _shape,
+    as_layer,
+    channel_range,
+    in_features,
+    out_features,
+    through_last_dim,
+    why_not_editable,
 )
 
 aten = torch.ops.aten

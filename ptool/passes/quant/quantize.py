@@ -1,7 +1,7 @@
 """``quantize``: int8 (dynamic or static activations) and int4 weight-only layers that lower to integer kernels.
 
 Every ``Linear`` (``aten.linear``; GPT-2's ``addmm`` Conv1D) with a stored weight becomes one of
-the quantized ops of :mod:`ptool.passes.quant.ops`, and, with ``embeddings=true``, every
+the quantized ops of :mod:`ptool.ops.quant`, and, with ``embeddings=true``, every
 embedding table becomes an int8/int4 gather. Modes:
 
 - ``int8-dynamic`` (default): weights int8, one scale per output channel (``per-channel``) or per
@@ -31,14 +31,22 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
-from ptool.ir.graph import (add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, module_path, owner_of,
-                            remove_unused_attributes)
+from ptool.ir.graph import (
+    add_tensor,
+    attr_tensor,
+    eliminate_dead_code,
+    is_op,
+    mark,
+    module_path,
+    owner_of,
+    remove_unused_attributes,
+)
 from ptool.ir.record import record_values
+from ptool.ops.quant import pack_nibbles  # also registers torch.ops.ptool_quant.*
 from ptool.passes.base import Family, Pass, PassContext, PassResult
-from ptool.progress import steps as progress
 from ptool.passes.quant import quantizers as qz
 from ptool.passes.quant._sites import exclude_pattern
-from ptool.passes.quant.ops import pack_nibbles  # also registers torch.ops.ptool_quant.*
+from ptool.progress import steps as progress
 from ptool.verify import Lossy, Numerics
 
 aten = torch.ops.aten
@@ -233,7 +241,7 @@ class Quantize(Pass):
         """``x -> quantized layer(x)`` without bias, in float: the sensitivity probe."""
         w_hat = self._fake_weight(site.weight)
         if self.mode == "int8-dynamic" and self.activations == "per-token":
-            from ptool.passes.quant.ops import token_quantize_int8
+            from ptool.ops.quant import token_quantize_int8
 
             return lambda x: _token_fake(token_quantize_int8, x) @ w_hat.T
         if self.mode == "int8-dynamic":

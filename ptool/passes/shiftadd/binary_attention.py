@@ -2,7 +2,7 @@
 
 Per selected site, queries and keys are hashed to ``b``-bit codes ``h in {-1, +1}^b`` (a float
 projection per token, then the sign), packed into int32 words
-(:func:`~ptool.passes.shiftadd.arith.pack_codes`), and attention becomes
+(:func:`~ptool.ops.shift_arith.pack_codes`), and attention becomes
 ``torch.ops.ptool_shift.binary_attention`` (:mod:`.binary_ops`), the linear attention with the
 similarity ``b + h_q . h_k = 2 (b - Hamming(h_q, h_k)) >= 0``:
 
@@ -10,7 +10,7 @@ similarity ``b + h_q . h_k = 2 (b - Hamming(h_q, h_k)) >= 0``:
 
 computed as ``h_q,i^T (sum_j h_k,j v_j^T)`` with values quantized to int8 per column, so the
 inner sums are additions and subtractions of integers (the definition is
-:func:`~ptool.passes.shiftadd.arith.binary_attention_reference`; torch and ONNX Runtime run it,
+:func:`~ptool.ops.shift_arith.binary_attention_reference`; torch and ONNX Runtime run it,
 the TVM backend a popcount/addition kernel). Cost per head: ``O((N + M) b Dv)`` additions, plus the
 hash: a ``b x D`` float matmul per token (``random``) or EcoFormer's Gaussian kernel against 25
 anchors and a ``b x 25`` matmul per token (``learned``). The hash is the only float work left.
@@ -41,14 +41,14 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from ptool.ops import binary as binary_ops
+from ptool.ops.shift_arith import pack_codes
 from ptool.passes.attention.kernel import AttentionKernel, SiteShape, key_keep
 from ptool.passes.attention.linear_core import linear_attention, linear_weights
 from ptool.passes.attention.linear_more import EcoFormerKernel
 from ptool.passes.attention.sites import AttentionSite
 from ptool.passes.attention.swap import AttentionSwap
 from ptool.passes.base import Family
-from ptool.passes.shiftadd import binary_ops
-from ptool.passes.shiftadd.arith import pack_codes
 from ptool.verify import Lossy, Numerics
 
 HashKind = Literal["random", "learned", "ecoformer"]

@@ -1,7 +1,7 @@
 """``shift-linear``: Linear (and 1x1 conv) weights as signed powers of two, so each product is a bit shift.
 
 Each weight row ``w[n, :]`` becomes a per-channel float scale times small integers (the codes of
-:mod:`ptool.passes.shiftadd.arith`):
+:mod:`ptool.ops.shift_arith`):
 
     w[n, k] ~= alpha[n] * W_int[n, k],   W_int = sum_t sign_t * 2**exp_t,  sign in {-1,0,1}, exp in [0, MAX_EXP]
 
@@ -50,16 +50,24 @@ import torch
 import torch.fx as fx
 
 from ptool.errors import PassError, did_you_mean
-from ptool.ir.graph import add_tensor, attr_tensor, eliminate_dead_code, is_op, mark, module_path, owner_of
-from ptool.ir.graph import remove_unused_attributes
+from ptool.ir.graph import (
+    add_tensor,
+    attr_tensor,
+    eliminate_dead_code,
+    is_op,
+    mark,
+    module_path,
+    owner_of,
+    remove_unused_attributes,
+)
 from ptool.ir.noise import node_args
 from ptool.ir.record import record_values
+from ptool.ops import shift as shift_ops  # registers torch.ops.ptool_shift.*
+from ptool.ops.shift_arith import MAX_EXP
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.passes.fold_affine._layers import through_last_dim
 from ptool.passes.quant._sites import calls_of, exclude_pattern, users
 from ptool.passes.quant.quantize import find_sites as find_linear_sites
-from ptool.passes.shiftadd import ops as shift_ops  # registers torch.ops.ptool_shift.*
-from ptool.passes.shiftadd.arith import MAX_EXP
 from ptool.verify import Lossy, Numerics
 
 aten = torch.ops.aten

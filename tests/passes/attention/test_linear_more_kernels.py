@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import ptool
 from ptool.passes.attention.kernel import SiteShape, softmax_weights

@@ -14,9 +14,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
-from onnx import numpy_helper
 
 import ptool
 from ptool.errors import PassError, VerificationError
@@ -24,12 +23,11 @@ from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.passes.fold_bn import FoldBatchNorm
 from ptool.passes.onnx import ONNX_IMPLEMENTATIONS, onnx_implementation
 from ptool.passes.onnx.fold_bn import fold_batch_norms
-from ptool.passes.onnx.manager import run_onnx_pipeline
+from ptool.pipeline.manager import run_pipeline
+from ptool.pipeline.onnx_ir import OnnxIR
 from ptool.verify import NOISE_FACTOR, Close, Exact, compare
-from tests.passes.onnx._builder import F32, OPSET
+from tests.passes.onnx._builder import F32
 from tests.passes.onnx._builder import GraphBuilder as _Builder
-
-
 
 # --- builders ------------------------------------------------------------------------------
 
@@ -290,7 +288,7 @@ def test_exact_pass_that_changes_outputs_is_named(monkeypatch):
     model = ir.from_proto(b.model([("x", F32, [4])], [("y", F32)]))
     feeds = [{"x": np.linspace(-2, 2, 4, dtype=np.float32)}]
     with pytest.raises(VerificationError, match="exact pass 'break-it' changed the outputs.*passes before it: dce"):
-        run_onnx_pipeline(model, [ptool.passes.parse_pass("dce"), _BreakIt()], PassContext(), feeds)
+        run_pipeline(model, [ptool.passes.parse_pass("dce"), _BreakIt()], PassContext(), OnnxIR(), feeds)
 
 
 class _Drift(_BreakIt):
@@ -309,14 +307,14 @@ def test_close_pass_judged_against_the_models_own_float_noise(monkeypatch):
     b.nodes[-1].output[0] = "y"
     x = np.linspace(-2, 2, 4, dtype=np.float32)
     drift = float(np.abs(np.tanh(x) - 1 / (1 + np.exp(-x))).max())
-    records = run_onnx_pipeline(ir.from_proto(b.model([("x", F32, [4])], [("y", F32)])), [_Drift()], PassContext(),
+    records = run_pipeline(ir.from_proto(b.model([("x", F32, [4])], [("y", F32)])), [_Drift()], PassContext(), OnnxIR(),
                                 [{"x": x}], noise_floor=drift / NOISE_FACTOR)
     assert records[0].within_contract and records[0].fidelity.max_abs_error == pytest.approx(drift, rel=1e-5)
     with pytest.raises(VerificationError, match="noise floor"):
-        run_onnx_pipeline(ir.from_proto(b.model([("x", F32, [4])], [("y", F32)])), [_Drift()], PassContext(),
+        run_pipeline(ir.from_proto(b.model([("x", F32, [4])], [("y", F32)])), [_Drift()], PassContext(), OnnxIR(),
                           [{"x": x}], noise_floor=drift / NOISE_FACTOR / 2)
     with pytest.raises(VerificationError, match="this pass must be bit-exact"):  # bit-exact passes ignore noise
-        run_onnx_pipeline(ir.from_proto(b.model([("x", F32, [4])], [("y", F32)])), [_BreakIt()], PassContext(),
+        run_pipeline(ir.from_proto(b.model([("x", F32, [4])], [("y", F32)])), [_BreakIt()], PassContext(), OnnxIR(),
                           [{"x": x}], noise_floor=drift)
 
 
@@ -328,5 +326,5 @@ def test_report_of_an_onnx_transform_shows_its_noise_floor():
 
 def test_manager_records_without_verification():
     model = ir.from_proto(cleanup_model())
-    records = run_onnx_pipeline(model, [ptool.passes.parse_pass("dce")], PassContext(), [])
+    records = run_pipeline(model, [ptool.passes.parse_pass("dce")], PassContext(), OnnxIR(), [])
     assert records[0].fidelity is None and records[0].rewritten == 1 and records[0].seconds >= 0

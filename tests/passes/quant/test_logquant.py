@@ -16,9 +16,17 @@ from torch import nn
 import ptool
 from ptool.errors import PassError
 from ptool.ir.graph import attr_tensor, is_op
-from ptool.passes.options import build_pass, split_spec
+from ptool.options import build_pass, split_spec
 from ptool.passes.quant.logquant import (
-    GELU_SHIFT, R, LogQuant, LogQuantizer, Objective, log_fake_quantize, log_quantize, lut_max_error, search_log,
+    GELU_SHIFT,
+    LogQuant,
+    LogQuantizer,
+    Objective,
+    R,
+    log_fake_quantize,
+    log_quantize,
+    lut_max_error,
+    search_log,
 )
 from tests.models import zoo
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import ptool
+from ptool.backends.torch_backend import with_traceable_kernels
 from ptool.errors import PassError
 from ptool.ir.graph import op_histogram
-from ptool.passes.quant import ops
+from ptool.ops import quant as ops
 from ptool.passes.quant import quantizers as qz
-from ptool.backends.torch_backend import with_traceable_kernels
 from ptool.passes.quant.quantize import Quantize, find_sites
 from tests.models import zoo
 

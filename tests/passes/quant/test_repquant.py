@@ -17,9 +17,9 @@ from ptool.errors import PassError
 from ptool.frontends.torch_export import capture
 from ptool.ir.graph import attr_tensor, is_op
 from ptool.ir.record import record_values
+from ptool.options import build_pass, split_spec
 from ptool.passes.fold_affine import FoldAffine
 from ptool.passes.fold_affine._layers import as_layer
-from ptool.passes.options import build_pass, split_spec
 from ptool.passes.quant.quantizers import fake_quantize
 from ptool.passes.quant.repquant import RepQuant, reparameterize
 from tests.models import zoo

@@ -14,9 +14,9 @@ import torch
 import ptool
 from ptool.errors import PassError
 from ptool.ir.graph import is_op
+from ptool.options import build_pass
 from ptool.passes.base import PassContext
-from ptool.passes.options import build_pass
-from ptool.passes.quant.hadamard import has_hadamard, hadamard, orthogonal, random_orthogonal
+from ptool.passes.quant.hadamard import hadamard, has_hadamard, orthogonal, random_orthogonal
 from ptool.passes.quant.rotate import Rotate
 from tests.passes.quant._fixtures import fixture, heldout_rel, run_on_minilm
 

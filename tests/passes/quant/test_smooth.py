@@ -12,8 +12,8 @@ import torch
 import ptool
 from ptool.errors import PassError
 from ptool.ir.graph import is_op
+from ptool.options import build_pass
 from ptool.passes.base import PassContext
-from ptool.passes.options import build_pass
 from ptool.passes.quant.smooth import SmoothQuant, smoothing_scales
 from tests.passes.quant._fixtures import fixture, heldout_rel, run_on_minilm
 

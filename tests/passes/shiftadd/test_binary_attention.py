@@ -7,8 +7,9 @@ import torch
 
 import ptool
 from ptool.errors import PassError
-from ptool.passes.attention.kernel import SiteShape, softmax_attention
-from ptool.passes.shiftadd import arith, binary_ops
+from ptool.ops import binary as binary_ops
+from ptool.ops import shift_arith as arith
+from ptool.passes.attention.kernel import SiteShape
 from ptool.passes.shiftadd.binary_attention import (
     BinaryAttention,
     EcoFormerHashKernel,

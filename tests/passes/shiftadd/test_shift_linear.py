@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,8 +14,8 @@ from torch import nn
 import ptool
 from ptool.errors import PassError
 from ptool.ir.graph import op_histogram
-from ptool.passes.shiftadd import ops
-from ptool.passes.shiftadd.arith import MAX_EXP, matshift_reference, quantize_rows_int8, shift_weight_terms_int
+from ptool.ops import shift as ops
+from ptool.ops.shift_arith import MAX_EXP, matshift_reference, quantize_rows_int8, shift_weight_terms_int
 from ptool.passes.shiftadd.shift_linear import ShiftLinear, encode_weight, level_table
 from tests.models import zoo
 from tests.models.digits_vit import accuracy, digits_data, single_thread

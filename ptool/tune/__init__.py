@@ -19,19 +19,19 @@ __all__ = ["TuneResult", "TuningConfig", "TuningInterrupted", "autotune", "devic
 
 def __getattr__(name: str) -> Any:
     if name in ("autotune", "TuningInterrupted"):
-        from ptool.backends.autotune import tuner
+        from ptool.tune import tuner
 
         return getattr(tuner, name)
     if name == "TuneResult":
-        from ptool.backends.autotune.result import TuneResult
+        from ptool.tune.result import TuneResult
 
         return TuneResult
     if name == "TuningConfig":
-        from ptool.backends.autotune.space import TuningConfig
+        from ptool.tune.space import TuningConfig
 
         return TuningConfig
     if name == "device_fingerprint":
-        from ptool.backends.autotune.fingerprint import device_fingerprint
+        from ptool.tune.fingerprint import device_fingerprint
 
         return device_fingerprint
-    raise AttributeError(f"module 'ptool.backends.autotune' has no attribute '{name}'")
+    raise AttributeError(f"module 'ptool.tune' has no attribute '{name}'")

@@ -11,7 +11,7 @@ from ptool.errors import VerificationError
 from ptool.ir.graph import attr_tensor, is_op
 from ptool.passes.base import Family, Pass, PassResult
 from ptool.passes.instruments import DumpIR
-from ptool.verify import Close, Exact, Lossy
+from ptool.verify import Close, Lossy
 
 
 class _MLP(torch.nn.Module):
@@ -109,7 +109,7 @@ def test_calibration_batches_are_verified_too():
     x = torch.randn(3, 8)
     calib = [(torch.randn(3, 8),) for _ in range(6)]
     m2 = ptool.transform(_MLP(), ["dce", "fold-bn"], (x,), calibration=calib)
-    assert m2.report.verified_on == 1 + ptool.api.VERIFY_BATCHES
+    assert m2.report.verified_on == 1 + ptool.pipeline.fx_ir.VERIFY_BATCHES
 
 
 def test_records_count_nodes_params_and_time():

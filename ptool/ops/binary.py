@@ -1,10 +1,10 @@
 """``torch.ops.ptool_shift.binary_attention``: Hamming-similarity attention on packed binary codes.
 
-The op is the graph form of :func:`ptool.passes.shiftadd.arith.binary_attention_reference` (the
+The op is the graph form of :func:`ptool.ops.shift_arith.binary_attention_reference` (the
 definition; read its docstring for the arithmetic). It has
 
 - a **torch implementation** (what ``m2(x)`` runs), vectorised: codes unpacked to +-1, values
-  quantized to int8 per column with :func:`~ptool.passes.shiftadd.arith.quantize_columns_int8`,
+  quantized to int8 per column with :func:`~ptool.ops.shift_arith.quantize_columns_int8`,
   the integer sums done by float matmuls on exact small integers, the float epilogue as in the
   reference. It equals the reference bit for bit (tests);
 - a **fake kernel** (shapes only) for ``torch.export``;
@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from ptool.passes.shiftadd.arith import INT8_MAX, quantize_columns_int8, unpack_codes
+from ptool.ops.shift_arith import INT8_MAX, quantize_columns_int8, unpack_codes
 
 _LIB = "ptool_shift"
 FLOAT32_EXACT_LIMIT = 2**24

@@ -1,6 +1,6 @@
 """The shift linear layer as a graph op: ``torch.ops.ptool_shift.shift_linear(x, sign, exp, alpha, bias)``.
 
-The arithmetic is :mod:`ptool.passes.shiftadd.arith` (the definition every backend matches):
+The arithmetic is :mod:`ptool.ops.shift_arith` (the definition every backend matches):
 
     x_int, sx = quantize_rows_int8(x)                                  # per row, symmetric int8
     acc       = sum_t sign[t] * (x_int << exp[t])   summed over K      # int32, exact
@@ -15,10 +15,10 @@ The op has
   floats and one float matmul. Every product and partial sum is an integer; float32 holds them
   exactly while ``|acc| < 2**24``, which ``127 * max|W_int| * K`` bounds: K < 2064 with one
   term (``|W_int| <= 64``), K < 1376 with two (``<= 96``). Wider layers use float64 (exact below
-  ``2**53``). So ``acc`` equals :func:`~ptool.passes.shiftadd.arith.matshift_reference` bit for
+  ``2**53``). So ``acc`` equals :func:`~ptool.ops.shift_arith.matshift_reference` bit for
   bit, and so does the float epilogue (same float32 ops in the same order);
 - a **fake kernel** for ``torch.export``;
-- a **straight-through gradient** (like :mod:`ptool.passes.quant.ops`): the rounding of ``x``
+- a **straight-through gradient** (like :mod:`ptool.ops.quant`): the rounding of ``x``
   counts as the identity, ``dy/dx`` is the dequantized weight ``alpha * W_int``, the bias gets
   ``sum(dy)``; the codes and ``alpha`` get none. Distillation can train through the layer;
 - a **float decomposition** (:func:`decompositions`) in plain aten ops for backends that take
@@ -37,7 +37,7 @@ import functools
 
 import torch
 
-from ptool.passes.shiftadd.arith import INT8_MAX, MAX_EXP, quantize_rows_int8, shift_weight_terms_int
+from ptool.ops.shift_arith import INT8_MAX, MAX_EXP, quantize_rows_int8, shift_weight_terms_int
 
 _LIB = "ptool_shift"
 

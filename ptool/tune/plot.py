@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ptool.backends.autotune.record import Row, Status
+from ptool.tune.record import Row, Status
 
 #: Errors are drawn on a log axis; exact rows (error 0) sit on this floor.
 ERROR_FLOOR = 1e-9

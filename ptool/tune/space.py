@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ptool.errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:
-    from ptool.backends.autotune.fingerprint import DeviceFingerprint
+    from ptool.tune.fingerprint import DeviceFingerprint
 
 __all__ = ["TuningConfig", "backend_variants", "declared_pass_candidates", "available_backends", "split_passes"]
 

@@ -3,7 +3,7 @@
 The search, in two stages so approximate passes cost one fidelity check before any compile:
 
 1. the exact base pipeline (``dce, cse, constant-fold, fold-bn`` + the user's exact passes) on
-   every backend variant (see :mod:`ptool.backends.autotune.space`);
+   every backend variant (see :mod:`ptool.tune.space`);
 2. each approximate candidate: transformed once and checked in eager torch on the held-out inputs;
    past ``max_error`` it gets one ``excluded`` row with the reason and is never compiled; otherwise
    it runs on the best variant of each backend from stage 1.
@@ -25,19 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ptool.backends.autotune.fingerprint import device_fingerprint
-from ptool.backends.autotune.record import Row, Status, model_key, read_record
-from ptool.backends.autotune.result import TuneResult
-from ptool.backends.autotune.space import (
+from ptool.errors import UsageError
+from ptool.tune.fingerprint import device_fingerprint
+from ptool.tune.record import Row, Status, model_key, read_record
+from ptool.tune.result import TuneResult
+from ptool.tune.space import (
     TuningConfig,
+    approximate_variants,
     backend_variants,
     check_backends,
-    approximate_variants,
     declared_pass_candidates,
     precision_candidates,
     split_passes,
 )
-from ptool.errors import UsageError
 
 __all__ = ["TuningInterrupted", "autotune", "default_record_dir"]
 
@@ -69,7 +69,7 @@ class _Call:
 
 
 def _calls(items: Iterable | None, what: str) -> list[_Call]:
-    from ptool.api import _as_call
+    from ptool.inputs import calibration_call
 
     if items is None:
         return []
@@ -77,7 +77,7 @@ def _calls(items: Iterable | None, what: str) -> list[_Call]:
         items = list(items)
     except TypeError:
         raise UsageError(f"{what} must be an iterable of input tuples (or dicts of keyword inputs)") from None
-    return [_Call(*_as_call(i)) for i in items]
+    return [_Call(*calibration_call(i)) for i in items]
 
 
 def _error_of(fid: Any, metric: ErrorMetric) -> float:
@@ -104,8 +104,14 @@ def _progress(progress: bool | Progress) -> tuple[Progress, Callable[[], None]]:
         return progress, lambda: None
     if not progress or not sys.stderr.isatty():
         return (lambda done, total, label: None), lambda: None
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn(), transient=True)
@@ -172,7 +178,7 @@ def autotune(
     import torch
 
     from ptool.frontends.loaders import ModelKind, load_model
-    from ptool.frontends.torch_export import check_inputs
+    from ptool.inputs import check_inputs
     from ptool.passes.pipelines import default_pipeline
 
     started = time.perf_counter()
@@ -287,8 +293,8 @@ def autotune(
                         False, time.perf_counter() - started, settings, notes, **private)
     if win is not None and win.label in search.compiled:
         result._compiled = search.compiled[win.label]
-    from ptool.backends.autotune.record import write_json
     from ptool.checkpoint import interrupts_deferred
+    from ptool.tune.record import write_json
 
     if record_dir is not None:
         result.save(folder)
@@ -320,7 +326,7 @@ def _onnx_reference(proto: Any, example_inputs: Any, example_kwargs: dict | None
     """The original ONNX model as ONNX Runtime runs it, and its example call as positional tensors in
     graph-input order (inputs not given are made up, with a warning)."""
     from ptool.frontends.onnx_import import example_call
-    from ptool.onnx_module import OnnxTransformedModule, to_torch
+    from ptool.ir.onnx_module import OnnxTransformedModule, to_torch
     from ptool.report import Report
 
     feeds = example_call(proto, example_inputs, example_kwargs)
@@ -337,7 +343,7 @@ def _mark_winner(rows: list[Row]) -> None:
     """The winner: the fastest row within max_error, or among rows tying with it (within :data:`TIE`),
     the one with the least error (errors below 1e-6 count as equal), then the simplest configuration
     (fewest passes and options), then the label: the same answer whichever of them noise put first."""
-    from ptool.backends.autotune.plot import pareto_front
+    from ptool.tune.plot import pareto_front
 
     front = pareto_front(rows)
     for r in rows:

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import ptool
-from ptool.backends.autotune.fingerprint import ISA_FLAGS, DeviceFingerprint, _cpuinfo, device_fingerprint
-from ptool.backends.autotune.plot import pareto_front
-from ptool.backends.autotune.record import Row, Status
-from ptool.backends.autotune.tuner import TIE, _mark_winner
 from ptool.errors import PassError, UsageError
+from ptool.tune.fingerprint import ISA_FLAGS, DeviceFingerprint, _cpuinfo, device_fingerprint
+from ptool.tune.plot import pareto_front
+from ptool.tune.record import Row, Status
+from ptool.tune.tuner import TIE, _mark_winner
 
 ORT_ONE = {"onnxruntime": [{}, {"intra_op_threads": 1}]}
 
@@ -208,7 +208,7 @@ def test_unknown_pass_is_a_pass_error(tmp_path):
 
 
 def test_backends_declare_their_variants():
-    from ptool.backends.autotune.space import backend_variants
+    from ptool.tune.space import backend_variants
 
     fp = device_fingerprint()
     assert backend_variants("tvm", fp) == [{}]
@@ -228,7 +228,7 @@ def _masked(fp: DeviceFingerprint, *drop: str) -> DeviceFingerprint:
 
 
 def test_precision_dimension_combines_integer_matmuls_with_each_usable_format():
-    from ptool.backends.autotune.space import precision_candidates
+    from ptool.tune.space import precision_candidates
 
     rich = DeviceFingerprint.from_dict({**device_fingerprint().to_dict(),
                                         "isa": ["avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16"]})
@@ -243,7 +243,7 @@ def test_precision_dimension_combines_integer_matmuls_with_each_usable_format():
 
 
 def test_formats_the_cpu_cannot_run_fast_are_left_out_with_the_reason():
-    from ptool.backends.autotune.space import precision_candidates
+    from ptool.tune.space import precision_candidates
 
     plain = _masked(device_fingerprint(), "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16",
                     "avx512_vnni", "avx_vnni", "amx_int8")
@@ -256,7 +256,7 @@ def test_formats_the_cpu_cannot_run_fast_are_left_out_with_the_reason():
 
 
 def test_autotune_on_a_cpu_without_bf16_shows_the_reason_and_the_pass_still_works(monkeypatch, tmp_path):
-    from ptool.backends.autotune import tuner
+    from ptool.tune import tuner
 
     model, x, held = mlp()
     masked = _masked(device_fingerprint(), "avx512_bf16", "amx_bf16")
@@ -277,7 +277,7 @@ def test_autotune_on_a_cpu_without_bf16_shows_the_reason_and_the_pass_still_work
 def test_autotune_measures_int8_with_bf16_as_one_candidate(tmp_path):
     model, x, held = mlp()
     rich = DeviceFingerprint.from_dict({**device_fingerprint().to_dict(), "isa": ["avx512_vnni", "avx512_bf16"]})
-    from ptool.backends.autotune import tuner
+    from ptool.tune import tuner
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tuner, "device_fingerprint", lambda device="cpu": rich)
@@ -291,7 +291,7 @@ def test_autotune_measures_int8_with_bf16_as_one_candidate(tmp_path):
 
 
 def test_reduced_precision_candidates_also_try_inductor_freezing_on_torch():
-    from ptool.backends.autotune.space import approximate_variants
+    from ptool.tune.space import approximate_variants
 
     declared = [{}, {"compile": True}, {"compile": True, "freezing": True}]
     assert approximate_variants("torch", declared, {}) == [{}, {"compile": True, "freezing": True}]

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ptool.backends.autotune.fingerprint import DeviceFingerprint
-from ptool.backends.autotune.record import FORMAT, RECORD_FILE, Row, Status, write_json
-from ptool.backends.autotune.space import TuningConfig
+from ptool.tune.fingerprint import DeviceFingerprint
+from ptool.tune.record import FORMAT, RECORD_FILE, Row, Status, write_json
+from ptool.tune.space import TuningConfig
 
 __all__ = ["PLOT_FILE", "Table", "TuneResult", "format_table"]
 
@@ -62,7 +62,7 @@ class TuneResult:
 
     Attributes:
         config: the winning :class:`TuningConfig` (None when no candidate stayed within ``max_error``).
-        table: every candidate's :class:`~ptool.backends.autotune.record.Row`.
+        table: every candidate's :class:`~ptool.tune.record.Row`.
         fingerprint: the device it was measured on.
         key: the record key (fingerprint x model x search settings).
         status: ``complete``, ``budget`` (stopped starting candidates past ``budget_s``) or ``interrupted``.
@@ -143,8 +143,8 @@ class TuneResult:
         A later ``ptool.autotune(..., record_dir=directory)`` of the same model on the same device
         reuses this record instead of measuring again.
         """
-        from ptool.backends.autotune.plot import plot_rows
         from ptool.checkpoint import interrupts_deferred
+        from ptool.tune.plot import plot_rows
 
         folder = Path(directory)
         with interrupts_deferred():  # never half a record
