@@ -24,6 +24,7 @@ def transform(
     instruments: Sequence[Any] = (),
     copy_model: bool = True,
     allow_pickle: bool = False,
+    fixpoint: bool = False,
 ):
     """Trace ``model``, run ``passes`` in order, verify after each, return a drop-in module.
 
@@ -48,6 +49,9 @@ def transform(
             ``model``'s parameters too. Models ptool loads from a path are never copied.
         allow_pickle: accept pickled weights in a model path (``pytorch_model.bin``, ``.pt``), read
             with ``torch.load(weights_only=True)`` only.
+        fixpoint: after the pipeline, run its exact passes again, in order, while a round still
+            rewrites something (one fold can expose another: a branch merge after a BatchNorm fold);
+            later rounds show in the report with their round number.
 
     Returns:
         A :class:`ptool.transformed.TransformedModule` with ``.report`` (an ONNX input returns an
@@ -73,7 +77,7 @@ def transform(
 
     copy_model = copy_model and not isinstance(model, (str, os.PathLike))  # loaded from a path: ours to share
     return run_pipeline(loaded, pipeline, example_inputs, example_kwargs, calib, dynamic_shapes=dynamic_shapes,
-                        verify=verify, instruments=instruments, copy_model=copy_model)
+                        verify=verify, instruments=instruments, copy_model=copy_model, fixpoint=fixpoint)
 
 
 def _unwrap(model: Any) -> tuple[Any, tuple | None, dict]:

@@ -57,6 +57,12 @@ class PassRecord:
     within_contract: bool = True
     notes: dict = field(default_factory=dict)
     violation: str | None = None  # how an approximate pass missed its declared bound
+    round: int = 1  # the pipeline round it ran in (exact passes repeat when run to a fixpoint)
+
+    @property
+    def label(self) -> str:
+        """The spec, with the round when it is not the first."""
+        return self.spec if self.round == 1 else f"{self.spec} (round {self.round})"
 
     @classmethod
     def of(cls, pass_, result, *, seconds: float, nodes: tuple[int, int], params: tuple[int, int],
@@ -125,7 +131,7 @@ class Report:
         for r in self.records:
             f = r.fidelity
             rows.append([
-                r.spec,
+                r.label,
                 "exact" if r.exact else "approx",
                 f"{r.seconds:.3f}",
                 f"{r.nodes_before}->{r.nodes_after}",
@@ -142,7 +148,8 @@ class Report:
     def __str__(self) -> str:
         lines = [f"ptool report — captured with {self.capture}; verified on {self.verified_on} input(s)"]
         lines.append(self.table() if self.records else "(no passes)")
-        skips = [(r.spec, s) for r in self.records for s in r.skipped]
+        latest = {r.spec: r for r in self.records}  # a later round looked at the same sites again
+        skips = [(r.spec, s) for r in self.records if latest[r.spec] is r for s in r.skipped]
         if skips:
             lines.append("skipped sites:")
             lines += [f"  [{name}] {s.site}: {s.reason}" for name, s in skips[:50]]
@@ -153,6 +160,9 @@ class Report:
 
             lines.append(f"noise floor (ONNX Runtime's optimizations on vs off): max abs {_fmt_err(self.noise.max_abs_error)}"
                          f"; exact passes may move the outputs up to {NOISE_FACTOR:g}x that")
+        rounds = max((r.round for r in self.records), default=1)
+        if rounds > 1:
+            lines.append(f"exact passes repeated to a fixpoint: {rounds} rounds")
         if self.total is not None:
             lines.append(f"whole model vs original: {self.total}")
         return "\n".join(lines)

@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave these input dims open in the ONNX file: batch, seq, or NAME:AXIS[=DIM], "
                         "comma-separated (default: every dim fixed to the example's size)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-fixpoint", dest="fixpoint", action="store_false",
+                   help="run each pass once; by default the exact passes repeat, in order, until a round changes "
+                        "nothing (one fold can expose another)")
     p.add_argument("--no-checkpoint", action="store_true",
                    help="do not checkpoint long steps (attention transfer, distillation, fine-tune); by default "
                         "they save to $PTOOL_CHECKPOINT_DIR (~/.cache/ptool/checkpoints) and a rerun of a command "
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace, ui) -> int:
             # unless --verify runs the original afterwards (training passes update shared weights)
             m2 = ptool.transform(src.loaded, specs, example_inputs=src.args or None,
                                  example_kwargs=src.kwargs or None, calibration=src.calibration_items(),
-                                 copy_model=args.verify, dynamic_shapes=dynamic_shapes)
+                                 copy_model=args.verify, dynamic_shapes=dynamic_shapes, fixpoint=args.fixpoint)
     except checkpoint.Interrupted as e:  # Ctrl-C in a long step, its state saved; nothing written yet
         if ui.debug:
             raise

@@ -3,7 +3,10 @@
 With ``s = gamma / sqrt(running_var + eps)`` per channel:
 
 - **BN after conv/linear** (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear + BatchNorm1d):
-  ``W' = s (.) W`` along output channels, ``b' = s * (b - mean) + beta``. Exact.
+  ``W' = s (.) W`` along output channels, ``b' = s * (b - mean) + beta``. Exact. A Linear with a
+  3-D (or higher) output normalized by a BatchNorm1d over its flattened rows -- LeViT's
+  ``bn(linear(x).flatten(0, 1)).reshape_as(x)`` -- folds the same way: the reshape between them
+  keeps the features in the last axis, so they are still the BatchNorm's channels.
 - **BN before conv/linear**, when every consumer of the BN output is a conv/linear reading it as
   its input: ``W' = W (.) s`` along input channels, ``b' = b + sum(W * (beta - s * mean))``.
   Exact only without zero padding: padding inserts zeros *after* the BN, which the folded conv
@@ -121,7 +124,8 @@ def _channels_view(vec: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
 
 
 def _fold_after(gm: torch.fx.GraphModule, layer: _Layer, bn: _BatchNorm, pass_name: str) -> None:
-    """W' = s W (output channels), b' = s (b - mean) + beta = s b + t."""
+    """W' = s W (output channels), b' = s (b - mean) + beta = s b + t. The BatchNorm's readers read
+    its input instead (the layer's output, or the row-flattening reshape of it)."""
     w = attr_tensor(gm, layer.weight)
     w64 = w.double()
     s = bn.scale
@@ -134,7 +138,7 @@ def _fold_after(gm: torch.fx.GraphModule, layer: _Layer, bn: _BatchNorm, pass_na
     new_b = s * bias + bn.shift
     replace_tensor(gm, layer.weight, new_w.to(w.dtype), user=layer.node, name="weight")
     _set_bias(gm, layer, new_b.to(w.dtype), pass_name)
-    bn.node.replace_all_uses_with(layer.node)
+    bn.node.replace_all_uses_with(bn.x)
     mark(layer.node, pass_name)
 
 
@@ -175,17 +179,49 @@ def _rank(node: torch.fx.Node) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
+_ROW_RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.flatten)
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Readers of ``node``'s values: a ``reshape_as``/``view_as`` that only takes its shape, or a
+    ``sym_size``, does not count (folding changes the values, never the shape)."""
+    def shape_only(user: torch.fx.Node) -> bool:
+        if is_op(user, aten.reshape_as, aten.view_as, aten.expand_as):
+            return user.args[1] is node and user.args[0] is not node
+        return is_op(user, aten.sym_size)
+    return [u for u in node.users if not shape_only(u)]
+
+
+def _layer_before(bn: _BatchNorm) -> torch.fx.Node:
+    """The node that may be the folded layer: BN's input, or the Linear whose output a reshape
+    flattens into BatchNorm1d's rows (the features kept in the last axis)."""
+    x = bn.x
+    if is_op(x, *_ROW_RESHAPES) and len(x.users) == 1 and _value_users(x.args[0]) == [x]:
+        inner = x.args[0]
+        before, after = _shape(inner), _shape(x)
+        if (_as_layer(inner) is not None and _as_layer(inner).kind == "linear" and before and after
+                and len(after) == 2 and len(before) >= 2 and before[-1] == after[-1]):
+            return inner
+    return x
+
+
 def _why_not_after(gm: torch.fx.GraphModule, bn: _BatchNorm) -> str | None:
-    layer = _as_layer(bn.x)
+    producer = _layer_before(bn)
+    layer = _as_layer(producer)
     if layer is None:
         return f"input comes from {bn.x.name}, not a conv/linear"
-    if len(bn.x.users) != 1:
-        return f"{bn.x.name}'s output is also used elsewhere ({len(bn.x.users)} users)"
+    if len(_value_users(producer)) != 1:
+        return f"{producer.name}'s output is also used elsewhere ({len(producer.users)} users)"
     if attr_tensor(gm, layer.weight) is None or (layer.bias is not None and attr_tensor(gm, layer.bias) is None):
-        return f"{bn.x.name}'s weight is computed, not a stored weight"
+        return f"{producer.name}'s weight is computed, not a stored weight"
     if rounded_storage(attr_tensor(gm, layer.weight)):
-        return f"{bn.x.name}'s {rounded_storage(attr_tensor(gm, layer.weight))}"
-    if layer.kind == "linear" and _rank(layer.node) != 2:
+        return f"{producer.name}'s {rounded_storage(attr_tensor(gm, layer.weight))}"
+    if layer.kind == "linear" and producer is bn.x and _rank(layer.node) != 2:
         return "Linear output is not 2-D, so BatchNorm1d's channel axis is not the Linear's features"
     return None
 
@@ -237,7 +273,7 @@ class FoldBatchNorm(Pass):
                 continue
             why_after = _why_not_after(gm, bn)
             if why_after is None:
-                _fold_after(gm, _as_layer(bn.x), bn, self.name)
+                _fold_after(gm, _as_layer(_layer_before(bn)), bn, self.name)
             else:
                 why_before = _why_not_before(gm, bn) if self.fold_into_next else "fold_into_next=false"
                 if why_before is not None:

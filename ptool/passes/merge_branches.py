@@ -14,7 +14,10 @@ again one such layer:
   branch (3x3 with padding 1 and 1x1 with padding 0); for the identity also stride 1 and odd
   kernels. The branches compatible with the largest one merge; the others stay, with the reason.
   For linears, ``sum_i linear(x, W_i, b_i) + x`` is ``linear(x, sum_i W_i + I, sum_i b_i)``.
-  Sums are trees of ``add`` (and ``add_`` when nothing else reads the value it overwrites).
+  Sums are trees of ``add`` and ``sub`` (and ``add_`` when nothing else reads the value it
+  overwrites); a subtracted branch enters with a minus sign, so FastViT's RepMixer
+  ``x + gamma * (mixer(x) - norm(x))`` merges once ``fold-affine`` has taken ``gamma`` into the merged
+  mixer (run the three passes to a fixpoint).
 - **Chains**: ``linear(linear(x, W1, b1), W2, b2) = linear(x, W2 W1, W2 b1 + b2)`` and a 1x1
   conv (stride 1, no padding) after any conv with the same groups: the 1x1 kernel is applied to
   every tap of the first kernel, per group. Only when the inner layer has no other consumer and the
@@ -25,7 +28,8 @@ Exactness: new weights are computed in float64 and cast back once; the merged la
 products in another order, so results match to float rounding, not bit for bit.
 
 Zero-width pads (TF-"same" models put one before every 1x1 conv), copies and eval-mode dropout are
-seen through: they do not separate a branch from its input or a chain's two layers.
+seen through: they do not separate a branch from its input or a chain's two layers; an added zero
+inside a sum (MobileOne's ``0 + identity`` when a block has no scale branch) is no term.
 
 Limits: weights must be stored tensors (get_attr); adds with ``alpha != 1``, transposed convs,
 matmul spellings other than ``aten.linear`` and string padding other than valid / odd-kernel
@@ -83,6 +87,7 @@ class _Layer:
     dilation: tuple[int, ...] = ()
     groups: int = 1
     term: torch.fx.Node | None = None  # in a sum: the term this layer is (the layer or a no-op on it)
+    sign: float = 1.0  # in a sum: +1, or -1 for a subtracted term
 
     @property
     def kernel(self) -> tuple[int, ...]:
@@ -172,11 +177,12 @@ def _bn_node(node: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def _is_add(node: object) -> bool:
-    """``a + b`` on two tensors (alpha 1); an in-place ``a += b`` only when nothing else reads ``a``."""
-    if not (is_op(node, aten.add.Tensor, aten.add_.Tensor) and node.kwargs.get("alpha", 1) == 1
+    """``a + b`` or ``a - b`` on two tensors (alpha 1); an in-place ``a += b`` only when nothing else
+    reads ``a``."""
+    if not (is_op(node, aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor) and node.kwargs.get("alpha", 1) == 1
             and len(node.args) == 2 and all(isinstance(a, torch.fx.Node) for a in node.args)):
         return False
-    return node.target is aten.add.Tensor or len(node.args[0].users) == 1
+    return node.target is not aten.add_.Tensor or len(node.args[0].users) == 1
 
 
 def _absorbed(node: torch.fx.Node) -> bool:
@@ -187,17 +193,36 @@ def _absorbed(node: torch.fx.Node) -> bool:
     return _is_add(user) and _shape(user) == _shape(node)
 
 
-def _sum_terms(root: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
-    """Flatten a tree of adds into its terms (with repeats) and its add nodes (root first)."""
-    terms, adds, stack = [], [root], list(reversed(root.args))
+def _plus_zero(node: object) -> bool:
+    """``t + 0`` (a Python zero): MobileOne starts its sum as ``0 + identity`` when it has no scale branch."""
+    if not is_op(node, aten.add.Tensor, aten.add.Scalar) or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+        return False
+    a, b = node.args
+    return isinstance(a, torch.fx.Node) and isinstance(b, (int, float)) and b == 0
+
+
+def _signed_args(node: torch.fx.Node, sign: float) -> list[tuple[torch.fx.Node, float]]:
+    """The tensor operands of an add/sub node with their signs in the whole sum."""
+    args = [(a, sign) for a in node.args if isinstance(a, torch.fx.Node)]
+    if is_op(node, aten.sub.Tensor):
+        args[1] = (args[1][0], -sign)
+    return args
+
+
+def _sum_terms(root: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.Node], list[float]]:
+    """Flatten a tree of adds and subtractions into its terms (with repeats), its add/sub nodes (root
+    first) and each term's sign; an added zero inside the tree is no term."""
+    terms, adds, signs = [], [root], []
+    stack = list(reversed(_signed_args(root, 1.0)))
     while stack:
-        node = stack.pop()
-        if _is_add(node) and _absorbed(node):
+        node, sign = stack.pop()
+        if (_is_add(node) or _plus_zero(node)) and _absorbed(node):
             adds.append(node)
-            stack.extend(reversed(node.args))
+            stack.extend(reversed(_signed_args(node, sign)))
         else:
             terms.append(node)
-    return terms, adds
+            signs.append(sign)
+    return terms, adds, signs
 
 
 def _shape(node: torch.fx.Node) -> tuple | None:
@@ -227,9 +252,11 @@ class _Identity:
     node: torch.fx.Node  # the term in the sum
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
+    sign: float = 1.0  # +1, or -1 for a subtracted term
 
 
-def _group_terms(gm: torch.fx.GraphModule, root: torch.fx.Node, terms: list[torch.fx.Node], adds: list[torch.fx.Node]):
+def _group_terms(gm: torch.fx.GraphModule, root: torch.fx.Node, terms: list[torch.fx.Node], adds: list[torch.fx.Node],
+                 signs: list[float]):
     """Sort the terms of a sum into branches by the input they read.
 
     Returns ``(by_input, blocked, reasons)`` or None if no term is a layer (not a site):
@@ -241,7 +268,7 @@ def _group_terms(gm: torch.fx.GraphModule, root: torch.fx.Node, terms: list[torc
     blocked: dict[torch.fx.Node, str] = {}
     reasons: list[str] = []
     saw_layer = False
-    for term in terms:
+    for term, sign in zip(terms, signs):
         core, path = _see_through(term)
         private = set(term.users) <= set(adds) and all(len(n.users) == 1 for n in [*path, core][1:])
         same_shape = _shape(term) == _shape(root)
@@ -249,7 +276,7 @@ def _group_terms(gm: torch.fx.GraphModule, root: torch.fx.Node, terms: list[torc
         if isinstance(layer, _Layer):
             saw_layer = True
             if private and same_shape:
-                by_input.setdefault(layer.x, []).append(dataclasses.replace(layer, term=term))
+                by_input.setdefault(layer.x, []).append(dataclasses.replace(layer, term=term, sign=sign))
                 continue
             blocked[layer.x] = (f"{core.name}'s output is also used outside the sum" if same_shape
                                 else f"{core.name} is broadcast in the sum")
@@ -264,10 +291,10 @@ def _group_terms(gm: torch.fx.GraphModule, root: torch.fx.Node, terms: list[torc
             if isinstance(stats, str):
                 reasons.append(f"{core.name}: {stats}")
             elif private and same_shape:
-                by_input.setdefault(_see_through(stats.x)[0], []).append(_Identity(term, stats.scale, stats.shift))
+                by_input.setdefault(_see_through(stats.x)[0], []).append(_Identity(term, stats.scale, stats.shift, sign))
                 continue
         if same_shape:  # any other term may be the identity branch of layers reading it
-            by_input.setdefault(core, []).append(_Identity(term))
+            by_input.setdefault(core, []).append(_Identity(term, sign=sign))
     return (by_input, blocked, reasons) if saw_layer else None
 
 
@@ -336,17 +363,17 @@ def _merge_sum(members: list, ref: _Layer) -> tuple[torch.Tensor, torch.Tensor, 
     bias = torch.zeros(ref.out_features, dtype=torch.float64)
     for m in layers:
         index = [slice(None), slice(None)] + [slice((big - k) // 2, (big + k) // 2) for big, k in zip(kernel, m.kernel)]
-        weight[tuple(index)] += m.weight.double()
+        weight[tuple(index)] += m.sign * m.weight.double()
         if m.bias is not None:
-            bias += m.bias.double()
+            bias += m.sign * m.bias.double()
     channels = torch.arange(ref.out_features)
     per_group = ref.weight.shape[1]
     centre = tuple(k // 2 for k in kernel)
     for ident in (m for m in members if isinstance(m, _Identity)):
         scale = ident.scale if ident.scale is not None else torch.ones(ref.out_features, dtype=torch.float64)
-        weight[(channels, channels % per_group, *centre)] += scale
+        weight[(channels, channels % per_group, *centre)] += ident.sign * scale
         if ident.shift is not None:
-            bias += ident.shift
+            bias += ident.sign * ident.shift
     if ref.kind == "linear":
         return weight, bias, ()
     dilation = _dilation(layers)
@@ -466,8 +493,8 @@ class MergeBranches(Pass):
 
     def _merge_sum(self, gm: torch.fx.GraphModule, root: torch.fx.Node) -> tuple[str, str | None] | None:
         """Merge one group of same-input branches of the sum at ``root``; None if it has no layer term."""
-        terms, adds = _sum_terms(root)
-        classified = _group_terms(gm, root, terms, adds)
+        terms, adds, signs = _sum_terms(root)
+        classified = _group_terms(gm, root, terms, adds, signs)
         if classified is None:
             return None
         by_input, blocked, reasons = classified
@@ -484,9 +511,12 @@ class MergeBranches(Pass):
             weight, bias, geometry = _merge_sum(members, ref)
             acc = _emit(gm, ref, x, weight, bias, geometry, root, self.name)
             merged_terms = {m.term if isinstance(m, _Layer) else m.node for m in members}
-            for term in (t for t in terms if t not in merged_terms):  # the terms that stay
+            for term, sign in zip(terms, signs):  # the terms that stay
+                if term in merged_terms:
+                    continue
                 with gm.graph.inserting_before(root):
-                    acc = mark(gm.graph.call_function(aten.add.Tensor, (acc, term)), self.name)
+                    op = aten.add.Tensor if sign > 0 else aten.sub.Tensor
+                    acc = mark(gm.graph.call_function(op, (acc, term)), self.name)
                 acc.meta["val"] = root.meta.get("val")
             root.replace_all_uses_with(acc)
             # erased here, users first: DCE keeps an in-place add_ and an eval dropout (both "impure")

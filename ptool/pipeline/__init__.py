@@ -17,7 +17,7 @@ from ptool.passes.base import Pass
 
 def transform(loaded: Any, pipeline: Sequence[Pass], example_inputs: Any, example_kwargs: dict | None,
               calibration: list[tuple[tuple, dict]] | None, *, dynamic_shapes: Any = None, verify: bool = True,
-              instruments: Sequence[Any] = (), copy_model: bool = True) -> Any:
+              instruments: Sequence[Any] = (), copy_model: bool = True, fixpoint: bool = False) -> Any:
     """Run ``pipeline`` on a loaded model in its own IR; return the drop-in module with ``.report``."""
     from ptool.frontends.loaders import ModelKind
 
@@ -25,9 +25,9 @@ def transform(loaded: Any, pipeline: Sequence[Pass], example_inputs: Any, exampl
         from ptool.pipeline.onnx_ir import transform_onnx
 
         return transform_onnx(loaded.obj, pipeline, example_inputs, example_kwargs, calibration, verify=verify,
-                              instruments=instruments)
+                              instruments=instruments, fixpoint=fixpoint)
     from ptool.pipeline.fx_ir import transform_torch
 
     return transform_torch(loaded, pipeline, example_inputs, example_kwargs, calibration,
                            dynamic_shapes=dynamic_shapes, verify=verify, instruments=instruments,
-                           copy_model=copy_model)
+                           copy_model=copy_model, fixpoint=fixpoint)

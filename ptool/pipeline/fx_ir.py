@@ -55,7 +55,7 @@ def run_reference(gm: torch.nn.Module, inputs: Sequence[tuple[tuple, dict]]) -> 
 
 def transform_torch(loaded: Any, pipeline: Sequence[Pass], example_inputs: Any, example_kwargs: dict | None,
                     calibration: list[tuple[tuple, dict]] | None, *, dynamic_shapes: Any = None, verify: bool = True,
-                    instruments: Sequence[Any] = (), copy_model: bool = True) -> Any:
+                    instruments: Sequence[Any] = (), copy_model: bool = True, fixpoint: bool = False) -> Any:
     """Capture a loaded torch model (module or ExportedProgram), run ``pipeline``, verify it.
 
     Returns:
@@ -81,7 +81,7 @@ def transform_torch(loaded: Any, pipeline: Sequence[Pass], example_inputs: Any, 
     ctx = PassContext(example_inputs=args, example_kwargs=kwargs, calibration=[a for a, _ in calib] if calib else None,
                       calibration_calls=calibration, instruments=instruments)
     start_outputs = run_reference(gm, reference) if reference else None
-    records = run_pipeline(gm, pipeline, ctx, FxIR(), reference, reference_outputs=start_outputs)
+    records = run_pipeline(gm, pipeline, ctx, FxIR(), reference, reference_outputs=start_outputs, fixpoint=fixpoint)
     report = Report(records=records, capture=captured.method.value, verified_on=len(reference))
     if start_outputs is not None:
         report.total = compare_many(start_outputs, run_reference(gm, reference))

@@ -91,8 +91,15 @@ def run_pipeline(
     *,
     reference_outputs: list | None = None,
     noise_floor: float = 0.0,
+    fixpoint: bool = False,
 ) -> list[PassRecord]:
-    """Run ``passes`` on ``model`` in order, mutating it; return one record per pass.
+    """Run ``passes`` on ``model`` in order, mutating it; return one record per pass run.
+
+    With ``fixpoint``, the exact passes then run again, in order, while a round still rewrites
+    something (at most :data:`MAX_ROUNDS` rounds in all): one fold can expose another (a merge after
+    a BatchNorm fold, a fold after a merge). Rows of later rounds carry their round number; a pass
+    that rewrites nothing in a later round adds a row only when the sites it skips changed (a
+    BatchNorm merged away is no longer reported as skipped).
 
     Args:
         model: the model to transform (mutated in place): a ``torch.fx.GraphModule`` or an
@@ -104,6 +111,7 @@ def run_pipeline(
         reference_inputs: inputs to verify numerics on, in the IR's form; empty disables checks.
         reference_outputs: the outputs of ``model`` on them, if the caller already has them.
         noise_floor: the model's own float noise (max abs), see :func:`judge`.
+        fixpoint: repeat the exact passes until nothing changes (see above).
 
     Raises:
         PassError: a pass cannot run on this IR (before any pass runs).
@@ -112,13 +120,44 @@ def run_pipeline(
         PtoolError: a pass failed or produced an invalid model; the message names it.
     """
     ir.prepare(passes)
-    records: list[PassRecord] = []
     outputs = None
     if reference_inputs:
         outputs = reference_outputs if reference_outputs is not None else ir.outputs(model, reference_inputs)
-    for index, pass_ in enumerate(passes):
-        spec = pass_.spec()
-        ran = ", ".join(p.spec() for p in passes[:index]) or "none"
+    run = _Run(model, ctx, ir, reference_inputs, outputs, noise_floor)
+    records = run.round(passes, 1)
+    exact = [p for p in passes if p.numerics.exact]
+    last = records
+    for round_ in range(2, MAX_ROUNDS + 1):
+        if not (fixpoint and any(r.rewritten for r in last if r.exact)):
+            break
+        latest = {r.spec: r for r in records}
+        last = run.round(exact, round_)
+        records += [r for r in last if r.rewritten or r.skipped != latest[r.spec].skipped]
+    return records
+
+
+#: The most rounds a fixpoint run makes (the first included).
+MAX_ROUNDS = 6
+
+
+class _Run:
+    """One pipeline run: the model, its reference outputs so far, and the passes already run."""
+
+    def __init__(self, model: Any, ctx: PassContext, ir: IR, inputs: Sequence[Any], outputs: list | None,
+                 noise_floor: float) -> None:
+        self.model, self.ctx, self.ir, self.inputs, self.outputs = model, ctx, ir, inputs, outputs
+        self.noise_floor = noise_floor
+        self.ran: list[str] = []
+        self.index = 0
+
+    def round(self, passes: Sequence[Pass], round_: int) -> list[PassRecord]:
+        return [self.one(pass_, round_) for pass_ in passes]
+
+    def one(self, pass_: Pass, round_: int) -> PassRecord:
+        """Run one pass, verify it, and return its record (the instruments see both)."""
+        ir, model, ctx = self.ir, self.model, self.ctx
+        spec, index = pass_.spec(), self.index
+        ran = ", ".join(self.ran) or "none"
         for inst in ctx.instruments:
             _hook(inst, "before_pass")(index, pass_, model)
         nodes_before, params_before = ir.node_count(model), ir.parameter_count(model)
@@ -134,15 +173,18 @@ def run_pipeline(
         seconds = time.perf_counter() - start
 
         fidelity, violation = None, None
-        if outputs is not None:
-            fidelity, violation, outputs = _verify(ir, pass_, model, result, reference_inputs, outputs, ran, noise_floor)
+        if self.outputs is not None:
+            fidelity, violation, self.outputs = _verify(ir, pass_, model, result, self.inputs, self.outputs, ran,
+                                                        self.noise_floor)
         record = PassRecord.of(pass_, result, seconds=seconds, nodes=(nodes_before, ir.node_count(model)),
                                params=(params_before, ir.parameter_count(model)), fidelity=fidelity,
                                violation=violation)
-        records.append(record)
+        record.round = round_
         for inst in ctx.instruments:
             _hook(inst, "after_pass")(index, pass_, model, record)
-    return records
+        self.ran.append(spec)
+        self.index += 1
+        return record
 
 
 def _verify(ir: IR, pass_: Pass, model: Any, result: PassResult, inputs: Sequence[Any], before: list, ran: str,

@@ -98,6 +98,7 @@ def transform_onnx(
     *,
     verify: bool = True,
     instruments: Sequence[Any] = (),
+    fixpoint: bool = False,
 ) -> Any:
     """Run ``pipeline`` on an ONNX model at ONNX level and return an ONNX-backed module.
 
@@ -110,6 +111,7 @@ def transform_onnx(
         calibration: ``(args, kwargs)`` pairs; the first few are verification inputs too.
         verify: run ONNX Runtime before and after every pass and compare.
         instruments: objects with ``before_pass`` / ``after_pass`` hooks (given the ``onnx_ir.Model``).
+        fixpoint: repeat the exact passes until nothing changes.
 
     Returns:
         A :class:`ptool.ir.onnx_module.OnnxTransformedModule` with ``.report`` (``capture="onnx"``).
@@ -143,7 +145,7 @@ def transform_onnx(
         start_outputs = run_reference(proto, reference)
         noise = noise_floor(proto, reference, start_outputs)
     records = run_pipeline(model, pipeline, ctx, onnx_ir, reference, reference_outputs=start_outputs,
-                           noise_floor=noise.max_abs_error if noise else 0.0)
+                           noise_floor=noise.max_abs_error if noise else 0.0, fixpoint=fixpoint)
     module = OnnxTransformedModule(model, Report(records=records, capture="onnx", verified_on=len(reference),
                                                  noise=noise), example_args, {})
     if start_outputs is not None:  # the whole model as the user will run it: ORT's optimizations on

@@ -205,11 +205,10 @@ def autotune(
     exact_extra, approximate = split_passes(declared_pass_candidates() if passes is None else passes)
     notes = []
     if onnx_input:  # only the passes with an ONNX implementation are candidates
-        torch_only = [p for p in (*exact_extra, *approximate) if not runs_on_onnx(p)]
-        exact_extra = [p for p in exact_extra if runs_on_onnx(p)]
-        approximate = [p for p in approximate if runs_on_onnx(p)]
-        if torch_only:
-            notes.append(f"left out, they work on torch graphs only: {', '.join(torch_only)}")
+        refused = {p: why for p in (*exact_extra, *approximate) if (why := onnx_refusal(p)) is not None}
+        exact_extra = [p for p in exact_extra if p not in refused]
+        approximate = [p for p in approximate if p not in refused]
+        notes += [f"left out: {why}" for why in refused.values()]
     base = default_pipeline() + [p for p in exact_extra if p not in default_pipeline()]
 
     if example_inputs is None and loaded.example_inputs is not None:
@@ -315,11 +314,21 @@ def _onnx_backends() -> list[str]:
 
 
 def runs_on_onnx(spec: str) -> bool:
-    """Whether the pass ``spec`` names has an ONNX implementation (it can tune an ONNX model)."""
-    from ptool.passes.onnx import ONNX_IMPLEMENTATIONS
+    """Whether the pass ``spec`` names can run on an ONNX model as configured (it can tune one)."""
+    return onnx_refusal(spec) is None
+
+
+def onnx_refusal(spec: str) -> str | None:
+    """Why the pass ``spec`` names cannot run on an ONNX model (None: it can)."""
+    from ptool.errors import PassError
+    from ptool.passes.onnx import onnx_implementation
     from ptool.passes.registry import parse_pass
 
-    return type(parse_pass(spec)) in ONNX_IMPLEMENTATIONS
+    try:
+        onnx_implementation(parse_pass(spec))
+    except PassError as e:
+        return str(e)
+    return None
 
 
 def _onnx_reference(proto: Any, example_inputs: Any, example_kwargs: dict | None) -> tuple[Any, tuple, dict]:

@@ -66,6 +66,23 @@ _FIXTURES = textwrap.dedent(
         return _conv_bn(), (torch.randn(2, 5, 8, 8),)
 
 
+    class TwoBranches(nn.Module):
+        """conv3x3+BN || conv1x1+BN, summed: merge-branches merges only after fold-bn."""
+
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+            self.b = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.b(x))
+
+
+    def two_branches():
+        torch.manual_seed(0)
+        return TwoBranches().eval(), (torch.randn(1, 4, 8, 8),)
+
+
     class OutlierMLP(nn.Module):
         """Weight columns 400x larger on inputs scaled 400x down: the same function, but int4 scales set
         by the outliers round every other weight to zero (far past quantize's cosine bound)."""
@@ -248,6 +265,22 @@ def test_convert_default_pipeline_and_kwargs_model(capsys, tmp_path, fixture_mod
     assert out_file.is_file()
     for name in ("dce", "cse", "constant-fold", "fold-bn"):
         assert name in out
+
+
+def test_convert_runs_the_exact_passes_to_a_fixpoint_unless_told_not_to(capsys, tmp_path, fixture_module):
+    import onnx
+
+    def convs(*extra):
+        out_file = tmp_path / f"m{len(extra)}.onnx"
+        code, out, err = _run(capsys, "convert", _spec(fixture_module, "two_branches"), "-p", "merge-branches,fold-bn",
+                              "-o", str(out_file), "--verify", *extra)
+        assert code == 0, err
+        return sum(n.op_type == "Conv" for n in onnx.load(str(out_file)).graph.node), out
+
+    count, out = convs()
+    assert count == 1 and "merge-branches (round 2)" in out
+    count, out = convs("--no-fixpoint")
+    assert count == 2 and "round 2" not in out
 
 
 def test_convert_onnx_input_roundtrip(capsys, tmp_path, fixture_module):

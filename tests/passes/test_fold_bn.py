@@ -119,3 +119,52 @@ def test_fold_bn_is_exact_in_float64(builder):
     y = fixture.inputs(4)[0][0].double()
     with torch.no_grad():
         assert ptool.verify.compare(model(y), m2(y)).max_rel_error <= 1e-10
+
+
+class _LinearNorm(torch.nn.Module):
+    """LeViT's Linear -> flatten(0, 1) -> BatchNorm1d -> reshape_as (the features stay in the last axis)."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__()
+        self.linear, self.bn = torch.nn.Linear(a, b, bias=False), torch.nn.BatchNorm1d(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class _LeViTBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = _LinearNorm(8, 16), _LinearNorm(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.hardswish(self.up(x)))
+
+
+def test_batchnorm1d_over_a_linears_flattened_rows_folds_into_it():
+    torch.manual_seed(0)
+    model = _LeViTBlock().eval()
+    zoo.randomize_batchnorm(model, 0)
+    x = torch.randn(2, 5, 8)
+    m2 = ptool.transform(model, ["fold-bn"], (x,))
+    assert m2.report[0].rewritten == 2 and not m2.report[0].skipped
+    assert not any("batch_norm" in k for k in op_histogram(m2.graph_module))
+    torch.testing.assert_close(m2(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_reshape_that_moves_the_features_is_not_seen_through():
+    """A Linear (B, N, C) flattened to (B, N*C) rows: BatchNorm1d then normalizes N*C channels, not the features."""
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.bn = torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(20)
+
+        def forward(self, x):
+            return self.bn(self.linear(x).flatten(1))
+
+    model = Mixed().eval()
+    zoo.randomize_batchnorm(model, 0)
+    m2 = ptool.transform(model, ["fold-bn"], (torch.randn(3, 5, 4),))
+    assert m2.report[0].rewritten == 0
+    assert "not a conv/linear" in m2.report[0].skipped[0].reason

@@ -354,3 +354,97 @@ def test_bert_has_nothing_to_merge():
     # the residual adds: dense(attention or GELU output) + the LayerNorm'd stream, 2 per layer
     assert len(rec.skipped) == 4
     assert all("no two branches read the same input" in s.reason for s in rec.skipped)
+
+
+class _ConvBN(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int, groups: int) -> None:
+        super().__init__(nn.Conv2d(cin, cout, k, 1, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+class _RepViTDW(nn.Module):
+    """RepViT's RepVGGDW: ``bn(conv3x3_dw_bn(x) + conv1x1_dw(x) + x)``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.conv1, self.bn = _ConvBN(c, c, 3, c), nn.Conv2d(c, c, 1, groups=c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn((self.conv(x) + self.conv1(x)) + x)
+
+
+class _MobileOneBlock(nn.Module):
+    """MobileOne's block as timm writes it: ``scale_out = 0`` without a scale branch (1x1 stages),
+    ``out = scale_out + bn(x)``, then ``+= conv_bn_i(x)`` for each over-parameterized branch."""
+
+    def __init__(self, c: int, k: int, branches: int = 2) -> None:
+        super().__init__()
+        groups = c if k > 1 else 1
+        self.skip = nn.BatchNorm2d(c)
+        self.scale = _ConvBN(c, c, 1, groups) if k > 1 else None
+        self.convs = nn.ModuleList([_ConvBN(c, c, k, groups) for _ in range(branches)])
+
+    def forward(self, x):
+        scale_out = self.scale(x) if self.scale is not None else 0
+        out = scale_out + self.skip(x)
+        for conv in self.convs:
+            out = out + conv(x)
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize("name, block", [("repvit_dw", lambda: _RepViTDW(8)),
+                                         ("mobileone_dw3x3", lambda: _MobileOneBlock(8, 3)),
+                                         ("mobileone_pw1x1", lambda: _MobileOneBlock(8, 1))])
+def test_repvit_and_mobileone_blocks_become_one_conv_at_the_fixpoint(name, block):
+    model = block()
+    zoo.randomize_batchnorm(model, 0)
+    model.eval()
+    x = torch.randn(1, 8, 10, 10)
+    m2 = ptool.transform(model, ["fold-bn", "merge-branches"], (x,), fixpoint=True)
+    histogram = op_histogram(m2.graph_module)
+    assert histogram["aten.conv2d"] == 1 and not any("batch_norm" in k for k in histogram), (name, histogram)
+    torch.testing.assert_close(m2(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _RepMixer(nn.Module):
+    """FastViT's RepMixer: ``x + gamma * (mixer(x) - norm(x))``, mixer a MobileOne block (identity BN,
+    1x1 and 3x3 depthwise conv+BN branches), norm one with the identity BN only."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(c)
+        self.mixer = _MobileOneBlock(c, 3, branches=1)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        mixed = self.mixer.scale(x) + self.mixer.skip(x) + self.mixer.convs[0](x)
+        return x + self.gamma * (mixed - (0 + self.norm(x)))
+
+
+def test_fastvit_repmixer_becomes_one_depthwise_conv():
+    """Subtracted branches merge with a minus sign; fold-affine takes gamma into the merged conv; the
+    residual then merges as an identity branch (round 2)."""
+    model = _RepMixer(8)
+    zoo.randomize_batchnorm(model, 0)
+    model.eval()
+    x = torch.randn(1, 8, 10, 10)
+    m2 = ptool.transform(model, ["fold-bn", "merge-branches", "fold-affine"], (x,), fixpoint=True)
+    assert op_histogram(m2.graph_module) == {"aten.conv2d": 1}
+    assert "merge-branches (round 2)" in [r.label for r in m2.report]
+    assert "skipped sites" not in str(m2.report)  # the BatchNorms skipped in round 1 were merged away since
+    torch.testing.assert_close(m2(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_subtracted_branch_merges_with_a_minus_sign():
+    class Diff(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.a(x) - self.b(x)
+
+    torch.manual_seed(0)
+    model, x = Diff().eval(), torch.randn(1, 4, 6, 6)
+    m2 = ptool.transform(model, ["merge-branches"], (x,))
+    assert op_histogram(m2.graph_module) == {"aten.conv2d": 1}
+    torch.testing.assert_close(m2(x), model(x), rtol=1e-5, atol=1e-5)

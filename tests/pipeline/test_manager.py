@@ -171,3 +171,44 @@ def test_dynamic_shapes_allow_other_batch_sizes():
     m2 = ptool.transform(_MLP(), ["fold-bn", "cse"], (x,), dynamic_shapes=({0: batch},))
     y = torch.randn(7, 8)
     torch.testing.assert_close(m2(y), _MLP()(y), rtol=1e-5, atol=1e-6)
+
+
+class _RepVGGBlock(torch.nn.Module):
+    """conv3x3+BN || conv1x1+BN, summed: merge-branches can only merge once fold-bn has run."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4))
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.BatchNorm2d(4))
+        for bn in (self.a[1], self.b[1]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return torch.relu(self.a(x) + self.b(x))
+
+
+def _convs(m2) -> int:
+    return sum(1 for n in m2.graph_module.graph.nodes if is_op(n, torch.ops.aten.conv2d))
+
+
+def test_fixpoint_repeats_the_exact_passes_until_nothing_changes():
+    model, x = _RepVGGBlock().eval(), torch.randn(1, 4, 8, 8)
+    once = ptool.transform(model, ["merge-branches", "fold-bn"], (x,))
+    assert _convs(once) == 2 and "run fold-bn first" in str(once.report)
+
+    m2 = ptool.transform(model, ["merge-branches", "fold-bn"], (x,), fixpoint=True)
+    assert _convs(m2) == 1
+    labels = [r.label for r in m2.report]
+    assert labels == ["merge-branches", "fold-bn", "merge-branches (round 2)"]  # round 3 changed nothing: no rows
+    assert "run fold-bn first" not in str(m2.report)  # the skip of round 1 is superseded by round 2
+    assert "exact passes repeated to a fixpoint: 2 rounds" in str(m2.report)
+    torch.testing.assert_close(m2(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fixpoint_leaves_approximate_passes_at_one_run():
+    model, x = _MLP().eval(), torch.randn(4, 8)
+    m2 = ptool.transform(model, ["dce", "quantize", "cse"], (x,), fixpoint=True)
+    assert [r.spec for r in m2.report].count("quantize") == 1
+    assert all(r.round == 1 for r in m2.report if not r.exact)

@@ -8,7 +8,8 @@ thing for both.
 
 :data:`ONNX_IMPLEMENTATIONS` is the one explicit table, keyed by pass class. A pass without an entry
 works on torch graphs only; :func:`onnx_implementation` raises a :class:`~ptool.errors.PassError`
-for it that says to give ptool the torch model or an ExportedProgram instead.
+for it that says to give ptool the torch model or an ExportedProgram instead. A pass whose ONNX form
+covers only some of its options says which in :data:`ONNX_REFUSALS`, checked before anything runs.
 
 Importing this package imports torch, onnx_ir and onnxscript; only the ONNX pipeline does that.
 """
@@ -25,8 +26,8 @@ from ptool.passes.cleanup import CommonSubexpressionElimination, ConstantFold, D
 from ptool.passes.fold_bn import FoldBatchNorm
 from ptool.passes.onnx.cleanup import eliminate_common_subexpressions, eliminate_dead_nodes, fold_constants
 from ptool.passes.onnx.fold_bn import fold_batch_norms
-from ptool.passes.onnx.precision import precision_onnx
-from ptool.passes.onnx.quantize import quantize_onnx
+from ptool.passes.onnx.precision import precision_onnx, precision_refusal
+from ptool.passes.onnx.quantize import quantize_onnx, quantize_refusal
 from ptool.passes.precision import Precision
 from ptool.passes.quant.quantize import Quantize
 
@@ -43,11 +44,19 @@ ONNX_IMPLEMENTATIONS: dict[type[Pass], OnnxImplementation] = {
 }
 
 
+#: Pass class -> why a configuration of it cannot run at ONNX level (None: it can), for the passes
+#: whose ONNX implementation covers only some of their options.
+ONNX_REFUSALS: dict[type[Pass], Callable[[Pass], str | None]] = {
+    Quantize: quantize_refusal,
+    Precision: precision_refusal,
+}
+
+
 def onnx_implementation(pass_: Pass) -> OnnxImplementation:
-    """The ONNX implementation of ``pass_``.
+    """The ONNX implementation of ``pass_`` as configured.
 
     Raises:
-        PassError: the pass works on torch graphs only.
+        PassError: the pass works on torch graphs only, or not with these options.
     """
     impl = ONNX_IMPLEMENTATIONS.get(type(pass_))
     if impl is None:
@@ -56,7 +65,10 @@ def onnx_implementation(pass_: Pass) -> OnnxImplementation:
             f"pass '{pass_.spec()}' works on torch graphs only and cannot run on an ONNX model; give ptool the "
             f"torch model (nn.Module) or an ExportedProgram (.pt2) instead (passes available for ONNX: {available})"
         )
+    refusal = ONNX_REFUSALS.get(type(pass_), lambda p: None)(pass_)
+    if refusal is not None:
+        raise PassError(refusal)
     return impl
 
 
-__all__ = ["ONNX_IMPLEMENTATIONS", "OnnxImplementation", "onnx_implementation"]
+__all__ = ["ONNX_IMPLEMENTATIONS", "ONNX_REFUSALS", "OnnxImplementation", "onnx_implementation"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ptool.errors import PassError
 from ptool.passes.base import Pass, PassContext, PassResult
 from ptool.passes.onnx._edit import NodeBuilder, Rewriter, accepted_site, is_op
 
@@ -33,15 +32,21 @@ SITES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def precision_onnx(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResult:
-    """``precision`` on an ONNX model (see the module docstring)."""
+def precision_refusal(pass_: Pass) -> str | None:
+    """Why this configuration of ``precision`` cannot run on an ONNX model (None: it can)."""
     if pass_.dtype != "fp16":
-        raise PassError(f"precision:dtype={pass_.dtype} cannot run on an ONNX model here: ONNX Runtime's CPU provider "
-                        "has no bfloat16 MatMul/Gemm/Conv kernels; use precision:dtype=fp16, or give ptool the torch "
-                        "model (bf16 runs there)")
+        return (f"precision:dtype={pass_.dtype} cannot run on an ONNX model here: ONNX Runtime's CPU provider has no "
+                "bfloat16 MatMul/Gemm/Conv kernels; use precision:dtype=fp16, or give ptool the torch model (bf16 "
+                "runs there)")
     if pass_.keep_float:
-        raise PassError("precision:keep_float needs per-layer errors ptool measures on torch graphs; give ptool the "
-                        "torch model, or name the layers to keep with exclude= on this ONNX model")
+        return ("precision:keep_float needs per-layer errors ptool measures on torch graphs; give ptool the torch "
+                "model, or name the layers to keep with exclude= on this ONNX model")
+    return None
+
+
+def precision_onnx(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResult:
+    """``precision`` on an ONNX model (see the module docstring); :func:`precision_refusal` is
+    checked before any pass runs."""
     result = PassResult()
     rw = Rewriter(model, pass_.name)
     cast_of: dict[ir.Value, ir.Value] = {}  # a float32 activation -> its fp16 Cast, shared by the sites reading it

@@ -34,7 +34,6 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ptool.errors import PassError
 from ptool.ops.quant import pack_nibbles
 from ptool.passes.base import Pass, PassContext, PassResult
 from ptool.passes.onnx._edit import NodeBuilder, Rewriter, accepted_site, constant, float_attr, int_attr, is_op
@@ -48,14 +47,20 @@ _CONV_REASON = ("kept float: ONNX Runtime's dynamic int8 Conv (ConvInteger) ran 
                 "here; mode=int8-static (calibrated QDQ) quantizes Conv")
 
 
-def quantize_onnx(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResult:
-    """``quantize`` on an ONNX model (see the module docstring)."""
+def quantize_refusal(pass_: Pass) -> str | None:
+    """Why this configuration of ``quantize`` cannot run on an ONNX model (None: it can)."""
     if pass_.keep_float:
-        raise PassError("quantize:keep_float needs per-layer errors ptool measures on torch graphs; give ptool the "
-                        "torch model, or name the layers to keep with exclude= on this ONNX model")
+        return ("quantize:keep_float needs per-layer errors ptool measures on torch graphs; give ptool the torch "
+                "model, or name the layers to keep with exclude= on this ONNX model")
     if pass_.mode == "int4-weight" and (pass_.group_size < 16 or pass_.group_size & (pass_.group_size - 1)):
-        raise PassError(f"quantize:mode=int4-weight on ONNX lowers to MatMulNBits, whose group_size must be a power "
-                        f"of 2 >= 16, got {pass_.group_size}")
+        return (f"quantize:mode=int4-weight on ONNX lowers to MatMulNBits, whose group_size must be a power of 2 "
+                f">= 16, got {pass_.group_size}")
+    return None
+
+
+def quantize_onnx(pass_: Pass, model: ir.Model, ctx: PassContext) -> PassResult:
+    """``quantize`` on an ONNX model (see the module docstring); :func:`quantize_refusal` is checked
+    before any pass runs."""
     result = PassResult()
     if pass_.mode == "int8-static":
         from ptool.passes.onnx.quantize_static import quantize_static_onnx

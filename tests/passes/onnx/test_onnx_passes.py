@@ -77,7 +77,7 @@ def cleanup_model() -> onnx.ModelProto:
     b.nodes.append(oh.make_node("Constant", [], ["k1"], value=numpy_helper.from_array(np.full((6,), 0.5, np.float32))))
     b.nodes.append(oh.make_node("Constant", [], ["k2"], value=numpy_helper.from_array(np.arange(6, dtype=np.float32))))
     folded = b.node("Mul", ["k1", "k2"])
-    y = b.node("Add", [b.node("Mul", [first, second]), folded])
+    b.node("Add", [b.node("Mul", [first, second]), folded])
     b.nodes[-1].output[0] = "y"
     return b.model([("x", F32, ["batch", 6])], [("y", F32)])
 
