@@ -8,7 +8,7 @@ With ``s = gamma / sqrt(running_var + eps)`` per channel:
   ``bn(linear(x).flatten(0, 1)).reshape_as(x)`` -- folds the same way: the reshape between them
   keeps the features in the last axis, so they are still the BatchNorm's channels.
 - **BN before conv/linear**, when every consumer of the BN output is a conv/linear reading it as
-  its input: ``W' = W (.) s`` along input channels, ``b' = b + sum(W * (beta - s * mean))``.
+  its input (possibly through eval-mode dropout or a copy: LeViT's ``NormLinear`` head): ``W' = W (.) s`` along input channels, ``b' = b + sum(W * (beta - s * mean))``.
   Exact only without zero padding: padding inserts zeros *after* the BN, which the folded conv
   would see as ``beta - s * mean`` instead. Such sites are skipped and the report says why.
 
@@ -37,6 +37,7 @@ from ptool.ir.graph import (
     replace_tensor,
     rounded_storage,
 )
+from ptool.ir.noise import IDENTITY_OPS, is_noise
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.verify import Close, Numerics
 
@@ -155,8 +156,19 @@ def _set_bias(gm: torch.fx.GraphModule, layer: _Layer, value: torch.Tensor, pass
     layer.node.args = tuple(args)
 
 
-def _fold_before(gm: torch.fx.GraphModule, layer: _Layer, bn: _BatchNorm, pass_name: str) -> None:
-    """W' = W s (input channels), b' = b + sum over in-channels/kernel of W t."""
+def _through_identities(bn_out: torch.fx.Node, user: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """``(reader, fed)``: the node past identity ops (eval dropout, copies; one user each) that reads
+    the BatchNorm output ``bn_out`` via ``user``, and the value it reads (``bn_out`` or the last of them)."""
+    fed, node = bn_out, user
+    while is_noise(node, IDENTITY_OPS) and len(node.users) == 1:
+        fed, node = node, next(iter(node.users))
+    return node, fed
+
+
+def _fold_before(gm: torch.fx.GraphModule, layer: _Layer, bn: _BatchNorm, pass_name: str,
+                 reader: torch.fx.Node) -> None:
+    """W' = W s (input channels), b' = b + sum over in-channels/kernel of W t. ``reader``: the
+    node that reads the BatchNorm output (the layer, or an identity op before it)."""
     w = attr_tensor(gm, layer.weight)
     w64 = w.double()
     out_ch = w.shape[0]
@@ -170,7 +182,7 @@ def _fold_before(gm: torch.fx.GraphModule, layer: _Layer, bn: _BatchNorm, pass_n
     bias = attr_tensor(gm, layer.bias).double() if layer.bias is not None else torch.zeros(out_ch, dtype=torch.float64)
     replace_tensor(gm, layer.weight, new_w.to(w.dtype), user=layer.node, name="weight")
     _set_bias(gm, layer, (bias + delta).to(w.dtype), pass_name)
-    layer.node.replace_input_with(bn.node, bn.x)
+    reader.replace_input_with(bn.node, bn.x)
     mark(layer.node, pass_name)
 
 
@@ -229,8 +241,9 @@ def _why_not_after(gm: torch.fx.GraphModule, bn: _BatchNorm) -> str | None:
 def _why_not_before(gm: torch.fx.GraphModule, bn: _BatchNorm) -> str | None:
     users = list(bn.node.users)
     for user in users:
-        layer = _as_layer(user)
-        if layer is None or layer.node.args[0] is not bn.node or bn.node in layer.node.args[1:]:
+        reader, fed = _through_identities(bn.node, user)
+        layer = _as_layer(reader)
+        if layer is None or layer.node.args[0] is not fed or fed in layer.node.args[1:]:
             return f"BatchNorm output feeds {user.name}, which is not a conv/linear input"
         if layer.kind == "conv_transpose":
             return "folding BatchNorm into a following transposed convolution is not supported"
@@ -280,7 +293,7 @@ class FoldBatchNorm(Pass):
                     result.skip(site, f"not after a foldable layer ({why_after}); not before one ({why_before})")
                     continue
                 for user in list(bn.node.users):
-                    _fold_before(gm, _as_layer(user), bn, self.name)
+                    _fold_before(gm, _as_layer(_through_identities(bn.node, user)[0]), bn, self.name, user)
             for n in dict.fromkeys((bn.node, bn.bn)):  # the same node for aten.batch_norm
                 if not n._erased and not n.users:
                     gm.graph.erase_node(n)

@@ -168,3 +168,14 @@ def test_a_reshape_that_moves_the_features_is_not_seen_through():
     m2 = ptool.transform(model, ["fold-bn"], (torch.randn(3, 5, 4),))
     assert m2.report[0].rewritten == 0
     assert "not a conv/linear" in m2.report[0].skipped[0].reason
+
+
+def test_batchnorm_before_a_linear_folds_through_eval_dropout():
+    """LeViT's NormLinear head: BatchNorm1d -> Dropout -> Linear."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 3)).eval()
+    zoo.randomize_batchnorm(model, 0)
+    x = torch.randn(4, 8)
+    m2 = ptool.transform(model, ["fold-bn"], (x,))
+    assert m2.report[0].rewritten == 1
+    assert not any("batch_norm" in k for k in op_histogram(m2.graph_module))
+    torch.testing.assert_close(m2(x), model(x), rtol=1e-5, atol=1e-6)
