@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ def export_onnx(
     optimize: bool = True,
     external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
     output_names: Sequence[str] | None = None,
+    rewrite: Callable[[Any], Any] | None = None,
 ) -> Path:
     """Export ``module`` to an optimized ONNX file at ``path`` (atomically).
 
@@ -63,6 +64,8 @@ def export_onnx(
         external_data_threshold_bytes: weights larger than this in total go to
             ``<name>.onnx.data`` beside the model.
         output_names: names for the graph outputs (default: from the output structure).
+        rewrite: an in-place edit of the exported ``onnx_ir.Model``, made before it is checked and
+            written (a backend lowering what its runtime cannot run, e.g. :mod:`ptool.backends.onnx_bf16`).
 
     Returns:
         The path written.
@@ -93,6 +96,8 @@ def export_onnx(
     model = _export_ir(
         module, args, kwargs, dynamic_shapes=dynamic_shapes, opset=opset, optimize=optimize, output_names=output_names
     )
+    if rewrite is not None:
+        rewrite(model)
     _write_atomically(model, path, external_data_threshold_bytes)
     return path
 
