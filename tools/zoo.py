@@ -86,7 +86,8 @@ def _counts(gm) -> dict:
 
 
 def _softmax_into_matmul(gm) -> int:
-    """Softmaxes whose output reaches a matmul-like op (through views, casts, dropout)."""
+    """Softmax attentions: softmaxes whose output reaches a matmul-like op (through views, casts,
+    dropout), and fused ``scaled_dot_product_attention`` calls."""
     import torch
 
     aten = torch.ops.aten
@@ -102,7 +103,8 @@ def _softmax_into_matmul(gm) -> int:
         return False
 
     softmaxes = [n for n in gm.graph.nodes if getattr(n.target, "overloadpacket", None) in (aten.softmax, aten._softmax)]
-    return sum(1 for n in softmaxes if reaches(n))
+    fused = [n for n in gm.graph.nodes if getattr(n.target, "overloadpacket", None) is aten.scaled_dot_product_attention]
+    return sum(1 for n in softmaxes if reaches(n)) + len(fused)
 
 
 def _rel(a, b) -> float:
@@ -180,7 +182,8 @@ def render(rows: list[dict], fingerprint: str) -> str:
              f"Device: {fingerprint}. Random weights, randomized BatchNorm statistics, batch 1 at each model's "
              f"input size. Pipeline `{', '.join(EXACT)}` run to a fixpoint. *convs / BNs*: left in the graph "
              "(original -> ptool; timm's own `reparameterize_model` for comparison). *attention*: softmaxes feeding "
-             "a matmul, and how many `linear-attention` converts or reports as skipped. Errors: max abs error over "
+             "a matmul plus fused `scaled_dot_product_attention` calls, and how many `linear-attention` converts or "
+             "reports as skipped. Errors: max abs error over "
              "the output's max abs (torch: transformed vs original; ORT / TVM: vs the transformed torch model).", "",
              "| model | convs orig -> ptool (timm) | BNs orig -> ptool (timm) | rounds | softmax->matmul | attention "
              "converted / reported | torch err | ORT err | TVM err |",

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ def export_onnx(
     optimize: bool = True,
     external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
     output_names: Sequence[str] | None = None,
+    rewrite: Callable[[Any], Any] | None = None,
 ) -> Path:
     """Export ``module`` to an optimized ONNX file at ``path`` (atomically).
 
@@ -63,6 +64,8 @@ def export_onnx(
         external_data_threshold_bytes: weights larger than this in total go to
             ``<name>.onnx.data`` beside the model.
         output_names: names for the graph outputs (default: from the output structure).
+        rewrite: an in-place edit of the exported ``onnx_ir.Model``, made before it is checked and
+            written (a backend lowering what its runtime cannot run, e.g. :mod:`ptool.backends.onnx_bf16`).
 
     Returns:
         The path written.
@@ -93,22 +96,19 @@ def export_onnx(
     model = _export_ir(
         module, args, kwargs, dynamic_shapes=dynamic_shapes, opset=opset, optimize=optimize, output_names=output_names
     )
+    if rewrite is not None:
+        rewrite(model)
     _write_atomically(model, path, external_data_threshold_bytes)
     return path
 
 
-def _custom_translations(module: Any) -> dict | None:
-    """ONNX translations of ptool's own graph ops (:data:`ptool.ops.OP_MODULES`), when a graph
-    inside ``module`` holds any: only a pass puts them there, so a plain export skips the table."""
-    import torch
+def _custom_translations() -> dict:
+    """ONNX translations of ptool's own graph ops (:data:`ptool.ops.OP_MODULES`). Always the whole
+    table: a pass may also call the ops from inside a kernel module's ``forward``, where no graph
+    shows them before export traces it."""
+    from ptool.ops import onnx_translations
 
-    from ptool.ops import is_ptool_op, onnx_translations
-
-    root = module.graph_module if isinstance(module, torch.export.ExportedProgram) else module
-    graphs = [m.graph for m in root.modules() if isinstance(m, torch.fx.GraphModule)] if isinstance(root, torch.nn.Module) else []
-    if any(is_ptool_op(n.target) for g in graphs for n in g.nodes if n.op == "call_function"):
-        return onnx_translations()
-    return None
+    return onnx_translations()
 
 
 def _export_ir(
@@ -137,7 +137,7 @@ def _export_ir(
                 optimize=optimize,
                 verbose=False,
                 report=False,
-                custom_translation_table=_custom_translations(module),
+                custom_translation_table=_custom_translations(),
             )
     except PtoolError:
         raise

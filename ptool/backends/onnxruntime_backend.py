@@ -194,6 +194,42 @@ def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any
     return variants
 
 
+def tuning_left_out(formats: set[str], options: dict[str, Any]) -> str | None:
+    """Why the autotuner should not build a candidate computing in ``formats`` (``bf16``, ``fp16``,
+    ``int8``) with these options, or None. bf16 on the CPU provider runs (see :class:`_Bf16InFloat32`)
+    but as float32 with bf16-stored weights: after ORT folds the weight casts its session is the float32
+    one (measured: the same optimized graph, the same latency), so it cannot beat the float32 candidates."""
+    from ptool.backends.onnx_bf16 import CPU_OPS_WITHOUT_BF16
+
+    if "bf16" in formats and options.get("provider", "cpu") == "cpu":
+        return (f"bf16 left out on onnxruntime: its CPU provider has no bf16 kernels for "
+                f"{', '.join(CPU_OPS_WITHOUT_BF16)} (it would run in float32, no faster than float32)")
+    return None
+
+
+class _Bf16InFloat32:
+    """The export-time rewrite running a bf16 graph on the CPU provider: weights stay bf16, the
+    arithmetic is float32 (:mod:`ptool.backends.onnx_bf16`: the provider has no bf16 kernels for
+    Add, MatMul, Gemm, Softmax...). Counts what it retyped, for ``info``."""
+
+    def __init__(self) -> None:
+        self.values = 0
+
+    @classmethod
+    def wanted(cls, providers: list[tuple[str, dict[str, Any]]]) -> _Bf16InFloat32 | None:
+        """One for a session whose first provider is the CPU's (the GPU providers have bf16 kernels)."""
+        return cls() if providers[0][0] == PROVIDERS["cpu"] else None
+
+    def rewrite(self, model: Any) -> None:
+        from ptool.backends import onnx_bf16
+
+        self.values = onnx_bf16.compute_in_float32(model)
+
+    def note(self) -> str:
+        return (f"stored in bf16, computed in float32 ({self.values} values retyped): the CPU provider "
+                "has no bf16 arithmetic kernels")
+
+
 def _fuse_transformer(path: Path) -> tuple[Path, dict[str, int]]:
     """ORT's transformer optimizer over the exported model, saved next to it; fused-op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
@@ -234,6 +270,7 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Device = C
         optimize=opts.optimize,
         external_data_threshold_bytes=opts.external_data_threshold_bytes,
         output_names=example.outputs.names(),
+        rewrite=lowered.rewrite if (lowered := _Bf16InFloat32.wanted(providers)) else None,
     )
     fused: dict[str, int] | None = None
     if opts.transformer_fusions:
@@ -283,7 +320,8 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Device = C
         run_flat=run,
         onnx_path=path,
         info={"device": str(device), "providers": session.get_providers(), "input_names": [f[0] for f in feeds],
-              **({"fused_ops": fused} if fused is not None else {})},
+              **({"fused_ops": fused} if fused is not None else {}),
+              **({"bf16": lowered.note()} if lowered and lowered.values else {})},
         keepalive=(keepalive, session),
     )
 

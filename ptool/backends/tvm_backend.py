@@ -181,9 +181,18 @@ def _from_exported_program(example: ExampleCall, opts: Options) -> Any:
     ep = _float_quant_ops(ep)
     try:
         with _quiet():
-            return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_kernel_ops(ep))
+            return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_converters(ep))
     except Exception as e:
         raise BackendError(f"TVM cannot import the exported program: {type(e).__name__}: {first_line(e)}") from e
+
+
+def _converters(ep: Any) -> dict[str, Any] | None:
+    """ptool's ``custom_convert_map``: bf16 / fp16 matmuls keeping torch's dtypes
+    (:mod:`ptool.backends.tvm_precision`), ptool's shift-add kernels."""
+    from ptool.backends import tvm_precision
+
+    table = {**tvm_precision.converters(ep), **(_kernel_ops(ep) or {})}
+    return table or None
 
 
 def _kernel_ops(ep: Any) -> dict[str, Any] | None:
@@ -398,7 +407,10 @@ def _from_tvm(value: Any, device: Device) -> torch.Tensor:
     buffers), shared through DLPack on a GPU (it stays there; the VM allocates each output anew)."""
     if device.is_cuda:
         return torch.from_dlpack(value)
-    return torch.from_numpy(value.numpy())
+    array = value.numpy()
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, which torch.from_numpy cannot read: same bits
+        return torch.from_numpy(array.view("int16")).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _build(example: ExampleCall, opts: Options, frontend: str, device: Device = CPU) -> tuple[Any, dict[str, Any]]:

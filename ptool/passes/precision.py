@@ -29,6 +29,13 @@ Equivalence: approximate. bf16 keeps float32's range with an 8-bit mantissa (rel
 2^-9 per stored value), fp16 a 11-bit mantissa with a range of +-65504. Declared bound: output
 cosine >= 0.999 vs the float32 graph (all-MiniLM-L6-v2 measures 0.9999+ in both).
 
+Backends: the graph is unambiguous as it stands (every op the pass touches reads one dtype), so
+the backends lower it without extra casts: torch runs it as is; TVM casts around its own
+float32-accumulating matmul converters (:mod:`ptool.backends.tvm_precision`; bf16 arithmetic is
+widened to float32 there, no AVX-512-BF16 instructions); ONNX Runtime runs fp16 natively and, on
+its CPU provider, which has no bf16 arithmetic kernels, bf16 as bf16-stored weights computed in
+float32 (:mod:`ptool.backends.onnx_bf16`: half the file, float32's speed).
+
 Limits: float64 values are left alone; ops with no rule above follow their inputs; a graph
 already in ``dtype`` is left unchanged (idempotent).
 """

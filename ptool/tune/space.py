@@ -11,7 +11,9 @@ tried on top of that base and kept only while its fidelity stays within ``max_er
 
 Backends declare their option variants with a module-level ``tuning_variants(fingerprint,
 tvm_trials=0)`` returning a list of option dicts (the first is the backend's default); a backend
-without one is tried with its defaults only.
+without one is tried with its defaults only. A backend that cannot run a number format fast declares
+``tuning_left_out(formats, options)`` returning the reason (ONNX Runtime's CPU provider and bf16):
+such candidates get one row with it and are never built.
 """
 
 from __future__ import annotations
@@ -143,6 +145,20 @@ def precision_candidates(specs: Sequence[str], fp: DeviceFingerprint) -> tuple[l
             integer.append(spec)
     candidates = [(s,) for s in usable] + [(q, p) for q in integer for p in precisions]
     return candidates, left_out
+
+
+def backend_left_out(backend: str, specs: Sequence[str], options: dict[str, Any]) -> str | None:
+    """Why ``backend`` with ``options`` should not build the candidate ``specs`` (None: build it), as the
+    backend declares it with a module-level ``tuning_left_out(formats, options)``: given the number
+    formats the candidate's passes compute in, a backend that has no kernels for one says so."""
+    from ptool.backends import _MODULES
+    from ptool.passes.registry import parse_pass
+
+    declare = getattr(importlib.import_module(_MODULES[backend]), "tuning_left_out", None)
+    if declare is None:
+        return None
+    formats = {f for f in (_number_format(parse_pass(s)) for s in specs) if f is not None}
+    return declare(formats, options) if formats else None
 
 
 def _number_format(p: Any) -> str | None:

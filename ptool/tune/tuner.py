@@ -6,7 +6,9 @@ The search, in two stages so approximate passes cost one fidelity check before a
    every backend variant (see :mod:`ptool.tune.space`);
 2. each approximate candidate: transformed once and checked in eager torch on the held-out inputs;
    past ``max_error`` it gets one ``excluded`` row with the reason and is never compiled; otherwise
-   it runs on the best variant of each backend from stage 1.
+   it runs on the best variant of each backend from stage 1, except where the backend leaves its
+   number format out (``tuning_left_out``: bf16 on ONNX Runtime's CPU provider), which gets one
+   ``excluded`` row with the backend's reason instead.
 
 Every candidate is timed with :func:`ptool.benchmark.measure` (warm-up, median, p10/p90; a slow one
 gets fewer runs, :func:`ptool.benchmark.plan_repeats`), and the best few are re-timed side by side
@@ -32,6 +34,7 @@ from ptool.tune.result import TuneResult
 from ptool.tune.space import (
     TuningConfig,
     approximate_variants,
+    backend_left_out,
     backend_variants,
     check_backends,
     declared_pass_candidates,
@@ -417,6 +420,11 @@ class _Search:
                 for options in approximate_variants(b, self.variants.get(b, []), best.get(b)):
                     config = TuningConfig.make(pipeline, b, options)
                     update(done, total, config.label(self.base))
+                    left_out = backend_left_out(b, specs, options)
+                    if left_out is not None:  # the backend cannot run it fast: one row, never built
+                        self.rows.append(Row(config.label(self.base), config.to_dict(), False, Status.EXCLUDED,
+                                             left_out))
+                        continue
                     self._candidate(config, skip=over_budget())
                 done += 1
             self.transformed.pop(pipeline, None)

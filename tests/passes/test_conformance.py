@@ -19,8 +19,9 @@ MODELS = ["bert", "vit", "gpt2", "llama", "resnet", "mobilenet_v2"]
 
 #: How each pass that needs more than its defaults is configured here. Passes that need data get
 #: calibration batches from the fixture; approximate passes are configured to reach their bound.
-# precision: fp16, the format every backend runs (ONNX Runtime's CPU provider has no bf16 arithmetic;
-# bf16 is covered in tests/passes/test_precision.py)
+# precision: fp16, the format every backend runs as the graph says (ONNX Runtime's CPU provider has no
+# bf16 arithmetic and runs bf16 graphs in float32, a bf16 rounding step away from torch; bf16 is covered
+# in tests/passes/test_precision.py, tests/backends/test_onnx_bf16.py and tests/backends/test_tvm_precision.py)
 CONFIGURED = {"repbn": "repbn:finetune_steps=60", "precision": "precision:dtype=fp16"}
 # how far ONNX Runtime may sit from the torch module: 1e-4 relative, except where the graph itself
 # computes in fp16 (11-bit mantissa): two runtimes rounding at different points differ by about a step

@@ -290,6 +290,41 @@ def test_autotune_measures_int8_with_bf16_as_one_candidate(tmp_path):
     assert row.status == Status.OK and row.error < 0.05 and row.median_ms > 0
 
 
+ORT_BF16 = ("bf16 left out on onnxruntime: its CPU provider has no bf16 kernels for Add, Mul, MatMul, Gemm, "
+            "Conv, Softmax, Gelu (it would run in float32, no faster than float32)")
+
+
+def test_backends_leave_out_the_formats_they_have_no_kernels_for():
+    from ptool.tune.space import backend_left_out
+
+    assert backend_left_out("onnxruntime", ["precision:dtype=bf16"], {}) == ORT_BF16
+    assert backend_left_out("onnxruntime", ["quantize:activations=per-token", "precision"],
+                            {"intra_op_threads": 2}) == ORT_BF16  # bf16 is the default dtype
+    assert backend_left_out("onnxruntime", ["precision:dtype=fp16"], {}) is None  # ORT runs fp16 natively
+    assert backend_left_out("onnxruntime", ["quantize:activations=per-token"], {}) is None
+    assert backend_left_out("onnxruntime", ["precision:dtype=bf16"], {"provider": "cuda"}) is None
+    assert backend_left_out("torch", ["precision:dtype=bf16"], {}) is None
+    assert backend_left_out("tvm", ["precision:dtype=bf16"], {}) is None
+
+
+def test_autotune_never_builds_bf16_on_onnxruntime_and_says_why(tmp_path):
+    from ptool.tune import tuner
+
+    model, x, held = mlp()
+    rich = DeviceFingerprint.from_dict({**device_fingerprint().to_dict(), "isa": ["avx512_bf16"]})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tuner, "device_fingerprint", lambda device="cpu": rich)
+        best = ptool.autotune(model, (x,), backends=["torch", "onnxruntime"],
+                              variants={"torch": [{}], "onnxruntime": [{}]}, passes=["precision:dtype=bf16"],
+                              max_error=0.01, held_out_inputs=held, record_dir=tmp_path, repeat=3, progress=False)
+    rows = {r.label: r for r in best.table}
+    ort_row = rows["precision | onnxruntime"]  # bf16 is the default: the spec prints bare
+    assert ort_row.status == Status.EXCLUDED and ort_row.reason == ORT_BF16
+    assert ort_row.build_s is None and ort_row.median_ms is None  # never built nor timed
+    assert rows["precision | torch"].status == Status.OK  # the format itself runs elsewhere
+    assert ORT_BF16 in str(best.table)
+
+
 def test_reduced_precision_candidates_also_try_inductor_freezing_on_torch():
     from ptool.tune.space import approximate_variants
 
