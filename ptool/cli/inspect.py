@@ -1,5 +1,9 @@
 """Show what a model is made of: op histogram, norm and attention sites, parameters, FLOPs, capture.
 
+Attention: the sites the attention passes replace, and every softmax that feeds a product but is
+not a site, with the reason ("softmax attention, not converted: ..."), so a converted model's
+remaining softmaxes are never a surprise.
+
 The model is captured exactly as `ptool convert` would capture it (torch.export, then the
 fallbacks), so the figures describe the graph the passes will see.
 """
@@ -59,7 +63,7 @@ def torch_figures(gm: Any, call: tuple[tuple, dict] | None = None) -> dict:
     """
     from ptool.ir.flops import estimate_flops
     from ptool.ir.graph import compute_nodes, is_op, op_histogram, parameter_count
-    from ptool.passes.attention.swap import sites_of
+    from ptool.passes.attention.swap import scan_of
 
     groups = {name: _packets(ops) for name, ops in
               (("BatchNorm", _BN), ("LayerNorm", _LN), ("GroupNorm", _GN), ("RMSNorm", _RMS),
@@ -79,6 +83,7 @@ def torch_figures(gm: Any, call: tuple[tuple, dict] | None = None) -> dict:
                 rms_modules.add(path)
     if rms_modules and sites["RMSNorm"] == 0:
         sites["RMSNorm"] = len(rms_modules)
+    attention = scan_of(gm, call)
     flops = estimate_flops(gm)
     params = parameter_count(gm)
     tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}  # tied weights once
@@ -88,7 +93,8 @@ def torch_figures(gm: Any, call: tuple[tuple, dict] | None = None) -> dict:
         "histogram": dict(op_histogram(gm).most_common()),
         "sites": dict(sites),
         "attention_by_layer": {k: dict(v) for k, v in per_layer.items()},
-        "attention_sites": [site.summary() for site in sites_of(gm, call)],
+        "attention_sites": [site.summary() for site in attention.sites],
+        "attention_not_converted": [skip.summary() for skip in attention.skipped],
         "parameters": params,
         "parameter_bytes": param_bytes,
         "flops": flops.total,
@@ -131,6 +137,7 @@ def onnx_figures(proto: Any, shapes: dict[str, tuple[int, ...]] | None = None) -
         "sites": sites,
         "attention_by_layer": {},
         "attention_sites": [],
+        "attention_not_converted": [],
         "parameters": parameter_count(model),
         "parameter_bytes": sum(t.nbytes for t in weights),
         "flops": flops.total,
@@ -202,11 +209,17 @@ def run(args: argparse.Namespace, ui) -> int:
     if figures["attention_sites"]:
         ui.out("")
         ui.out("attention sites (what the attention passes replace; sdpa = fused, eager = written-out softmax)")
-        rows = [[str(a["index"]), a["module"], a["form"], f"{a['heads']}/{a['kv_heads']}", str(a["head_dim"]),
+        rows = [[str(a["index"]), a["module"], _spelled(a), f"{a['heads']}/{a['kv_heads']}", str(a["head_dim"]),
                  f"{a['q_len']}x{a['kv_len']}", "yes" if a["causal"] else "no", "yes" if a["masked"] else "no",
-                 a.get("problem", "")] for a in figures["attention_sites"]]
-        ui.out(format_table(["#", "layer", "form", "heads/kv", "head dim", "tokens", "causal", "masked", "note"],
-                            rows))
+                 ", ".join(a.get("bias", ())) or "-", a.get("problem", "")] for a in figures["attention_sites"]]
+        ui.out(format_table(["#", "layer", "form", "heads/kv", "head dim", "tokens", "causal", "masked", "bias",
+                             "note"], rows, align="lllrrrrrll"))
+    if figures.get("attention_not_converted"):
+        ui.out("")
+        ui.out("softmax attention, not converted (no attention pass replaces these softmaxes)")
+        ui.out(format_table(["softmax", "layer", "reason"],
+                            [[a["softmax"], a["module"], a["reason"]] for a in figures["attention_not_converted"]],
+                            align="lll"))
     hist = list(figures["histogram"].items())
     shown = hist if args.all else hist[: args.top]
     ui.out("")
@@ -214,6 +227,13 @@ def run(args: argparse.Namespace, ui) -> int:
     ui.out(f"op histogram{more}")
     ui.out(format_table(["op", "count"], [[k, str(v)] for k, v in shown]))
     return 0
+
+
+def _spelled(site: dict) -> str:
+    """``eager``, or ``eager (einsum, 5-D)`` when the site is written another way than 4-D matmuls."""
+    extra = [site["spelling"]] if site.get("spelling") not in (None, "sdpa", "matmul") else []
+    extra += [f"{site['rank']}-D"] if site.get("rank", 4) != 4 else []
+    return f"{site['form']} ({', '.join(extra)})" if extra else site["form"]
 
 
 def _example_call(src) -> tuple[tuple, dict] | None:

@@ -9,7 +9,11 @@ attention did:
 * ``mask`` - ``None``, a boolean mask (``True`` = may attend) or an additive float mask,
   broadcastable to ``(B, H, N, M)``; for causal sites it already contains the causal part when
   the model built one (transformers does), and :attr:`SiteShape.causal` says the site is causal
-  either way.
+  either way. In an additive mask, entries ``<= MASKED`` hide a key and the others are added to
+  the scores (:func:`score_bias`): a site whose scores carry a real bias (Swin's relative-position
+  bias, a soft ``-100`` shift mask) passes it this way, and only kernels that apply it
+  (:attr:`AttentionKernel.takes_bias`) are given such a site - the others read masks as key
+  visibility only, and the passes skip the site for them with that reason.
 
 and returns the attended values ``(B, H, N, Dv)`` in ``q``'s dtype. Kernels are ordinary trainable
 ``nn.Module`` s; :meth:`AttentionKernel.attention_weights` gives the (quadratic) attention rows a
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -76,6 +81,14 @@ def allowed(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask if mask.dtype == torch.bool else mask > MASKED
 
 
+def score_bias(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The part of an additive float mask that is added to the visible scores: its entries above
+    :data:`MASKED`, 0 where it masks; ``None`` for no mask or a boolean one."""
+    if mask is None or mask.dtype == torch.bool:
+        return None
+    return torch.where(mask > MASKED, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
+
+
 def key_keep(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A ``(B, 1|H, M, 1)`` 0/1 factor that zeroes padded keys, or ``None`` without a mask.
 
@@ -106,8 +119,14 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 def softmax_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float,
                     causal: bool = False) -> torch.Tensor:
-    """Softmax attention rows ``(B, H, N, M)`` in float32 (the teacher during distillation)."""
+    """Softmax attention rows ``(B, H, N, M)`` in float32 (the teacher during distillation).
+
+    The mask's additive part (:func:`score_bias`) is added to the scores: this is what the site
+    computed (0 for a pure mask)."""
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    bias = score_bias(mask)
+    if bias is not None:
+        scores = scores + bias.float()
     ok = allowed(mask)
     if causal:
         c = causal_allowed(q.shape[-2], k.shape[-2], q.device)
@@ -122,7 +141,11 @@ class AttentionKernel(nn.Module):
 
     Subclasses implement :meth:`forward`; those whose output is a (normalized or not) weighted sum
     of values also implement :meth:`attention_weights`. ``shape`` is the site the kernel was built for.
+    ``takes_bias`` is True for kernels that add an additive mask's :func:`score_bias` to their
+    scores; the others are not given sites whose scores carry a bias.
     """
+
+    takes_bias: ClassVar[bool] = False
 
     def __init__(self, shape: SiteShape) -> None:
         super().__init__()
@@ -149,6 +172,8 @@ class AttentionKernel(nn.Module):
 
 class SoftmaxKernel(AttentionKernel):
     """Exact softmax attention as a kernel: the identity replacement (checks site rewiring exactly)."""
+
+    takes_bias = True
 
     def forward(self, q, k, v, mask=None):
         return softmax_attention(q, k, v, mask, self.shape.scale, self.shape.causal)

@@ -20,6 +20,8 @@ ONNX), chosen for their numerics and length behaviour, not for speed.
   ``relu(n_i A_ij - 1) ** p`` gives the same rows.
 
 Masked (and, on causal sites, future) keys contribute 0 in both; a row with no visible key is 0.
+Both add the mask's additive part to their scores (:func:`~ptool.passes.attention.kernel.score_bias`),
+so they take sites whose scores carry a bias (Swin's relative-position bias).
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptool.passes.attention.kernel import SiteShape
+from ptool.passes.attention.kernel import SiteShape, score_bias
 from ptool.passes.attention.sparse import ConfiguredKernel, visible
 
 REWEIGHT_POWER = 3
 """The LSSAR sharpening exponent ``p`` (> 1)."""
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    return (q.float() @ k.float().transpose(-1, -2)) * scale
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    bias = score_bias(mask)
+    return scores if bias is None else scores + bias.float()
 
 
 class SigmoidAttention(ConfiguredKernel):
@@ -48,13 +52,15 @@ class SigmoidAttention(ConfiguredKernel):
     starts with a total weight of order 1. Reads no option (all are accepted).
     """
 
+    takes_bias = True
+
     def __init__(self, shape: SiteShape, **options) -> None:
         super().__init__(shape, **options)
         self.bias = nn.Parameter(torch.full((shape.heads,), -math.log(max(shape.kv_len, 1))))
 
     def attention_weights(self, q, k, mask=None):
         """The unnormalized sigmoid weights ``(B, H, N, M)``."""
-        w = torch.sigmoid(_scores(q, k, self.shape.scale) + self.bias.float().reshape(1, -1, 1, 1))
+        w = torch.sigmoid(_scores(q, k, self.shape.scale, mask) + self.bias.float().reshape(1, -1, 1, 1))
         ok = visible(mask, q.shape[-2], k.shape[-2], self.shape.causal, q.device)
         return w if ok is None else w * ok.to(w.dtype)
 
@@ -71,6 +77,8 @@ class SoftplusAttention(ConfiguredKernel):
         **options: the shared kernel options (none is read).
     """
 
+    takes_bias = True
+
     def __init__(self, shape: SiteShape, *, reweight: bool = False, **options) -> None:
         super().__init__(shape, **options)
         self.reweight = bool(reweight)
@@ -78,7 +86,7 @@ class SoftplusAttention(ConfiguredKernel):
     def attention_weights(self, q, k, mask=None):
         """The normalized rows ``(B, H, N, M)``."""
         n, m = q.shape[-2], k.shape[-2]
-        s = _scores(q, k, self.shape.scale)
+        s = _scores(q, k, self.shape.scale, mask)
         ok = visible(mask, n, m, self.shape.causal, q.device)
         if ok is None:
             count = torch.full((1, 1, 1, 1), float(m), device=q.device)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptool.passes.attention.kernel import AttentionKernel, SiteShape, allowed, causal_allowed, key_keep
+from ptool.passes.attention.kernel import AttentionKernel, SiteShape, allowed, causal_allowed, key_keep, score_bias
 
 
 class ConfiguredKernel(AttentionKernel):
@@ -159,8 +159,11 @@ class TopKAttention(ConfiguredKernel):
       embedding cosine from 0.97 to 0.99 (BENCHMARKS.md).
 
     The ``N x M`` scores are materialized (TopK + ScatterElements + Softmax in ONNX): a quality
-    device, no FLOP saving without a sparse kernel.
+    device, no FLOP saving without a sparse kernel. An additive mask's bias part
+    (:func:`~ptool.passes.attention.kernel.score_bias`) is added to the scores before the selection.
     """
+
+    takes_bias = True
 
     def __init__(self, shape: SiteShape, *, tail: str = "mean", **options) -> None:
         super().__init__(shape, **options)
@@ -168,6 +171,8 @@ class TopKAttention(ConfiguredKernel):
 
     def _selection(self, q, k, mask):
         scores = (q.float() @ k.float().transpose(-1, -2)) * self.shape.scale
+        bias = score_bias(mask)
+        scores = scores if bias is None else scores + bias.float()
         ok = visible(mask, q.shape[-2], k.shape[-2], self.shape.causal, q.device)
         filled = scores if ok is None else scores.masked_fill(~ok, torch.finfo(scores.dtype).min)
         count = self.k_count(k.shape[-2])

@@ -5,13 +5,17 @@ A concrete pass (``linear-attention``, ``sigmoid-attention``, ``softplus-attenti
 site gets (:meth:`AttentionSwap.build_kernel`). Everything else is here:
 
 1. find the sites (:mod:`ptool.passes.attention.sites`), causality measured on the example inputs;
+   every softmax that feeds a product but is no site is reported as a skip
+   ("softmax attention, not converted: <reason>");
 2. select them (``layers=``; the rest keep softmax - the hybrid models' choice) and build kernels;
-   a site a kernel cannot serve (e.g. axial attention without a token grid) is skipped with why;
+   a site a kernel cannot serve (e.g. axial attention without a token grid, or scores carrying a
+   relative-position bias for a kernel that cannot add it) is skipped with why;
 3. convert (:mod:`ptool.passes.attention.convert`): attention transfer on the calibration data
    for kernels with parameters, then optional end-to-end distillation;
 4. rewire: each site's nodes are replaced by one ``call_module`` of its kernel, a submodule of
-   the graph module (``ptool_attention_<i>``), so the result stays a trainable ``nn.Module`` that
-   exports to ONNX and TVM like any other.
+   the graph module (``ptool_attention_<i>``), between the layout ops that take the site's q, k, v
+   and terms to ``(B, H, N, D)`` and the output back, so the result stays a trainable ``nn.Module``
+   that exports to ONNX and TVM like any other.
 """
 
 from __future__ import annotations
@@ -27,20 +31,28 @@ from ptool.ir.graph import eliminate_dead_code
 from ptool.ir.record import record_values
 from ptool.passes.attention import adapters, convert
 from ptool.passes.attention.kernel import AttentionKernel
-from ptool.passes.attention.sites import AttentionSite, find_sites
+from ptool.passes.attention.sites import AttentionScan, AttentionSite, scan
 from ptool.passes.base import Pass, PassContext, PassResult
 from ptool.passes.distill import teacher_outputs
 from ptool.verify import Lossy, Numerics
 
-aten = torch.ops.aten
 
-
-def sites_of(gm: fx.GraphModule, call: tuple[tuple, dict] | None) -> list[AttentionSite]:
-    """The attention sites of ``gm``; ``call`` (example ``(args, kwargs)``) lets causality be measured."""
+def scan_of(gm: fx.GraphModule, call: tuple[tuple, dict] | None) -> AttentionScan:
+    """The attention sites of ``gm`` and the softmaxes that are not sites; ``call`` (example
+    ``(args, kwargs)``) lets masks, biases and causality be measured."""
     def mask_values(nodes):
         return record_values(gm, nodes, [call])[0]
 
-    return find_sites(gm, mask_values if call is not None else None)
+    return scan(gm, mask_values if call is not None else None)
+
+
+def sites_of(gm: fx.GraphModule, call: tuple[tuple, dict] | None) -> list[AttentionSite]:
+    """The attention sites of ``gm`` (:func:`scan_of` without the skipped softmaxes)."""
+    return scan_of(gm, call).sites
+
+
+NOT_CONVERTED = "softmax attention, not converted"
+"""How a pass reports a softmax that feeds a product but is no site: ``f"{NOT_CONVERTED}: {reason}"``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,11 +126,14 @@ class AttentionSwap(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
         call = (tuple(ctx.example_inputs), dict(ctx.example_kwargs)) if ctx.example_inputs or ctx.example_kwargs else None
-        sites = sites_of(gm, call)
+        found = scan_of(gm, call)
+        sites = found.sites
         if self.layers and (not sites or max(self.layers) >= len(sites)):
             allowed = f"allowed indices: 0..{len(sites) - 1}" if sites else "leave layers empty"
             raise PassError(f"pass '{self.name}': layers={'+'.join(map(str, self.layers))} but the graph has "
                             f"{len(sites)} attention site(s) ({allowed})")
+        for skipped in found.skipped:
+            result.skip(skipped.label, f"{NOT_CONVERTED}: {skipped.reason}")
         chosen = []
         for site in sites:
             if self.layers and site.index not in self.layers:
@@ -131,11 +146,20 @@ class AttentionSwap(Pass):
         kernels: dict[int, AttentionKernel] = {}
         for position, site in enumerate(chosen):
             try:
-                kernels[site.index] = self.build_kernel(site, position, len(chosen))
+                kernel = self.build_kernel(site, position, len(chosen))
             except ValueError as e:
                 result.skip(site.label, first_line(e))
+                continue
+            if site.biases and not kernel.takes_bias:
+                names = ", ".join(site.bias_names())
+                result.skip(site.label, f"the scores carry an additive bias ({names}) that {type(kernel).__name__} "
+                                        "cannot apply (it reads masks as key visibility only); the site keeps softmax")
+                continue
+            kernels[site.index] = kernel
         chosen = [s for s in chosen if s.index in kernels]
         result.notes["attention_sites"] = len(sites)
+        if found.skipped:
+            result.notes["softmax_not_converted"] = len(found.skipped)
         if not chosen:
             return result
 
@@ -152,7 +176,7 @@ class AttentionSwap(Pass):
 
         linears = []  # the q/k/v/o projections of the replaced sites (for distill_params=lora)
         for site in chosen:
-            for node in (site.q, site.k if site.k is not None else site.k_transposed, site.v):
+            for node in (site.q, site.k, site.v):
                 linears.append(adapters.input_projection(node))
             new = self._rewire(gm, site, kernels[site.index])
             linears.append(adapters.output_projection(new))
@@ -209,25 +233,13 @@ class AttentionSwap(Pass):
 
     @staticmethod
     def _record(gm: fx.GraphModule, sites: list[AttentionSite], calls) -> dict[int, list[convert.SiteBatch]]:
-        nodes = []
-        for s in sites:
-            nodes += [s.q, s.k if s.k is not None else s.k_transposed, s.v]
-            if isinstance(s.mask, fx.Node):
-                nodes.append(s.mask)
+        nodes = [node for s in sites for node in s.inputs()]
         try:
             runs = record_values(gm, nodes, calls)
         except Exception as e:
             raise PassError(f"the graph cannot run the calibration data ({first_line(e)}); calibration inputs "
                             "must fit the captured shapes") from e
-        data = {}
-        for s in sites:
-            batches = []
-            for run in runs:
-                k = run[s.k] if s.k is not None else run[s.k_transposed].transpose(-1, -2)
-                mask = run[s.mask] if isinstance(s.mask, fx.Node) else None
-                batches.append((run[s.q], k, run[s.v], mask))
-            data[s.index] = batches
-        return data
+        return {s.index: [s.kernel_inputs(run.__getitem__) for run in runs] for s in sites}
 
     @staticmethod
     def _rewire(gm: fx.GraphModule, site: AttentionSite, kernel: AttentionKernel) -> fx.Node:
@@ -236,12 +248,21 @@ class AttentionSwap(Pass):
             name += "_"
         gm.add_submodule(name, kernel)
         graph = gm.graph
+        stack = site.output.meta.get("nn_module_stack", {})
+        added = []
+
+        def emit(op, args):
+            added.append(graph.call_function(op, args))
+            return added[-1]
+
         with graph.inserting_before(site.output):
-            k = site.k if site.k is not None else graph.call_function(aten.transpose.int, (site.k_transposed, -1, -2))
-            new = graph.call_module(name, (site.q, k, site.v, site.mask))
+            q, k, v, mask = site.kernel_inputs(lambda node: node, emit)
+            new = graph.call_module(name, (q, k, v, mask))
+            out = site.out_layout.apply(new, emit)
         new.meta["ptool.attention"] = {"site": site.index, "kernel": type(kernel).__name__, "module": site.module}
-        new.meta["nn_module_stack"] = site.output.meta.get("nn_module_stack", {})
-        site.output.replace_all_uses_with(new)
+        for node in (new, *added):
+            node.meta["nn_module_stack"] = stack
+        site.output.replace_all_uses_with(out)
         for node in site.nodes:  # the site's own nodes, consumer first
             if not node.users:
                 graph.erase_node(node)
