@@ -93,7 +93,8 @@ def _softmax_into_matmul(gm) -> int:
     aten = torch.ops.aten
     matmuls = {aten.matmul, aten.bmm, aten.mm, aten.einsum, aten.baddbmm}
     see_through = {aten.view, aten.reshape, aten.permute, aten.transpose, aten.dropout, aten.to, aten._to_copy,
-                   aten.contiguous, aten.clone, aten.expand, aten.unsqueeze, aten.squeeze, aten.flatten}
+                   aten.contiguous, aten.clone, aten.expand, aten.unsqueeze, aten.squeeze, aten.flatten,
+                   aten.linear}  # talking heads mix the probabilities across heads before the matmul
 
     def reaches(node, depth=0) -> bool:
         for user in node.users:
@@ -102,8 +103,9 @@ def _softmax_into_matmul(gm) -> int:
                 return True
         return False
 
-    softmaxes = [n for n in gm.graph.nodes if getattr(n.target, "overloadpacket", None) in (aten.softmax, aten._softmax)]
-    fused = [n for n in gm.graph.nodes if getattr(n.target, "overloadpacket", None) is aten.scaled_dot_product_attention]
+    packets = [(n, getattr(n.target, "overloadpacket", None)) for n in gm.graph.nodes]
+    softmaxes = [n for n, p in packets if p in (aten.softmax, aten._softmax)]
+    fused = [n for n, p in packets if p is aten.scaled_dot_product_attention]
     return sum(1 for n in softmaxes if reaches(n)) + len(fused)
 
 

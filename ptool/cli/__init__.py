@@ -4,7 +4,7 @@ One module per command (``ptool/cli/<command>.py``), each with ``add_arguments(p
 ``run(args, ui) -> int``. This package imports nothing heavy: torch and friends load inside
 ``run``, so ``ptool --help`` is instant.
 
-Error contract (API.md "Command line"):
+Error contract (the README's "Command line"):
 
 - a :class:`ptool.PtoolError` prints ``ptool: error: <message>`` (one line) on stderr and exits with
   its ``exit_code``: 2 for bad usage (bad path, pass name, option, inputs), 1 for a failed conversion

@@ -1,6 +1,6 @@
 """Resolve whatever the user hands ptool into a loaded model.
 
-Accepted (API.md): an ``nn.Module``, an ``ExportedProgram``, an ONNX ``ModelProto``, or a path —
+Accepted (the public API, see the README): an ``nn.Module``, an ``ExportedProgram``, an ONNX ``ModelProto``, or a path —
 ``.onnx``, ``.pt2`` (ExportedProgram), or a Hugging Face model folder (``config.json`` +
 safetensors). Pickled ``.pt``/``.pth`` files are refused: unpickling runs code from the file. With
 ``allow_pickle=True`` they are read with ``torch.load(weights_only=True)``, which rebuilds only

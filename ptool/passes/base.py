@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 class Family(str, enum.Enum):
-    """Pass families, as listed in API.md."""
+    """Pass families, as the README lists them."""
 
     CLEANUP = "cleanup"
     REPARAM = "re-parameterization"

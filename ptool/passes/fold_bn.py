@@ -8,7 +8,8 @@ With ``s = gamma / sqrt(running_var + eps)`` per channel:
   ``bn(linear(x).flatten(0, 1)).reshape_as(x)`` -- folds the same way: the reshape between them
   keeps the features in the last axis, so they are still the BatchNorm's channels.
 - **BN before conv/linear**, when every consumer of the BN output is a conv/linear reading it as
-  its input (possibly through eval-mode dropout or a copy: LeViT's ``NormLinear`` head): ``W' = W (.) s`` along input channels, ``b' = b + sum(W * (beta - s * mean))``.
+  its input (possibly through eval-mode dropout or a copy: LeViT's ``NormLinear`` head):
+  ``W' = W (.) s`` along input channels, ``b' = b + sum(W * (beta - s * mean))``.
   Exact only without zero padding: padding inserts zeros *after* the BN, which the folded conv
   would see as ``beta - s * mean`` instead. Such sites are skipped and the report says why.
 

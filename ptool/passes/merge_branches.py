@@ -291,7 +291,8 @@ def _group_terms(gm: torch.fx.GraphModule, root: torch.fx.Node, terms: list[torc
             if isinstance(stats, str):
                 reasons.append(f"{core.name}: {stats}")
             elif private and same_shape:
-                by_input.setdefault(_see_through(stats.x)[0], []).append(_Identity(term, stats.scale, stats.shift, sign))
+                ident = _Identity(term, stats.scale, stats.shift, sign)
+                by_input.setdefault(_see_through(stats.x)[0], []).append(ident)
                 continue
         if same_shape:  # any other term may be the identity branch of layers reading it
             by_input.setdefault(core, []).append(_Identity(term, sign=sign))

@@ -167,9 +167,8 @@ class _Run:
         except PtoolError:
             raise
         except Exception as e:
-            raise PtoolError(
-                f"pass '{spec}' failed on the {ir.noun} ({type(e).__name__}: {first_line(e)}); passes already run: {ran}"
-            ) from e
+            raise PtoolError(f"pass '{spec}' failed on the {ir.noun} ({type(e).__name__}: {first_line(e)}); "
+                             f"passes already run: {ran}") from e
         seconds = time.perf_counter() - start
 
         fidelity, violation = None, None
@@ -196,7 +195,8 @@ def _verify(ir: IR, pass_: Pass, model: Any, result: PassResult, inputs: Sequenc
     try:
         runnable = ir.checked(model)
     except Exception as e:
-        raise PtoolError(f"pass '{spec}' produced an invalid {ir.noun} ({first_line(e)}); passes already run: {ran}") from e
+        raise PtoolError(f"pass '{spec}' produced an invalid {ir.noun} ({first_line(e)}); "
+                         f"passes already run: {ran}") from e
     try:
         after = ir.outputs(runnable, inputs)
     except Exception as e:

@@ -16,7 +16,7 @@ from ptool.passes.fold_affine import FoldAffine
 from tests.models import zoo
 
 aten = torch.ops.aten
-RTOL = 1e-5  # METHODS.md 7.2: exact passes, fp32
+RTOL = 1e-5  # exact passes, fp32: the project's bound for exact rewrites
 
 
 @functools.cache

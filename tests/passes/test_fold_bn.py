@@ -110,7 +110,7 @@ def test_tied_conv_weight_is_not_overwritten_for_its_other_user():
 
 @pytest.mark.parametrize("builder", [zoo.resnet, zoo.mobilenet_v2], ids=["resnet", "mobilenet_v2"])
 def test_fold_bn_is_exact_in_float64(builder):
-    """In float64 the fold is exact to rounding (METHODS.md 7.2: <= 1e-10 relative)."""
+    """In float64 the fold is exact to rounding (<= 1e-10 relative)."""
     fixture = builder()
     model = fixture.model.double()
     x = fixture.example_inputs[0].double()

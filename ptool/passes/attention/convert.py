@@ -1,6 +1,6 @@
 """Conversion: make replaced attention layers behave like the softmax they replace.
 
-METHODS.md is blunt that almost no attention swap keeps a pretrained model working without
+The literature is blunt that almost no attention swap keeps a pretrained model working without
 training; Hedgehog/LoLCATs and SEA come with a recipe, and the same recipe serves every kernel
 that has parameters:
 

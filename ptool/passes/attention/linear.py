@@ -37,7 +37,7 @@ Options: ``feature_dim`` (0 = the map's default) is used by performer (``m``) an
 causal core and DiagAttention; ``local`` only by transnormer (LoLCATs' sliding-window hybrid is not
 implemented). Others ignore options they do not use.
 
-Limits (METHODS.md §1, P3/P4): none of these is function-preserving on a pretrained softmax model.
+Limits: none of these is function-preserving on a pretrained softmax model.
 Hedgehog (and elu/performer as baselines) convert by attention distillation
 (:meth:`AttentionKernel.attention_weights` gives the rows); SLAB's SLA and TransNormer are
 pretraining architectures with no published conversion recipe, so distillation here is our own.

@@ -42,7 +42,7 @@ simplified kernel-supervised-hashing fit on one calibration batch. EcoFormer als
 to be finetuned with a *shared* q/k projection first; ptool does not do that, it hashes the
 separate q and k with the same function.
 
-Limits: all three are pretraining architectures (METHODS.md P4/P12); converting a trained softmax
+Limits: all three are pretraining architectures (trained from scratch in their papers); converting a trained softmax
 model can only distil them, and only InLine's local conv and EcoFormer's ``A`` have parameters.
 """
 
