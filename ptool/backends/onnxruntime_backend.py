@@ -14,7 +14,11 @@ right after ORT measures several times slower on 2 cores).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -230,12 +234,26 @@ class _Bf16InFloat32:
                 "has no bf16 arithmetic kernels")
 
 
+@contextlib.contextmanager
+def _quiet_optimizer() -> Iterator[None]:
+    """Keep ORT's transformer optimizer off the terminal: it prints ``failed in shape inference`` to
+    stdout and logs ``symbolic shape inference disabled or failed`` warnings for graphs it cannot
+    type fully (it then fuses less, which the fused-op counts say)."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _fuse_transformer(path: Path) -> tuple[Path, dict[str, int]]:
     """ORT's transformer optimizer over the exported model, saved next to it; fused-op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     try:
-        model = optimize_model(str(path), model_type="bert", opt_level=0)
+        with _quiet_optimizer():
+            model = optimize_model(str(path), model_type="bert", opt_level=0)
     except Exception as e:
         raise BackendError(f"onnxruntime's transformer optimizer failed: {first_line(e)}") from e
     counts = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
