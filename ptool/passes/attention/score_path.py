@@ -33,8 +33,21 @@ import torch.fx as fx
 from ptool.ir.graph import is_op, module_path
 from ptool.ir.noise import CAST_OPS, IDENTITY_OPS, LAYOUT_OPS, constant_value, is_noise, node_args, scale_step
 from ptool.passes.attention.canonical import (
-    PRODUCTS, VALUE_NOISE, VIEWS, WEIGHT_PRODUCT, Layout, Product, ScoreTerm, is_constant, operands, product,
-    score_geometry, shape_of, term_layout, term_source, value_geometry,
+    PRODUCTS,
+    VALUE_NOISE,
+    VIEWS,
+    WEIGHT_PRODUCT,
+    Layout,
+    Product,
+    ScoreTerm,
+    is_constant,
+    operands,
+    product,
+    score_geometry,
+    shape_of,
+    term_layout,
+    term_source,
+    value_geometry,
 )
 from ptool.passes.attention.kernel import MASKED
 

@@ -18,9 +18,28 @@ Every factory returns ``(model, (example_input,))`` so ``ptool inspect module:fu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ptool.passes.attention.kernel import SoftmaxKernel
+from ptool.passes.attention.swap import AttentionSwap
+from ptool.passes.base import Family
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwapForSoftmax(AttentionSwap):
+    """Replace every site by exact softmax (its bias included): the rewiring and the canonical form
+    must not change the model."""
+
+    name: ClassVar[str] = "swap-for-softmax"
+    family: ClassVar[Family] = Family.ATTENTION_LINEAR
+
+    def build_kernel(self, site, position, selected):
+        return SoftmaxKernel(site.shape())
 
 DIM, HEADS = 16, 2
 

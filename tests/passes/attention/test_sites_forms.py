@@ -1,34 +1,19 @@
 """Attention in every form: Swin, MaxViT, bmm and mask spellings are sites; talking heads, channel and
 factorized attention are reported skips; no softmax feeding a product is silent."""
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import pytest
 import torch
 from torch import nn
 
 import ptool
-from ptool.passes.attention.kernel import SoftmaxKernel
 from ptool.passes.attention.sites import find_sites, scan
-from ptool.passes.attention.swap import AttentionSwap, scan_of
-from ptool.passes.base import Family
+from ptool.passes.attention.swap import scan_of
 from ptool.passes.registry import parse_pass
 from tests.passes.attention import attention_forms as forms
+from tests.passes.attention.attention_forms import SwapForSoftmax
 
 PRODUCTS = {torch.ops.aten.matmul.default, torch.ops.aten.bmm.default, torch.ops.aten.einsum.default}
 SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
-
-
-@dataclass(frozen=True, kw_only=True)
-class SwapForSoftmax(AttentionSwap):
-    """Replace every site by exact softmax (bias included): the canonical form must not change the model."""
-
-    name: ClassVar[str] = "swap-for-softmax"
-    family: ClassVar[Family] = Family.ATTENTION_LINEAR
-
-    def build_kernel(self, site, position, selected):
-        return SoftmaxKernel(site.shape())
 
 
 def _graph(factory):

@@ -12,17 +12,7 @@ from ptool.passes.attention.kernel import AttentionKernel, SoftmaxKernel
 from ptool.passes.attention.swap import AttentionSwap
 from ptool.passes.base import Family
 from tests.models import zoo
-
-
-@dataclass(frozen=True, kw_only=True)
-class SwapForSoftmax(AttentionSwap):
-    """Replace every site by exact softmax: the rewiring must not change the model at all."""
-
-    name: ClassVar[str] = "swap-for-softmax"
-    family: ClassVar[Family] = Family.ATTENTION_LINEAR
-
-    def build_kernel(self, site, position, selected):
-        return SoftmaxKernel(site.shape())
+from tests.passes.attention.attention_forms import SwapForSoftmax
 
 
 class _Tempered(AttentionKernel):
