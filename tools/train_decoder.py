@@ -5,11 +5,11 @@ Python; Python Software Foundation licence), UTF-8 bytes (vocabulary 256, no tok
 sorted by name; every 8th one is held out (about an eighth of the bytes), the rest is training text.
 
 Model (``transformers.LlamaForCausalLM``): 4 layers, hidden 128, MLP 384 (SwiGLU), 4 query heads
-and 2 key/value heads of 32 (grouped-query attention), RoPE, RMSNorm, untied head; 0.83 M
+and 2 key/value heads of 32 (grouped-query attention), RoPE, RMSNorm, untied head; 0.85 M
 parameters (every Linear width a multiple of 128, so int4 groups of 32 and 128 both fit). Recipe:
 1500 AdamW steps (lr 3e-3, warm-up 100, cosine to 10%, weight decay 0.1, gradient clip 1), batch
-16 random windows of 128 bytes, seed 0: about 3 M training tokens, 7 passes over the text. Minutes
-on 2 idle cores (hidden 256 took 4x longer per step); the result is saved to
+16 random windows of 128 bytes, seed 0: about 3 M training tokens, 7 passes over the text. About
+9 minutes on one thread of a busy 2-core machine (hidden 256 took 4x longer per step); the result is saved to
 ``~/.cache/ptool/decoder/`` with the recipe and reused while the recipe is the same.
 
     .venv/bin/python tools/train_decoder.py [--steps 1500] [--force]
@@ -170,7 +170,8 @@ def load(recipe: Recipe = Recipe(), force: bool = False, folder: pathlib.Path = 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=Recipe.steps)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (one: 0.75 s a step on a busy 2-core machine, where two took 3 s)")
     p.add_argument("--force", action="store_true", help="train again even if a saved model has this recipe")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

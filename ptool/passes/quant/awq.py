@@ -4,17 +4,21 @@ For the Linears reading one input ``x`` (a site of :mod:`._sites`: q/k/v, gate/u
 down_proj, ...), ``y = x W^T = (x diag(1/s)) (W diag(s))^T`` exactly; quantizing ``W diag(s)``
 instead of ``W`` scales up the columns of the inputs with a large ``mean|x_j|``, so their
 relative rounding error shrinks (the grid of each group is set by its largest weights, which a
-moderate ``s`` leaves in place). The scale is searched, not learned:
+moderate ``s`` leaves in place). The scale is searched, not learned, over the two published forms
 
-    s(alpha) = mean|x|^alpha / sqrt(max * min),   alpha in {0, 1/grid, ..., (grid-1)/grid}
+    s(alpha) = mean|x|^alpha                        (AWQ)
+    s(alpha) = mean|x|^alpha / mean|w^|^(1 - alpha)  (AutoAWQ's "duo" scaling; w^ = |W| over its group's max)
 
-keeping the ``alpha`` whose quantized layers, ``(x / s) Q(W diag(s))^T``, are closest to the
-float outputs on the calibration inputs, summed over the site's Linears. The error is computed
-from the input's second moments, ``tr(dW H dW^T)`` with ``H = X^T X``
-(:mod:`._hessian`), which equals the squared output error over all calibration tokens without
-keeping them. ``alpha = 0`` is round-to-nearest itself, so a site is never scaled to a larger
-error than RTN's. Per-head sites (v -> o_proj) use one ``head_dim`` vector for every head (the
-mean over heads), so the fold into the value projection stays exact with grouped-query heads.
+each normalized by ``sqrt(max s * min s)``, ``alpha in {0, 1/grid, ..., (grid-1)/grid}``, keeping
+the one whose quantized layers, ``(x / s) Q(W diag(s))^T``, are closest to the float outputs on
+the calibration inputs, summed over the site's Linears. ``Q`` is the quantizer applied in the end
+(round to nearest with the data-aware clipping below), so the search scores exactly what is
+stored. The error is computed from the input's second moments, ``tr(dW H dW^T)`` with
+``H = X^T X`` (:mod:`._hessian`), which equals the squared output error over all calibration
+tokens without keeping them. ``alpha = 0`` of the first form is no scaling, so a site is never
+scaled to a larger error than it has unscaled. Per-head sites (v -> o_proj) use one ``head_dim``
+vector for every head (the mean over heads), so the fold into the value projection stays exact
+with grouped-query heads.
 
 Where ``1/s`` goes (all exact in real arithmetic, folded in float64 and cast once):
 
@@ -25,9 +29,9 @@ Where ``1/s`` goes (all exact in real arithmetic, folded in float64 and cast onc
 - ``online``: otherwise (a post-LN output that is also the residual stream, GELU -> fc2, an
   input), a ``mul`` by the stored vector ``1/s`` before the Linears.
 
-After the search every scaled layer is quantized by round-to-nearest with AWQ's data-aware
-clipping: each group's clip factor minimizes its share of the output error, ``e H_gg e^T``, in
-the scaled coordinates (``H' = diag(1/s) H diag(1/s)``), instead of the weight error RTN uses.
+Every searched layer is quantized by round-to-nearest with AWQ's data-aware clipping: each
+group's clip factor minimizes its share of the output error, ``e H_gg e^T``, in the scaled
+coordinates (``H' = diag(1/s) H diag(1/s)``), instead of the weight error RTN uses.
 
 Limits: the error is layer-wise (the paper measures a whole block's output, e.g. attention for
 q/k/v); sites whose Linears are not all quantized (``exclude``, ``keep_float``), and Linears
@@ -56,11 +60,13 @@ _HOW = {_sites.NormScale: "into-norm", _sites.LinearOutput: "into-linear", _site
 
 @dataclass
 class Search:
-    """The chosen scale of one site: ``s`` (float64, per input channel), its ``alpha``, and the
-    relative output error (``tr(dW H dW^T) / tr(W H W^T)`` over the site's Linears) with it and
-    with round-to-nearest (``alpha = 0``)."""
+    """The chosen scale of one site: ``s`` (float64, per input channel), its ``form`` (``"x"`` or
+    ``"x/w"``) and ``alpha``, and the relative output error (``tr(dW H dW^T) / tr(W H W^T)`` over
+    the site's Linears) with it and with plain round-to-nearest (no scale, data-free clipping:
+    ``method=rtn``)."""
 
     s: torch.Tensor
+    form: str
     alpha: float
     error: float
     rtn_error: float
@@ -73,26 +79,31 @@ def search_scale(weights: Sequence[torch.Tensor], hessian: torch.Tensor, mean_ab
     w = torch.cat([x.detach().float() for x in weights])
     h = hessian.float()
     reference = float(((w @ h) * w).sum()) or 1.0
-    act = mean_abs.double()
-    if head_dim is not None:  # one vector for every head
-        act = act.view(-1, head_dim).mean(0)
-    best: Search | None = None
-    rtn_error = float("nan")
-    for k in range(grid):
-        alpha = k / grid
-        s = act.pow(alpha).clamp_min(1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        if head_dim is not None:
-            s = s.repeat(w.shape[1] // head_dim)
-        sf = s.float()
-        w_hat = qz.dequantize_groups(*qz.quantize_weight_asymmetric(w * sf, bits, group_size)) / sf
+
+    def error_of(w_hat: torch.Tensor) -> float:
         dw = w_hat - w
-        error = float(((dw @ h) * dw).sum()) / reference
-        if k == 0:
-            rtn_error = error
-        if best is None or error < best.error:
-            best = Search(s, alpha, error, rtn_error)
-    best.rtn_error = rtn_error
+        return float(((dw @ h) * dw).sum()) / reference
+
+    act = mean_abs.double()
+    groups = w.abs().reshape(w.shape[0], -1, group_size)
+    w_mean = (groups / groups.amax(-1, keepdim=True).clamp_min(1e-30)).reshape(w.shape).mean(0).double()
+    if head_dim is not None:  # one vector for every head
+        act, w_mean = act.view(-1, head_dim).mean(0), w_mean.view(-1, head_dim).mean(0)
+    best: Search | None = None
+    for form in ("x", "x/w"):
+        for k in range(grid):
+            alpha = k / grid
+            s = act.pow(alpha) if form == "x" else act.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)
+            s = s.clamp_min(1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            if head_dim is not None:
+                s = s.repeat(w.shape[1] // head_dim)
+            sf = s.float()
+            levels = qz.quantize_weight_asymmetric(w * sf, bits, group_size, hessian=hessian / torch.outer(s, s))
+            error = error_of(qz.dequantize_groups(*levels) / sf)
+            if best is None or error < best.error:
+                best = Search(s, form, alpha, error, float("nan"))
+    best.rtn_error = error_of(qz.dequantize_groups(*qz.quantize_weight_asymmetric(w, bits, group_size)))
     return best
 
 
@@ -107,8 +118,8 @@ def apply_awq(gm: fx.GraphModule, calls: Sequence[tuple[tuple, dict]], eligible:
     """Search and fold the scales of every site whose Linears are all in ``eligible``, then quantize
     their (scaled) weights with the data-aware clipping.
 
-    Returns the levels of each searched Linear and the notes: per site ``{"alpha", "how",
-    "error", "rtn_error"}`` (``error``: the relative output error of the levels returned, summed
+    Returns the levels of each searched Linear and the notes: per site ``{"form", "alpha",
+    "how", "error", "rtn_error"}`` (``error``: the relative output error of the levels returned, summed
     over the site's Linears), or ``{"how": "not scaled: <why>"}``.
     """
     sites, left_out = _sites.find_sites(gm, lambda layer: layer.node in eligible)
@@ -129,11 +140,12 @@ def apply_awq(gm: fx.GraphModule, calls: Sequence[tuple[tuple, dict]], eligible:
         head_dim = producer.head_dim if isinstance(producer, _sites.HeadOutput) else None
         found = search_scale([weight_of(gm, layer) for layer in site.layers], st.hessian, st.mean_abs, bits=bits,
                              group_size=group_size, grid=grid, head_dim=head_dim)
-        how = "kept (alpha 0: round-to-nearest is best)"
-        if found.alpha > 0:
+        how = "kept (no scale is best)"
+        if found.form != "x" or found.alpha > 0:
             how = _fold(gm, site, found.s, pass_name)
         hessians[site.layers[0].node] = st.hessian / torch.outer(found.s, found.s)  # the input is x / s now
-        notes[site.label] = {"alpha": found.alpha, "how": how, "error": found.error, "rtn_error": found.rtn_error}
+        notes[site.label] = {"form": found.form, "alpha": found.alpha, "how": how, "error": found.error,
+                             "rtn_error": found.rtn_error}
         done.append(site)
     # after every fold: a later site may have scaled this one's output rows (per-row grids scale along)
     levels: dict[fx.Node, Levels] = {}

@@ -62,18 +62,19 @@ def test_search_protects_salient_channels_better_than_round_to_nearest():
     w = torch.randn(96, 128, generator=torch.Generator().manual_seed(2))
     h = x.double().T @ x.double()
     found = awq.search_scale([w], h, x.abs().mean(0), bits=4, group_size=32, grid=20)
-    # measured: rtn 6.5e-3, awq 3.2e-3 at alpha 0.5; the salient channels scaled 4.5x the others
+    # measured: rtn 6.5e-3, awq 2.6e-3 (mean|x|^0.3); the salient channels scaled 2.4x the others or more
     assert 5.5e-3 < found.rtn_error < 7.5e-3
-    assert found.error < 0.6 * found.rtn_error and 0 < found.alpha < 1
+    assert found.error < 0.5 * found.rtn_error and 0 < found.alpha < 1
     assert float(found.s[:4].min()) > 2 * float(found.s[4:].max())
 
 
-def test_alpha_zero_is_round_to_nearest():
+def test_no_scale_is_a_candidate_so_the_search_never_loses_to_it():
     x = torch.randn(256, 64, generator=torch.Generator().manual_seed(3))
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
-    found = awq.search_scale([w], x.double().T @ x.double(), x.abs().mean(0), bits=4, group_size=32, grid=1)
-    assert found.alpha == 0 and torch.equal(found.s, torch.ones(64, dtype=torch.float64))
-    assert found.error == found.rtn_error
+    h = x.double().T @ x.double()
+    found = awq.search_scale([w], h, x.abs().mean(0), bits=4, group_size=32, grid=1)
+    unscaled = qz.dequantize_groups(*qz.quantize_weight_asymmetric(w, 4, 32, hessian=h)) - w
+    assert found.error <= float(((unscaled.double() @ h) * unscaled.double()).sum() / ((w.double() @ h) * w.double()).sum())
 
 
 def test_folding_the_scales_is_exact_in_float_and_says_where_they_went():
@@ -94,7 +95,7 @@ def test_folding_the_scales_is_exact_in_float_and_says_where_they_went():
 
 def test_awq_beats_rtn_on_inputs_with_a_few_large_channels():
     rtn, awq_db = _sqnr(INT4), _sqnr(f"{INT4},method=awq")
-    # measured: rtn 20.5 dB, awq 23.2 dB
+    # measured: rtn 20.5 dB, awq 23.0 dB
     assert awq_db > rtn + 2
     _, m2 = _quantized(f"{INT4},method=awq")
     notes = m2.report.records[-1].notes["awq"]
@@ -122,15 +123,15 @@ def test_decoder_scales_fold_into_norms_values_and_the_swiglu_product():
     gm.recompile()
     how = {label: note["how"] for label, note in result.notes["awq"].items()}
     assert how["model.layers.0.self_attn:q_proj+k_proj+v_proj"] == "into-norm"
-    assert how["model.layers.0.self_attn:o_proj"] in ("into-value", "kept (alpha 0: round-to-nearest is best)")
-    assert how["model.layers.1.mlp:down_proj"] in ("into-product", "kept (alpha 0: round-to-nearest is best)")
+    assert how["model.layers.0.self_attn:o_proj"] in ("into-value", "kept (no scale is best)")
+    assert how["model.layers.1.mlp:down_proj"] in ("into-product", "kept (no scale is best)")
     assert all(n["error"] <= n["rtn_error"] for n in result.notes["awq"].values())
     args, kwargs = f.heldout(1)
     with torch.no_grad():
         assert ptool.verify.compare(f.run((args, kwargs)), gm(*args, **kwargs)).cosine > 0.99
 
 
-def test_data_aware_clipping_never_loses_to_weight_error_clipping_on_the_output():
+def test_data_aware_clipping_lowers_the_output_error():
     x = outlier_inputs(1024, 64, 5)
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
     h = x.double().T @ x.double()
