@@ -514,8 +514,19 @@ def claimed_pass(name: str) -> st.SearchStrategy[Pass]:
     return st.just(reference)
 
 
+def weight_only_quantize() -> st.SearchStrategy[Pass]:
+    """``quantize:mode=int4-weight`` with a calibrated ``method`` (a free draw of the options seldom pairs
+    ``method=gptq|awq`` with the one mode they run in)."""
+    return st.builds(lambda method, group, act_order, damp, grid, embeddings: Quantize(
+        mode="int4-weight", method=method, group_size=group, act_order=act_order, damp=damp, awq_grid=grid,
+        embeddings=embeddings), st.sampled_from(["gptq", "awq"]), _SMALL["group_size"], st.booleans(),
+        _SMALL["damp"], _SMALL["awq_grid"], st.booleans())
+
+
 def any_pass(name: str) -> st.SearchStrategy[Pass]:
-    if PASSES[name].numerics.exact or name == "quantize":
+    if name == "quantize":  # 1 in 3: a calibrated weight-only method
+        return st.integers(0, 2).flatmap(lambda i: weight_only_quantize() if i == 0 else cheap_pass(name))
+    if PASSES[name].numerics.exact:
         return cheap_pass(name)
     # the claimed configurations cost up to seconds (200 conversion steps, a 60-step fine-tune): 1 in 3
     return st.integers(0, 2).flatmap(lambda i: claimed_pass(name) if i == 0 else cheap_pass(name))
