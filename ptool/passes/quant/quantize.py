@@ -23,15 +23,16 @@ embedding table becomes an int8/int4 gather. Modes:
     calibration inputs (damped by ``damp`` times its mean diagonal; ``act_order`` sweeps the most
     active inputs first). Layers are done in dependency order, each on inputs recorded with the
     layers before it already quantized.
-  - ``awq``: AWQ (:mod:`.awq`): per-input-channel scales ``s = mean|x|^alpha`` (``alpha`` searched
-    on ``awq_grid`` points in [0, 1) for the least layer-output error) folded exactly as
-    ``W diag(s)`` into the Linears and ``1/s`` into the norm or Linear before them (else a stored
-    ``mul``), then round to nearest with the clipping chosen on the layer's output error.
+  - ``awq``: AWQ (:mod:`.awq`): per-input-channel scales ``s = mean|x|^alpha`` (or AutoAWQ's
+    ``mean|x|^alpha / mean|w|^(1 - alpha)``; form and ``alpha`` searched on ``awq_grid`` points in
+    [0, 1) for the least layer-output error) folded exactly as ``W diag(s)`` into the Linears and
+    ``1/s`` into the norm or Linear before them (else a stored ``mul``), then round to nearest
+    with the clipping chosen on the layer's output error.
 
   Both calibrated methods store exactly the levels / scales / zero points ``rtn`` stores, so every
   backend runs them unchanged; ``notes["gptq"]`` / ``notes["awq"]`` hold the relative output
   error of each layer (site) on the calibration data next to round-to-nearest's, and for AWQ the
-  chosen ``alpha`` and where ``1/s`` went.
+  chosen scale and where ``1/s`` went.
 
 Layers stay float when their module path or node name matches an ``exclude`` pattern
 (``fnmatch``), or when ``keep_float=N`` and they are among the N layers whose own output suffers
@@ -137,7 +138,7 @@ class Quantize(Pass):
             ``awq`` (both need calibration data; ``int4-weight`` only).
         damp: ``gptq``: Hessian damping, as a fraction of its mean diagonal (in (0, 1]).
         act_order: ``gptq``: quantize the columns in decreasing order of input activity.
-        awq_grid: ``awq``: how many ``alpha`` values in [0, 1) the scale search tries.
+        awq_grid: ``awq``: how many ``alpha`` values in [0, 1) the scale search tries (per scale form).
     """
 
     name: ClassVar[str] = "quantize"

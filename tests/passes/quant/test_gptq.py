@@ -186,3 +186,13 @@ def test_gptq_runs_the_fused_qkv_of_a_decoder():
     args, kwargs = f.heldout(1)
     with torch.no_grad():
         assert ptool.verify.compare(f.run((args, kwargs)), gm(*args, **kwargs)).cosine > 0.99
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_layouts_run_on_tvm(method):
+    _, m2 = _quantized(f"{INT4},method={method}")
+    x = correlated(64, 128, 100)
+    run = ptool.compile(m2, backend="tvm", example_inputs=(x,))
+    with torch.no_grad():
+        assert ptool.verify.compare(m2(x), run(x)).max_abs_error < 1e-4
