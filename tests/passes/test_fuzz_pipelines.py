@@ -151,7 +151,8 @@ VALID: dict[str, dict[str, st.SearchStrategy]] = {
     "sparse-attention": {**_ATTENTION, "k": _POSITIVE, "window": st.integers(1, INT64[1]),
                          "block_size": st.integers(1, INT64[1]), "feature_dim": _NONNEG},
     "quantize": {"group_size": st.integers(1, INT64[1] // 2).map(lambda n: 2 * n), "percentile": _PERCENT,
-                 "exclude": _PATTERNS, "keep_float": _NONNEG},
+                 "exclude": _PATTERNS, "keep_float": _NONNEG, "damp": _floats(0, 1, exclude_min=True),
+                 "awq_grid": st.integers(1, INT64[1])},
     "smooth-quant": {"alpha": _floats(0, 1), "layers": _PATTERNS},
     "rotate": {"seed": st.integers(*INT64), "train_steps": st.integers(1, INT64[1]), "lr": _POSITIVE,
                "weight_bits": st.integers(2, 16), "act_bits": st.integers(2, 16), "layers": _PATTERNS},
@@ -183,7 +184,8 @@ OUT_OF_RANGE: dict[str, dict[str, st.SearchStrategy]] = {
                          "block_size": st.integers(INT64[0], 0), "feature_dim": _NEGATIVE},
     "quantize": {"group_size": (st.integers(INT64[0] // 2, 0).map(lambda n: 2 * n)  # even but < 2, or odd
                                 | st.integers(-50, 50).map(lambda n: 2 * n + 1)),
-                 "percentile": _floats(None, 50) | _floats(100, exclude_min=True), "keep_float": _NEGATIVE},
+                 "percentile": _floats(None, 50) | _floats(100, exclude_min=True), "keep_float": _NEGATIVE,
+                 "damp": _floats(None, 0) | _floats(1, exclude_min=True), "awq_grid": st.integers(INT64[0], 0)},
     "smooth-quant": {"alpha": _floats(None, 0, exclude_max=True) | _floats(1, exclude_min=True)},
     "rotate": {"train_steps": st.integers(INT64[0], 0), "lr": _NOT_POSITIVE,
                "weight_bits": st.integers(INT64[0], 1) | st.integers(17, INT64[1]),
@@ -451,6 +453,7 @@ _SMALL = {  # options whose cost grows with the value: small in pipelines (full 
     "eta_init": st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.0]), "bn_eps": st.sampled_from([1e-6, 1e-5, 1e-3, 0.1]),
     "decay_fraction": st.sampled_from([0.1, 0.5, 1.0]), "percentile": st.sampled_from([50.5, 90.0, 99.0, 99.99, 100.0]),
     "alpha": st.sampled_from([0.0, 0.25, 0.5, 0.85, 1.0]), "gelu_shift": st.sampled_from([0.0, GELU_SHIFT, 0.5]),
+    "damp": st.sampled_from([1e-3, 0.01, 0.1, 1.0]), "awq_grid": st.integers(1, 20),
 }
 _SITE_CHOICES = st.sampled_from([(), (), (), (), (), (0,), (1,), (0, 1)])  # mostly all sites
 _MODULE_CHOICES = st.sampled_from([(), (), (), ("attention",), ("mlp",), ("layer.0",), ("no-such-module",)])
@@ -511,8 +514,19 @@ def claimed_pass(name: str) -> st.SearchStrategy[Pass]:
     return st.just(reference)
 
 
+def weight_only_quantize() -> st.SearchStrategy[Pass]:
+    """``quantize:mode=int4-weight`` with a calibrated ``method`` (a free draw of the options seldom pairs
+    ``method=gptq|awq`` with the one mode they run in)."""
+    return st.builds(lambda method, group, act_order, damp, grid, embeddings: Quantize(
+        mode="int4-weight", method=method, group_size=group, act_order=act_order, damp=damp, awq_grid=grid,
+        embeddings=embeddings), st.sampled_from(["gptq", "awq"]), _SMALL["group_size"], st.booleans(),
+        _SMALL["damp"], _SMALL["awq_grid"], st.booleans())
+
+
 def any_pass(name: str) -> st.SearchStrategy[Pass]:
-    if PASSES[name].numerics.exact or name == "quantize":
+    if name == "quantize":  # 1 in 3: a calibrated weight-only method
+        return st.integers(0, 2).flatmap(lambda i: weight_only_quantize() if i == 0 else cheap_pass(name))
+    if PASSES[name].numerics.exact:
         return cheap_pass(name)
     # the claimed configurations cost up to seconds (200 conversion steps, a 60-step fine-tune): 1 in 3
     return st.integers(0, 2).flatmap(lambda i: claimed_pass(name) if i == 0 else cheap_pass(name))

@@ -24,8 +24,9 @@ pattern matches the node name, or (int4) the width is not a multiple of ``group_
 left float (dynamic int8 ``ConvInteger`` runs 5x slower than float Conv in ONNX Runtime). Only the
 main graph is rewritten (sites inside If / Loop bodies are left float). ``int8-static`` writes
 calibrated QDQ around Conv, MatMul and Gemm (``ptool/passes/onnx/quantize_static.py``).
-``keep_float`` needs the per-layer errors ptool measures on torch graphs: on ONNX it raises a
-:class:`~ptool.errors.PassError` saying to give the torch model.
+``keep_float`` needs the per-layer errors ptool measures on torch graphs, and ``method=gptq|awq`` the
+layer inputs it records there: on ONNX they raise a :class:`~ptool.errors.PassError` saying to give the
+torch model.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def quantize_refusal(pass_: Pass) -> str | None:
     if pass_.keep_float:
         return ("quantize:keep_float needs per-layer errors ptool measures on torch graphs; give ptool the torch "
                 "model, or name the layers to keep with exclude= on this ONNX model")
+    if pass_.method != "rtn":
+        return (f"quantize:method={pass_.method} needs the layer inputs ptool records on torch graphs; give ptool the "
+                "torch model, or use method=rtn on this ONNX model")
     if pass_.mode == "int4-weight" and (pass_.group_size < 16 or pass_.group_size & (pass_.group_size - 1)):
         return (f"quantize:mode=int4-weight on ONNX lowers to MatMulNBits, whose group_size must be a power of 2 "
                 f">= 16, got {pass_.group_size}")

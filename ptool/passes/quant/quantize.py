@@ -13,8 +13,26 @@ embedding table becomes an int8/int4 gather. Modes:
 - ``int8-static``: the activation scale and zero point are calibrated (``observer`` =
   ``minmax``, ``percentile`` or ``mse``) on the calibration data. ONNX: QDQ around ``MatMul``.
 - ``int4-weight``: weight-only; 4-bit levels with one scale and zero point per ``group_size``
-  inputs, each group's range clipped where that lowers its rounding error; activations stay
-  float. ONNX: ``com.microsoft.MatMulNBits``.
+  inputs; activations stay float. ONNX: ``com.microsoft.MatMulNBits``. How the levels are chosen
+  (``method``):
+
+  - ``rtn`` (default): round to nearest, each group's range clipped where that lowers its
+    rounding error. No data.
+  - ``gptq``: GPTQ (:mod:`.gptq`): columns rounded one at a time, each one's error fed back into
+    the columns not yet rounded through the inverse Hessian ``(2 X^T X / n)^-1`` of the layer's
+    calibration inputs (damped by ``damp`` times its mean diagonal; ``act_order`` sweeps the most
+    active inputs first). Layers are done in dependency order, each on inputs recorded with the
+    layers before it already quantized.
+  - ``awq``: AWQ (:mod:`.awq`): per-input-channel scales ``s = mean|x|^alpha`` (or AutoAWQ's
+    ``mean|x|^alpha / mean|w|^(1 - alpha)``; form and ``alpha`` searched on ``awq_grid`` points in
+    [0, 1) for the least layer-output error) folded exactly as ``W diag(s)`` into the Linears and
+    ``1/s`` into the norm or Linear before them (else a stored ``mul``), then round to nearest
+    with the clipping chosen on the layer's output error.
+
+  Both calibrated methods store exactly the levels / scales / zero points ``rtn`` stores, so every
+  backend runs them unchanged; ``notes["gptq"]`` / ``notes["awq"]`` hold the relative output
+  error of each layer (site) on the calibration data next to round-to-nearest's, and for AWQ the
+  chosen scale and where ``1/s`` went.
 
 Layers stay float when their module path or node name matches an ``exclude`` pattern
 (``fnmatch``), or when ``keep_float=N`` and they are among the N layers whose own output suffers
@@ -46,12 +64,14 @@ from ptool.ops.quant import pack_nibbles  # also registers torch.ops.ptool_quant
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.passes.quant import quantizers as qz
 from ptool.passes.quant._sites import exclude_pattern
+from ptool.passes.quant.gptq import Levels
 from ptool.progress import steps as progress
 from ptool.verify import Lossy, Numerics
 
 aten = torch.ops.aten
 
 Mode = Literal["int8-dynamic", "int8-static", "int4-weight"]
+Method = Literal["rtn", "gptq", "awq"]
 
 
 @dataclass
@@ -114,6 +134,11 @@ class Quantize(Pass):
         fuse_shared_inputs: linears reading the same input (q/k/v, gate/up) become one wider
             integer matmul and a split: fewer kernel calls, the same numbers (per-channel
             scales, and the shared input is quantized once either way).
+        method: how weight-only levels are chosen: ``rtn`` (round to nearest), ``gptq`` or
+            ``awq`` (both need calibration data; ``int4-weight`` only).
+        damp: ``gptq``: Hessian damping, as a fraction of its mean diagonal (in (0, 1]).
+        act_order: ``gptq``: quantize the columns in decreasing order of input activity.
+        awq_grid: ``awq``: how many ``alpha`` values in [0, 1) the scale search tries (per scale form).
     """
 
     name: ClassVar[str] = "quantize"
@@ -132,6 +157,10 @@ class Quantize(Pass):
     keep_float: int = 0
     activations: Literal["per-tensor", "per-token"] = "per-tensor"
     fuse_shared_inputs: bool = True
+    method: Method = "rtn"
+    damp: float = 0.01
+    act_order: bool = False
+    awq_grid: int = 20
 
     def __post_init__(self) -> None:
         if self.group_size < 2 or self.group_size % 2:
@@ -144,10 +173,18 @@ class Quantize(Pass):
             raise ValueError("activations=per-token applies to mode=int8-dynamic only")
         if self.mode == "int4-weight" and self.granularity == "per-tensor":
             raise ValueError("int4-weight uses per-group scales; granularity=per-tensor applies to int8 modes only")
+        if self.method != "rtn" and self.mode != "int4-weight":
+            raise ValueError(f"method={self.method} applies to the weight-only mode (mode=int4-weight) only")
+        if not 0 < self.damp <= 1:
+            raise ValueError(f"damp must be in (0, 1] (a fraction of the Hessian's mean diagonal), got {self.damp}")
+        if self.awq_grid < 1:
+            raise ValueError(f"awq_grid must be >= 1, got {self.awq_grid}")
 
     # -----------------------------------------------------------------------------------------
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.method != "rtn":
+            ctx.require_calibration(f"{self.name}:method={self.method}")
         result = PassResult()
         sites = [s for s in find_sites(gm) if s.kind == "linear" or self.embeddings]
         if not sites:
@@ -172,11 +209,15 @@ class Quantize(Pass):
                 result.skip(site.label, reason)
                 continue
             todo.append(site)
+        levels: dict[fx.Node, Levels] = {}
+        if self.method != "rtn":
+            todo, levels = self._calibrated_levels(gm, ctx, todo, result)
         before = after = 0
         for group in self._groups(gm, todo):
             site = group[0] if len(group) == 1 else _merged(gm, group)
             before += sum(s.weight.numel() * s.weight.element_size() for s in group)
-            new, stored = self._rewrite(gm, site, stats.get(group[0].node))
+            stored_levels = _concat([levels[s.node] for s in group]) if all(s.node in levels for s in group) else None
+            new, stored = self._rewrite(gm, site, stats.get(group[0].node), stored_levels)
             after += stored
             _replace(gm, group, new)
             result.hit(len(group))
@@ -197,6 +238,27 @@ class Quantize(Pass):
             fusable = self.fuse_shared_inputs and site.kind == "linear" and _bias_tensor(gm, site) is not False
             groups.setdefault(site.x if fusable else site.node, []).append(site)
         return list(groups.values())
+
+    def _calibrated_levels(self, gm: fx.GraphModule, ctx: PassContext, todo: list[_Site], result: PassResult
+                           ) -> tuple[list[_Site], dict[fx.Node, Levels]]:
+        """GPTQ levels, or AWQ's scales folded (which edits weights and inputs: the sites are found
+        again) and its clipped levels, for the linears in ``todo``; the notes say per layer what was done."""
+        from ptool.passes.quant import awq, gptq
+
+        calls = ctx.require_calibration_calls(f"{self.name}:method={self.method}")
+        linears = [s for s in todo if s.kind == "linear"]
+        if self.method == "gptq":
+            layers = [gptq.Layer(s.node, s.x, s.weight.float()) for s in linears]
+            levels = gptq.gptq_layers(gm, layers, calls, group_size=self.group_size, damp=self.damp,
+                                      act_order=self.act_order, desc=f"{self.name}: gptq")
+            result.notes["gptq"] = {s.label: {"error": levels[s.node].error, "rtn_error": levels[s.node].rtn_error}
+                                    for s in linears}
+            return todo, levels
+        levels, notes = awq.apply_awq(gm, calls, {s.node for s in linears}, bits=4, group_size=self.group_size,
+                                      grid=self.awq_grid, pass_name=self.name)
+        result.notes["awq"] = notes
+        fresh = {s.node: s for s in find_sites(gm)}  # the folds replaced weights and may have added a mul
+        return [fresh.get(s.node, s) for s in todo], levels
 
     def _excluded(self, sites: list[_Site], result: PassResult) -> set[fx.Node]:
         out = set()
@@ -265,8 +327,10 @@ class Quantize(Pass):
     # -----------------------------------------------------------------------------------------
     # rewriting
 
-    def _rewrite(self, gm: fx.GraphModule, site: _Site, stats: _LayerStats | None) -> tuple[fx.Node, int]:
-        """Insert the quantized op computing ``site`` (before it); return it and the bytes it stores."""
+    def _rewrite(self, gm: fx.GraphModule, site: _Site, stats: _LayerStats | None,
+                 levels: Levels | None = None) -> tuple[fx.Node, int]:
+        """Insert the quantized op computing ``site`` (before it); return it and the bytes it stores.
+        ``levels``: int4 levels chosen beforehand (``method=gptq|awq``), else round to nearest."""
         owner = site.owner
         ops = torch.ops.ptool_quant
         tensors: list[torch.Tensor] = []
@@ -276,6 +340,7 @@ class Quantize(Pass):
             return add_tensor(gm, owner, name, value, parameter=False, before=site.node)
 
         w = site.weight.float()
+        site.x = _input_of(site.node)  # an earlier rewrite may have replaced the node it reads (Linear -> Linear)
         if site.kind == "embedding":
             if self.mode == "int4-weight":
                 args = (site.x, *self._int4_buffers(w, buffer), w.shape[1])
@@ -285,7 +350,7 @@ class Quantize(Pass):
                 args = (site.x, buffer("qweight", levels), buffer("qscale", scales.squeeze(-1)))
                 target = ops.embedding_int8.default
         elif self.mode == "int4-weight":
-            args = (site.x, *self._int4_buffers(w, buffer), site.bias, w.shape[1])
+            args = (site.x, *self._int4_buffers(w, buffer, levels), site.bias, w.shape[1])
             target = ops.linear_int4.default
         else:
             levels, scales = self._int8_weight(w)
@@ -304,8 +369,11 @@ class Quantize(Pass):
         new.meta = {**site.node.meta, "ptool.from_pass": self.name}
         return new, sum(t.numel() * t.element_size() for t in tensors)
 
-    def _int4_buffers(self, w: torch.Tensor, buffer) -> tuple[fx.Node, fx.Node, fx.Node]:
-        levels, scales, zeros = qz.quantize_weight_asymmetric(w, 4, self.group_size)
+    def _int4_buffers(self, w: torch.Tensor, buffer, chosen: Levels | None = None) -> tuple[fx.Node, fx.Node, fx.Node]:
+        if chosen is not None:
+            levels, scales, zeros = chosen.levels, chosen.scales, chosen.zeros
+        else:
+            levels, scales, zeros = qz.quantize_weight_asymmetric(w, 4, self.group_size)
         return buffer("qweight", pack_nibbles(levels)), buffer("qscale", scales), buffer("qzero", pack_nibbles(zeros))
 
     def _int8_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,6 +388,18 @@ class Quantize(Pass):
 def _token_fake(quantize, x: torch.Tensor) -> torch.Tensor:
     levels, scale = quantize(x)
     return levels * scale
+
+
+def _input_of(node: fx.Node) -> fx.Node:
+    """The activation (linear, addmm) or indices (embedding) ``node`` reads now."""
+    return node.args[1] if is_op(node, aten.addmm, aten.embedding) else node.args[0]
+
+
+def _concat(parts: list[Levels]) -> Levels:
+    """The levels of linears fused side by side (output rows concatenated)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Levels(*(torch.cat([getattr(p, k) for p in parts]) for k in ("levels", "scales", "zeros")))
 
 
 def _bias_tensor(gm: fx.GraphModule, site: _Site) -> torch.Tensor | None | bool:

@@ -98,30 +98,61 @@ def fake_quantize_weight(w: torch.Tensor, bits: int = 8, group_size: int | None 
     return fake_quantize(_grouped(w, group_size), scale, 0, IntRange(bits)).reshape(w.shape)
 
 
-def quantize_weight_asymmetric(w: torch.Tensor, bits: int, group_size: int, clip_search: bool = True
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_weight_asymmetric(w: torch.Tensor, bits: int, group_size: int, clip_search: bool = True,
+                               hessian: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-group asymmetric levels of a ``(out, in)`` weight: ``(levels, scales, zero_points)``.
 
     Levels and zero points are unsigned (``[0, 2^bits - 1]``, uint8), shapes ``(out, in)`` and
     ``(out, in/group)``; scales ``(out, in/group)``. With ``clip_search`` each group's range is
     shrunk by the factor in ``1, 0.98, ..., 0.62`` that minimizes its squared rounding error
-    (the same search as GPTQ/AWQ-style clipping, without data).
+    (the same search as GPTQ/AWQ-style clipping, without data), or, given the layer's input
+    ``hessian`` ``H = X^T X`` (``(in, in)``), the error of the group's share of the layer output,
+    ``e H_gg e^T`` (AWQ's data-aware clipping: ``H_gg`` is the group's diagonal block).
     """
     grid = IntRange(bits, signed=False)
     x = _grouped(w.float(), group_size)
+    blocks = None
+    if hessian is not None:
+        groups = x.shape[1]
+        h = hessian.float().reshape(groups, group_size, groups, group_size)
+        blocks = torch.stack([h[k, :, k, :] for k in range(groups)])  # (groups, g, g)
+    scale, zero = asymmetric_qparams(x, grid, clip_search, blocks)
+    q = quantize(x, scale, zero, grid)
+    return q.reshape(w.shape).to(torch.uint8), scale.squeeze(-1), zero.squeeze(-1).to(torch.uint8)
+
+
+def asymmetric_qparams(x: torch.Tensor, grid: IntRange, clip_search: bool = True,
+                       hessian_blocks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` of each row of ``x`` (``(..., n)``, one grid per last-axis row; shapes
+    ``(..., 1)``) over its range, shrunk by the clip factor that minimizes the row's squared error
+    (weighted by ``hessian_blocks`` ``(groups, n, n)`` for ``x`` of shape ``(out, groups, n)``, see
+    :func:`quantize_weight_asymmetric`)."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     best = None
     for factor in ([1.0 - 0.02 * k for k in range(20)] if clip_search else [1.0]):
-        scale, zero = range_qparams(x.amin(-1, keepdim=True) * factor, x.amax(-1, keepdim=True) * factor, grid)
-        q = quantize(x, scale, zero, grid)
-        err = (dequantize(q, scale, zero) - x).pow(2).sum(-1, keepdim=True)
+        scale, zero = range_qparams(lo * factor, hi * factor, grid)
+        if not clip_search:
+            return scale, zero
+        e = dequantize(quantize(x, scale, zero, grid), scale, zero) - x
+        if hessian_blocks is None:
+            err = e.pow(2).sum(-1, keepdim=True)
+        else:
+            err = torch.einsum("rgi,gij,rgj->rg", e, hessian_blocks, e).unsqueeze(-1)
         if best is None:
-            best = [q, scale, zero, err]
+            best = [scale, zero, err]
             continue
-        better = err < best[3]
-        best = [torch.where(better, q, best[0]), torch.where(better, scale, best[1]),
-                torch.where(better, zero, best[2]), torch.minimum(err, best[3])]
-    q, scale, zero, _ = best
-    return q.reshape(w.shape).to(torch.uint8), scale.squeeze(-1), zero.squeeze(-1).to(torch.uint8)
+        better = err < best[2]
+        best = [torch.where(better, scale, best[0]), torch.where(better, zero, best[1]), torch.minimum(err, best[2])]
+    return best[0], best[1]
+
+
+def dequantize_groups(levels: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The ``(out, in)`` weight that per-group ``levels`` (``(out, in)``), ``scales`` and ``zeros``
+    (``(out, groups)``) stand for: ``(levels - zero) * scale``, group by group."""
+    out, width = levels.shape
+    groups = scales.shape[-1]
+    shaped = levels.float().reshape(out, groups, width // groups)
+    return ((shaped - zeros.float()[..., None]) * scales.float()[..., None]).reshape(out, width)
 
 
 # ---------------------------------------------------------------------------------------------
