@@ -283,7 +283,8 @@ def _group_terms(gm: torch.fx.GraphModule, root: torch.fx.Node, terms: list[torc
         elif isinstance(layer, str):
             saw_layer = True
             reasons.append(layer)
-        elif bn is not None and isinstance(_as_layer(gm, _see_through(bn.args[0])[0]), _Layer):
+        elif bn is not None and isinstance(_as_layer(gm, _see_through(bn.args[0])[0]), _Layer) \
+                and len(bn.args[0].users) == 1:  # fold-bn can fold it into that layer
             saw_layer = True
             reasons.append(f"{core.name} is a BatchNorm after {bn.args[0].name}: run fold-bn first")
         elif bn is not None:  # a BatchNorm on the input itself: RepVGG's identity branch

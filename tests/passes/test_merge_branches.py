@@ -448,3 +448,26 @@ def test_a_subtracted_branch_merges_with_a_minus_sign():
     m2 = ptool.transform(model, ["merge-branches"], (x,))
     assert op_histogram(m2.graph_module) == {"aten.conv2d": 1}
     torch.testing.assert_close(m2(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_identity_batchnorm_on_a_shared_conv_output_merges_as_an_identity_branch():
+    """FastViT's downsample: a depthwise conv whose output feeds a MobileOne 1x1 block both as its
+    identity BatchNorm and as the input of its 1x1 conv branch. fold-bn cannot fold that BatchNorm
+    (the conv output has two readers), so merge-branches takes it as the block's identity branch."""
+    class Downsample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+            self.block = _MobileOneBlock(8, 1, branches=1)
+
+        def forward(self, x):
+            return self.block(self.dw(x))
+
+    model = Downsample()
+    zoo.randomize_batchnorm(model, 0)
+    model.eval()
+    x = torch.randn(1, 8, 10, 10)
+    m2 = ptool.transform(model, ["fold-bn", "merge-branches"], (x,), fixpoint=True)
+    histogram = op_histogram(m2.graph_module)
+    assert histogram["aten.conv2d"] == 2 and not any("batch_norm" in k for k in histogram)
+    torch.testing.assert_close(m2(x), model(x), rtol=1e-5, atol=1e-5)
