@@ -34,6 +34,15 @@ def _step_line(spinner: Any, text: str) -> Callable[[str, int, int, dict], None]
     return show
 
 
+def format_bytes(size: float) -> str:
+    """``33.2 KiB``, ``86.3 MiB``, ``1.2 GiB``: the unit that gives a readable number (never ``0.0 MiB``)."""
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
 def key_values(rows: list[tuple[str, str]]) -> str:
     """``key   value`` lines with the values aligned."""
     width = max((len(k) for k, _ in rows), default=0)

@@ -248,12 +248,14 @@ def _verify(args, ui, src, m2, staged: Path, dynamic_shapes: dict | None = None)
 
 def _describe_onnx(path: Path) -> str:
     """``86.3 MiB, 412 nodes, opset 18`` (best effort: the file is already checked)."""
+    from ptool.cli._ui import format_bytes
+
     size = path.stat().st_size + sum(p.stat().st_size for p in [path.with_name(path.name + ".data")] if p.exists())
     try:
         import onnx
 
         proto = onnx.load(str(path), load_external_data=False)
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), "?")
-        return f"{size / 2**20:.1f} MiB, {len(proto.graph.node)} nodes, opset {opset}"
+        return f"{format_bytes(size)}, {len(proto.graph.node)} nodes, opset {opset}"
     except Exception:  # the description is cosmetic; never fail a finished conversion over it
-        return f"{size / 2**20:.1f} MiB"
+        return format_bytes(size)

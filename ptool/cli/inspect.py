@@ -161,7 +161,7 @@ def _onnx_inputs(proto: Any) -> str:
 
 def run(args: argparse.Namespace, ui) -> int:
     from ptool.cli._model import resolve_from_args
-    from ptool.cli._ui import key_values
+    from ptool.cli._ui import format_bytes, key_values
     from ptool.ir.flops import format_flops
     from ptool.report import format_table
 
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace, ui) -> int:
         return 0
 
     params = figures["parameters"]
-    size = f", {figures['parameter_bytes'] / 2**20:.1f} MiB" if figures["parameter_bytes"] else ""
+    size = f", {format_bytes(figures['parameter_bytes'])}" if figures["parameter_bytes"] else ""
     by_op = ", ".join(f"{k.removeprefix('aten.')} {format_flops(v)}" for k, v in
                       sorted(figures["flops_by_op"].items(), key=lambda kv: -kv[1]))
     flops = f"{format_flops(figures['flops'])} per call (matmul-class ops only{': ' + by_op if by_op else ''})"

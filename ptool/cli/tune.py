@@ -12,6 +12,7 @@ was measured and exits 130.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace, ui) -> int:
             return 130
     ui.out(str(result))
     ui.out("")
-    ui.out(f"record: {args.output}/tuning_record.json, plot: {args.output}/latency_vs_fidelity.png "
+    folder = Path(args.output)
+    ui.out(f"record: {folder / 'tuning_record.json'}, plot: {folder / 'latency_vs_fidelity.png'} "
            f"({result.seconds:.1f}s{', reused' if result.reused else ''})")
     return 0
 

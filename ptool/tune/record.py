@@ -115,6 +115,12 @@ def model_key(module: Any, args: tuple, kwargs: dict) -> str:
     return run_key(type(module).__qualname__, structure, sorted(kwargs), shapes, list(state.items()))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write ``payload`` as JSON atomically (temporary file beside, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +129,7 @@ def write_json(path: Path, payload: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2, default=str)
             f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the record is an ordinary file like its siblings
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -479,3 +479,11 @@ def test_pickled_weights_are_refused_unless_opted_in(capsys, tmp_path, command):
     code, _, err = _run(capsys, command, str(weights), "--allow-pickle", *extra)
     assert code == 2 and "holds a state dict" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("size, text", [(0, "0 B"), (900, "900 B"), (33_000, "32.2 KiB"), (90_500_000, "86.3 MiB"),
+                                        (3 * 2**30, "3.0 GiB")])
+def test_sizes_read_in_the_unit_that_fits(size, text):
+    from ptool.cli._ui import format_bytes
+
+    assert format_bytes(size) == text

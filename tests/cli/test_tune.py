@@ -39,7 +39,7 @@ def models(tmp_path, monkeypatch):
 
 def test_tune_prints_table_and_winner_saves_record_and_reuses_it(models, capsys):
     argv = ["tune", "tune_models:mlp", "--backends", "onnxruntime", "-p", "quantize", "--max-error", "1e-7",
-            "--repeat", "5", "-o", "out"]
+            "--repeat", "5", "-o", "out/"]
     t0 = time.perf_counter()
     assert main(argv) == 0
     first_s = time.perf_counter() - t0
@@ -47,8 +47,12 @@ def test_tune_prints_table_and_winner_saves_record_and_reuses_it(models, capsys)
     assert "winner: passes [dce, cse, constant-fold, fold-bn] on onnxruntime" in out
     quant = next(line for line in out.splitlines() if line.lstrip("*P ").startswith("quantize"))
     assert "excluded" in quant and "> max_error 1e-07" in quant
+    assert "record: out/tuning_record.json, plot: out/latency_vs_fidelity.png" in out  # one slash after "out/"
     record = json.loads((models / "out" / "tuning_record.json").read_text())
     assert record["status"] == "complete" and record["winner"]["backend"] == "onnxruntime"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (models / "out" / "tuning_record.json").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
     assert (models / "out" / "latency_vs_fidelity.png").read_bytes()[:4] == b"\x89PNG"
 
     t0 = time.perf_counter()
