@@ -1,8 +1,8 @@
 """Resolve whatever the user hands ptool into a loaded model.
 
-Accepted (the public API, see the README): an ``nn.Module``, an ``ExportedProgram``, an ONNX ``ModelProto``, or a path —
-``.onnx``, ``.pt2`` (ExportedProgram), or a Hugging Face model folder (``config.json`` +
-safetensors). Pickled ``.pt``/``.pth`` files are refused: unpickling runs code from the file. With
+Accepted (the public API, see the README): an ``nn.Module``, an ``ExportedProgram``, an ONNX
+``ModelProto``, or a path — ``.onnx``, ``.pt2`` (ExportedProgram), or a Hugging Face model folder
+(``config.json`` + safetensors). Pickled ``.pt``/``.pth`` files are refused: unpickling runs code from the file. With
 ``allow_pickle=True`` they are read with ``torch.load(weights_only=True)``, which rebuilds only
 tensors and plain containers (never code) — so a pickled state dict is recognised and explained,
 and a pickled module (which needs code to rebuild) is still refused.
@@ -19,7 +19,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ptool.errors import ModelLoadError, first_line
+from ptool.errors import ModelLoadError
 
 
 class ModelKind(str, enum.Enum):
@@ -106,6 +106,15 @@ def _load_path(path: pathlib.Path, *, allow_pickle: bool) -> LoadedModel:
     )
 
 
+def _unsupported_global(message: str) -> str | None:
+    """The class torch's safe unpickler refused (``GLOBAL __main__.Net``), from its error message,
+    whose other lines are advice to turn the safety off that ptool does not repeat."""
+    import re
+
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return match.group(1) if match else None
+
+
 def _explain_pickle(path: pathlib.Path) -> None:
     """Read an opted-in pickle with ``weights_only=True`` and say why it is still not a model.
 
@@ -118,10 +127,12 @@ def _explain_pickle(path: pathlib.Path) -> None:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
+        found = _unsupported_global(str(e))
+        holds = (f"it holds a pickled {found}, which needs its code to rebuild," if found else
+                 "it holds more than plain tensors (e.g. a pickled nn.Module, which needs code to rebuild)")
         raise ModelLoadError(
-            f"'{path.name}' cannot be read with torch.load(weights_only=True) ({first_line(e, 160)}): it holds more "
-            "than plain tensors (e.g. a pickled nn.Module, which needs code to rebuild) and ptool never runs "
-            "code from a model file — save it with torch.export (.pt2), as safetensors, or as ONNX"
+            f"'{path.name}' cannot be read with torch.load(weights_only=True): {holds} and ptool never runs code "
+            "from a model file — save it with torch.export (.pt2), as safetensors, or as ONNX"
         ) from None
     kind = "a state dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
     raise ModelLoadError(

@@ -91,5 +91,8 @@ def test_opted_in_pickle_never_runs_code(tmp_path, monkeypatch):
 def test_opted_in_pickled_module_is_refused(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(torch.nn.Linear(2, 2), path)
-    with pytest.raises(ptool.ModelLoadError, match="pickled nn.Module"):
+    with pytest.raises(ptool.ModelLoadError, match="pickled torch.nn.modules.linear.Linear, which needs its code") as e:
         load_model(str(path), allow_pickle=True)
+    message = str(e.value)
+    assert not any(advice in message for advice in ("weights_only=False", "\x1b", "two options"))  # not torch's advice
+    assert message.endswith("as safetensors, or as ONNX")  # whole, not cut mid-sentence
