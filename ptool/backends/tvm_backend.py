@@ -210,9 +210,10 @@ def _float_quant_ops(ep: Any) -> Any:
     """ptool's quantized-layer ops in float aten ops: TVM here has no integer kernels for them."""
     from ptool.ops import is_ptool_op, tvm_decompositions
 
-    decompositions = tvm_decompositions() if any(is_ptool_op(n.target) for n in ep.graph.nodes) else {}
-    present = [n.target for n in ep.graph.nodes if n.target in decompositions]
-    return ep.run_decompositions(decompositions) if present else ep
+    if not any(is_ptool_op(n.target) for n in ep.graph.nodes):
+        return ep
+    decompositions = tvm_decompositions()
+    return ep.run_decompositions(decompositions) if any(n.target in decompositions for n in ep.graph.nodes) else ep
 
 
 def _from_onnx(example: ExampleCall, opts: Options) -> Any:

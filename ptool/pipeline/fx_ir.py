@@ -11,9 +11,7 @@ import torch.fx
 
 from ptool.ir.graph import node_count, parameter_count, refresh_meta, remove_unused_attributes
 from ptool.passes.base import Pass, PassContext, PassResult
-
-#: How many calibration batches are verified on besides the example call (both IRs).
-VERIFY_BATCHES = 4
+from ptool.pipeline.manager import VERIFY_BATCHES
 
 
 class FxIR:

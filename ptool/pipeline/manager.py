@@ -136,6 +136,9 @@ def run_pipeline(
     return records
 
 
+#: How many calibration batches are verified on besides the example call (both IRs).
+VERIFY_BATCHES = 4
+
 #: The most rounds a fixpoint run makes (the first included).
 MAX_ROUNDS = 6
 

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from ptool.ir.onnx_graph import node_count, parameter_count
 from ptool.passes.base import Pass, PassContext, PassResult
-from ptool.pipeline.fx_ir import VERIFY_BATCHES
+from ptool.pipeline.manager import VERIFY_BATCHES
 from ptool.verify import Fidelity
 
 #: Above this size the in-memory checker cannot serialize the model; ORT loading still checks it.
