@@ -65,6 +65,7 @@ def test_torch_backend_matches_torch(name, request):
         "mode": "default",
         "dynamic": None,
         "freezing": False,
+        "aot": False,
     }
 
 
@@ -199,7 +200,7 @@ def test_unknown_backend_and_device(cnn):
         ("onnxruntime", {"intra_op_threads": -1}, r"must be >= 0"),
         ("onnxruntime", {"allow_spinning": "maybe"}, r"not a boolean"),
         ("torch", {"compile": 1}, r"expected true or false"),
-        ("torch", {"fullgraph": True}, r"has no option 'fullgraph' \(allowed: compile, mode, dynamic, freezing\)"),
+        ("torch", {"fullgraph": True}, r"has no option 'fullgraph' \(allowed: compile, mode, dynamic, freezing, aot\)"),
         ("tvm", {"frontend": "relay"}, r"allowed: auto \| exported_program \| onnx"),
         ("tvm", {"num_cores": 0}, r"must be >= 1"),
     ],
@@ -247,6 +248,8 @@ def test_freezing_without_compile_is_one_clear_error():
 
     with pytest.raises(UsageError, match="add compile=true"):
         backend_options("torch", {"freezing": True})
+    with pytest.raises(UsageError, match="add compile=true"):
+        backend_options("torch", {"aot": True})
     opts = backend_options("torch", {"compile": True, "freezing": True, "mode": "max-autotune"})
     from ptool.backends.torch_backend import compile_options
 

@@ -328,10 +328,11 @@ def test_autotune_never_builds_bf16_on_onnxruntime_and_says_why(tmp_path):
 def test_reduced_precision_candidates_also_try_inductor_freezing_on_torch():
     from ptool.tune.space import approximate_variants
 
-    declared = [{}, {"compile": True}, {"compile": True, "freezing": True}]
-    assert approximate_variants("torch", declared, {}) == [{}, {"compile": True, "freezing": True}]
-    assert approximate_variants("torch", declared, {"compile": True, "freezing": True}) == [
-        {"compile": True, "freezing": True}]
+    frozen, aot = {"compile": True, "freezing": True}, {"compile": True, "freezing": True, "aot": True}
+    declared = [{}, {"compile": True}, frozen, aot]
+    assert approximate_variants("torch", declared, {}) == [{}, frozen, aot]
+    assert approximate_variants("torch", declared, frozen) == [frozen, aot]
+    assert approximate_variants("torch", declared[:3], frozen) == [frozen]  # only declared variants run
     assert approximate_variants("torch", [{}], {}) == [{}]  # the user's own variant list is kept
     assert approximate_variants("onnxruntime", [{}, {"intra_op_threads": 2}], {"intra_op_threads": 2}) == [
         {"intra_op_threads": 2}]
