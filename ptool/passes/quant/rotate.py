@@ -66,8 +66,8 @@ __all__ = ["Rotate"]
 
 aten = torch.ops.aten
 
-Method = Literal["hadamard", "learned"]
-_METHODS = ("hadamard", "learned")
+Method = Literal["hadamard", "learned", "flatquant"]
+_METHODS = ("hadamard", "learned", "flatquant")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,8 +113,8 @@ class Rotate(Pass):
             raise ValueError(f"weight_bits and act_bits must be in [2, 16], got {self.weight_bits}, {self.act_bits}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if self.method == "learned":
-            ctx.require_calibration(f"{self.name}:method=learned")
+        if self.method in ("learned", "flatquant"):
+            ctx.require_calibration(f"{self.name}:method={self.method}")
         calls = _sites.calls_of(ctx)
         select = _sites.module_filter(self.layers)
         result = PassResult()
@@ -132,6 +132,8 @@ class Rotate(Pass):
         sites, left_out = _sites.find_sites(gm, select)  # norm gammas may have moved into the readers
         for label, reason in left_out:
             result.skip(label, reason)
+        if self.method == "flatquant":
+            return self._flatquant(gm, sites, globally, calls, report, result)
         done, learned = [], {}
         if self.method == "learned":
             self._scale_residual_readers(gm, [s for s in sites if all(x.node in globally for x in s.layers)],
@@ -155,17 +157,63 @@ class Rotate(Pass):
             finished.complete()
             if finished.reused:
                 result.notes["learned_sites_resumed"] = f"{finished.reused} site(s) reused from an interrupted run"
-        if not result.changed:
-            return result
-        gm.recompile()
-        counts: dict[str, int] = {}
-        for how in report.how.values():
-            counts[how] = counts.get(how, 0) + 1
-        result.notes.update(counts)
-        result.notes.update(report.after(gm, done, calls))
         if learned:
             result.notes["learned_loss"] = learned
-        return result
+        return _finish(gm, result, report, done, calls)
+
+    # ----------------------------------------------------------------------------- flatquant
+    def _flatquant(self, gm: fx.GraphModule, sites: list[_sites.Site], globally: set[fx.Node], calls: list,
+                   report: SiteReport, result: PassResult) -> PassResult:
+        """FlatQuant (:mod:`._flat`): train ``T = diag(1/s) (P_1 (x) P_2)`` per site block by block, then
+        fold it: whole into a Linear producer; ``1/s`` into a norm / SwiGLU factor and ``P`` online;
+        else ``T`` online. Residual readers (already rotated by ``R_res``) get ``T`` online on top."""
+        from ptool.passes.quant._flat import calibrate
+
+        todo = []
+        for site in sites:
+            if site.done_by(self.name) and not all(layer.node in globally for layer in site.layers):
+                result.skip(site.label, "already rotated by an earlier rotate run")
+            elif not isinstance(site.producer, _ROTATABLE) and not self.online:
+                result.skip(site.label, f"not foldable: {_why_online(site)} (online=true inserts a matmul)")
+                if all(layer.node in globally for layer in site.layers):
+                    report.how[site.label] = "residual-reader"
+            else:
+                todo.append(site)
+        done = [s for s in sites if s.label in report.how]
+        if todo:
+            plans, losses, notes = calibrate(gm, todo, calls, steps=self.train_steps, lr=self.lr,
+                                             weight_bits=self.weight_bits, act_bits=self.act_bits, seed=self.seed)
+            for site in todo:
+                how = self._fold_flat(gm, site, plans[site.label])
+                if all(layer.node in globally for layer in site.layers):
+                    how = f"residual-reader+{how}"
+                report.how[site.label] = how
+                site.mark_done(self.name)
+                result.hit()
+                done.append(site)
+            result.notes["flatquant_loss"] = losses
+            for note in notes:
+                result.notes.update(note)
+        return _finish(gm, result, report, done, calls)
+
+    def _fold_flat(self, gm: fx.GraphModule, site: _sites.Site, plan) -> str:
+        """Fold one site's ``T = diag(1/s) P`` (float64); return how."""
+        producer, width = site.producer, site.width(gm)
+        t, t_inv = plan.p / plan.s[:, None], plan.p_inv * plan.s[None, :]
+        if isinstance(producer, _sites.HeadOutput):
+            t_inv = torch.block_diag(*[t_inv] * (width // t.shape[0]))
+        for layer in site.layers:
+            fold_inputs_matrix(gm, layer, t_inv, self.name)
+        if isinstance(producer, _ROTATABLE):
+            _sites.rotate_producer(gm, producer, t, self.name)
+            return "per-head" if isinstance(producer, _sites.HeadOutput) else "into-linear"
+        dtype = attr_tensor(gm, site.layers[0].weight).dtype
+        if isinstance(producer, (_sites.NormScale, _sites.ProductOutput)):
+            _sites.scale_producer(gm, producer, 1.0 / plan.s, self.name)
+            _sites.insert_online(gm, site, aten.matmul.default, plan.p.to(dtype), "flat_transform", self.name)
+            return "scale+online"
+        _sites.insert_online(gm, site, aten.matmul.default, t.to(dtype), "flat_transform", self.name)
+        return "online"
 
     # ----------------------------------------------------------------------------- (a) residual
     def _rotate_residual(self, gm: fx.GraphModule, result: PassResult) -> set[fx.Node]:
@@ -240,6 +288,20 @@ class Rotate(Pass):
 
 
 _ROTATABLE = (_sites.HeadOutput, _sites.LinearOutput)  # producers that absorb a full matrix
+
+
+def _finish(gm: fx.GraphModule, result: PassResult, report: SiteReport, done: list[_sites.Site],
+            calls: list) -> PassResult:
+    """Recompile and note how many sites went each way, with the before/after statistics."""
+    if not result.changed:
+        return result
+    gm.recompile()
+    counts: dict[str, int] = {}
+    for how in report.how.values():
+        counts[how] = counts.get(how, 0) + 1
+    result.notes.update(counts)
+    result.notes.update(report.after(gm, done, calls))
+    return result
 
 
 def _why_online(site: _sites.Site) -> str:
