@@ -28,7 +28,7 @@ site's Linears simulated-quantized against the float outputs, one calibration ca
 block's ops run by a small interpreter over the graph's own nodes. As in FlatQuant, every block
 trains on the float model's inputs (the transforms are exact, so the float values at block
 boundaries are those of the original model). The block keeps the start if training does not lower
-the loss over all calibration calls.
+the loss on the first :data:`CHECK_CALLS` calibration calls.
 
 Not implemented from FlatQuant: learnable weight/activation clipping (LWC/LAC: the quantizers here
 are the fixed ones every ``rotate`` method is evaluated with), the online q/k transform after RoPE
@@ -53,6 +53,7 @@ from ptool.passes.quant.hadamard import orthogonal
 from ptool.passes.quant.smooth import smoothing_scales
 
 MAX_CALLS = 64  # calibration calls a block trains on at most
+CHECK_CALLS = 4  # calibration calls the start and the trained transforms are compared on
 
 
 # ------------------------------------------------------------------------------------ the transform
@@ -86,17 +87,20 @@ class KronAffine(nn.Module):
         zz = z.reshape(*z.shape[:-1], *self.sizes)
         return (a.t() @ zz @ b).reshape(z.shape)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x T, W T^-T)`` for ``x`` and ``W`` whose last dim is ``blocks * k`` (``T`` repeated per block)."""
-        (p1, p2), (q1, q2) = self._factors()
+    def _per_block(self, z: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return fn(z.reshape(*z.shape[:-1], -1, self.k)).reshape(z.shape)
+
+    def x(self, x: torch.Tensor) -> torch.Tensor:
+        """``x T`` for ``x`` whose last dim is ``blocks * k`` (``T`` repeated per block)."""
+        (p1, p2), _ = self._factors()
         s = self.log_s.exp()
+        return self._per_block(x, lambda z: self._kron(z / s, p1, p2))
 
-        def per_block(z: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-            return fn(z.reshape(*z.shape[:-1], -1, self.k)).reshape(z.shape)
-
-        xt = per_block(x, lambda z: self._kron(z / s, p1, p2))
-        wt = per_block(w, lambda z: self._kron(z * s, q1, q2))
-        return xt, wt
+    def w(self, w: torch.Tensor) -> torch.Tensor:
+        """``W T^-T`` for ``W`` of shape ``(out, blocks * k)``."""
+        _, (q1, q2) = self._factors()
+        s = self.log_s.exp()
+        return self._per_block(w, lambda z: self._kron(z * s, q1, q2))
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(s, P, P^-1)`` in float64, ``U_i`` and ``V_i`` projected back onto the orthogonal matrices."""
@@ -189,8 +193,10 @@ def _run(gm: fx.GraphModule, block: Block, env: dict, overrides: dict[fx.Node, C
     return [env[o] for o in block.outputs]
 
 
-def _quantized_linear(layer: Layer, transform: KronAffine | None, weight_bits: int, act_bits: int) -> Callable:
-    """The override of one Linear: ``Q_a(x T) Q_w(W T^-T)^T + b`` (``transform`` None: ``T = I``)."""
+def _quantized_linear(layer: Layer, transform: KronAffine, weight_bits: int, act_bits: int,
+                      shared: dict) -> Callable:
+    """The override of one Linear: ``Q_a(x T) Q_w(W T^-T)^T + b``. ``shared`` (one dict per site) keeps
+    the last ``Q_a(x T)``, so the site's other readers of the same ``x`` reuse it."""
 
     def fn(args: tuple, kwargs: dict) -> torch.Tensor:
         if layer.kind == "linear":
@@ -198,10 +204,9 @@ def _quantized_linear(layer: Layer, transform: KronAffine | None, weight_bits: i
             b = args[2] if len(args) > 2 else kwargs.get("bias")
         else:  # addmm(bias, x, w) with w (in, out)
             b, x, w = args[0], args[1], args[2].t()
-        x, w = x.float(), w.float()
-        if transform is not None:
-            x, w = transform(x, w)
-        y = _fake_quantize(x, act_bits) @ _fake_quantize(w, weight_bits).t()
+        if shared.get("x") is not x:
+            shared["x"], shared["xq"] = x, _fake_quantize(transform.x(x.float()), act_bits)
+        y = shared["xq"] @ _fake_quantize(transform.w(w.float()), weight_bits).t()
         return y if b is None else y + b
 
     return fn
@@ -235,8 +240,11 @@ def calibrate(gm: fx.GraphModule, sites: Sequence[_sites.Site], calls: Sequence[
         envs = [{n: r[n] for n in block.inputs} for r in runs]
         targets = [[r[n] for n in block.outputs] for r in runs]
         transforms = {site.label: KronAffine(_size(gm, site), seed) for site in block.sites}
-        overrides = {layer.node: _quantized_linear(layer, transforms[site.label], weight_bits, act_bits)
-                     for site in block.sites for layer in site.layers}
+        overrides = {}
+        for site in block.sites:
+            shared: dict = {}
+            for layer in site.layers:
+                overrides[layer.node] = _quantized_linear(layer, transforms[site.label], weight_bits, act_bits, shared)
 
         def loss_of(i: int) -> torch.Tensor:
             out = _run(gm, block, envs[i], overrides)
@@ -247,8 +255,9 @@ def calibrate(gm: fx.GraphModule, sites: Sequence[_sites.Site], calls: Sequence[
             return total
 
         def mean_loss() -> float:
+            check = range(min(CHECK_CALLS, len(calls)))
             with torch.no_grad():
-                return sum(float(loss_of(i)) for i in range(len(calls))) / len(calls)
+                return sum(float(loss_of(i)) for i in check) / len(check)
 
         torch.manual_seed(seed)
         with torch.no_grad():
