@@ -4,8 +4,9 @@ For each model, the same simulated quantization
 (:func:`ptool.passes.quant.simulate.simulate_quantization`: every Linear's weight per-output-channel
 symmetric 4-bit, every Linear input per-token dynamic symmetric 8- or 4-bit) is applied to the
 captured graph as is ("none") and after each exact transform: ``smooth-quant`` (alpha 0.5),
-``rotate`` (Hadamard), ``rotate`` then ``smooth-quant``, and ``rotate:method=learned`` (trained
-for the bit width of the row). The transforms are exact in float, so every difference is
+``rotate`` (Hadamard), ``rotate`` then ``smooth-quant``, ``rotate:method=learned`` and
+``rotate:method=flatquant`` (each trained for the bit width of the row; ``--flat-steps`` steps per
+block). The transforms are exact in float, so every difference is
 quantization error.
 
 Models:
@@ -34,7 +35,10 @@ QSUR columns: the mean over the transformed Linear inputs of the per-dimension Q
 after the last.
 
     .venv/bin/python tools/eval_rotate.py [--models llama,llama-gamma,minilm] [--methods "rotate hadamard"]
-        [--learn-steps 100] [--learn-lr 0.01]
+        [--learn-steps 100] [--learn-lr 0.01] [--flat-steps 30] [--flat-lr 0.01] [--bits W4A8,W4A4]
+
+With ``--methods`` or ``--bits`` the rows run replace those of the same model, method and bits in
+the section; the other rows are kept.
 
 About 15 minutes on 2 busy cores, most of it the learned transforms of MiniLM.
 """
@@ -185,7 +189,7 @@ def main() -> None:
     p.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
     p.add_argument("--learn-steps", type=int, default=100)
     p.add_argument("--learn-lr", type=float, default=1e-2)
-    p.add_argument("--flat-steps", type=int, default=100)
+    p.add_argument("--flat-steps", type=int, default=30)
     p.add_argument("--flat-lr", type=float, default=1e-2)
     p.add_argument("--bits", default="W4A8,W4A4", help="comma-separated: W4A8, W4A4")
     p.add_argument("--outlier-channels", type=int, default=2)

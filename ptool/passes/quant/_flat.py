@@ -44,13 +44,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ptool.ir.graph import module_path
+from ptool.ir.graph import add_tensor, mark, module_path, owner_of
 from ptool.ir.record import record_values
 from ptool.passes.fold_affine._layers import Layer
 from ptool.passes.quant import _sites
 from ptool.passes.quant._learn import _fake_quantize, _orthogonal_identity, kronecker_factors
 from ptool.passes.quant.hadamard import orthogonal
 from ptool.passes.quant.smooth import smoothing_scales
+
+aten = torch.ops.aten
 
 MAX_CALLS = 64  # calibration calls a block trains on at most
 CHECK_CALLS = 4  # calibration calls the start and the trained transforms are compared on
@@ -102,15 +104,15 @@ class KronAffine(nn.Module):
         s = self.log_s.exp()
         return self._per_block(w, lambda z: self._kron(z * s, q1, q2))
 
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(s, P, P^-1)`` in float64, ``U_i`` and ``V_i`` projected back onto the orthogonal matrices."""
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``(s, P, P^-1, (P_1, P_2))`` in float64, ``U_i`` and ``V_i`` projected back onto the orthogonal matrices."""
         ps, invs = [], []
         for u, v, ls in zip(self.u, self.v, self.log_sigma):
             uu, vv = (_project(m.weight) for m in (u, v))
             sigma = ls.detach().double().exp()
             ps.append((uu * sigma) @ vv.t())
             invs.append((vv / sigma) @ uu.t())
-        return self.log_s.detach().double().exp(), torch.kron(*ps), torch.kron(*invs)
+        return self.log_s.detach().double().exp(), torch.kron(*ps), torch.kron(*invs), tuple(ps)
 
 
 def _project(m: torch.Tensor) -> torch.Tensor:
@@ -215,11 +217,42 @@ def _quantized_linear(layer: Layer, transform: KronAffine, weight_bits: int, act
 # ------------------------------------------------------------------------------------ calibration
 @dataclass
 class Plan:
-    """A site's trained transform: ``T = diag(1/s) P`` per ``k``-channel block, in float64."""
+    """A site's trained transform: ``T = diag(1/s) P`` per ``k``-channel block, ``P = P_1 (x) P_2``, in float64."""
 
     s: torch.Tensor
     p: torch.Tensor
     p_inv: torch.Tensor
+    factors: tuple[torch.Tensor, torch.Tensor]
+
+
+def insert_kronecker(gm: fx.GraphModule, site: _sites.Site, factors: tuple[torch.Tensor, torch.Tensor],
+                     dtype: torch.dtype, pass_name: str) -> fx.Node:
+    """Insert ``x -> x (P_1 (x) P_2)`` before the site's Linears as ``flatten(P_1^T @ (unflatten(x) @ P_2))``:
+    two small matmuls, O(k (n_1 + n_2)) per token instead of a dense O(k^2) matrix."""
+    p1, p2 = factors
+    key, graph = site.key, gm.graph
+    owner = owner_of(site.layers[0].weight.target)
+    val = key.meta.get("val")
+    sizes = [p1.shape[0], p2.shape[0]]
+    with graph.inserting_after(key):
+        split = graph.call_function(aten.unflatten.int, (key, -1, sizes))
+    with graph.inserting_after(split):
+        right = graph.call_function(aten.matmul.default, (split, split))
+    right.args = (split, add_tensor(gm, owner, "flat_p2", p2.to(dtype), parameter=False, before=right))
+    with graph.inserting_after(right):
+        left = graph.call_function(aten.matmul.default, (right, right))
+    left.args = (add_tensor(gm, owner, "flat_p1t", p1.t().contiguous().to(dtype), parameter=False, before=left),
+                 right)
+    with graph.inserting_after(left):
+        merged = graph.call_function(aten.flatten.using_ints, (left, -2, -1))
+    for node in (split, right, left, merged):
+        if isinstance(val, torch.Tensor):
+            node.meta["val"] = val if node is merged else val.unflatten(-1, sizes)
+        mark(node, pass_name)
+    for entry in site.entries:
+        entry.replace_input_with(key, merged)
+    site.key = merged
+    return merged
 
 
 def calibrate(gm: fx.GraphModule, sites: Sequence[_sites.Site], calls: Sequence[tuple[tuple, dict]], *,

@@ -35,6 +35,14 @@ float64, orthogonal factors re-projected first); a site whose training does not 
 keeps the Hadamard. Not implemented: OSTQuant's end-to-end KL-Top objective (the loss here is
 layer-local MSE), a learned residual rotation, and q/k scalings through RoPE.
 
+``method=flatquant`` (FlatQuant, :mod:`._flat`) gives each site ``T = diag(1/s) (P_1 (x) P_2)``
+with ``P_i = U_i diag(sigma_i) V_i^T`` (``U_i``, ``V_i`` Cayley-orthogonal, ``U_i`` starting at a
+Hadamard), trained jointly per transformer block for ``train_steps`` steps on the block's output
+error under the simulated W``weight_bits``A``act_bits`` quantization. It is folded in float64: all of
+``T`` into a Linear producer (per-head into v_proj), else ``1/s`` into a norm's affine or SwiGLU's
+up_proj and ``P`` online, else ``T`` online; ``T^-1`` into the readers. On the residual stream the
+Hadamard ``R_res`` is applied first and each reader site gets its ``T`` online on top.
+
 The report's notes hold QSUR and outlier statistics of every rewritten site's Linear input
 before and after (``notes["sites"]``, means in ``notes["mean"]``), measured on the calibration
 batches (or the example batch).
@@ -72,17 +80,18 @@ _METHODS = ("hadamard", "learned", "flatquant")
 
 @dataclass(frozen=True, kw_only=True)
 class Rotate(Pass):
-    """Hadamard / learned orthogonal transforms of Linear inputs (QuaRot, OSTQuant; exact in float).
+    """Hadamard / learned orthogonal / FlatQuant affine transforms of Linear inputs (exact in float).
 
     Args:
-        method: ``hadamard`` (fixed normalized Hadamard matrices) or ``learned`` (scaled
-            orthogonal transforms trained on calibration data, initialized at the Hadamard).
+        method: ``hadamard`` (fixed normalized Hadamard matrices), ``learned`` (scaled
+            orthogonal transforms trained on calibration data, initialized at the Hadamard) or
+            ``flatquant`` (Kronecker-factored affine transforms trained block by block).
         online: rotate sites no weight can absorb with a stored matmul (else skip them).
         residual: rotate the residual stream globally where RMSNorm allows it.
         seed: seed of the random orthogonal fallback for sizes without a Hadamard matrix.
-        train_steps: Adam steps per site (``learned``).
-        lr: Adam learning rate (``learned``).
-        weight_bits: weight bits of the simulated quantization the loss measures (``learned``).
+        train_steps: Adam steps per site (``learned``) or per block (``flatquant``).
+        lr: Adam learning rate (``learned``, ``flatquant``).
+        weight_bits: weight bits of the simulated quantization the loss measures (``learned``, ``flatquant``).
         act_bits: activation bits of that simulation (``learned``).
         layers: module-path substrings selecting the Linears (empty: all; a subset disables the
             global residual rotation, which must edit every reader and writer).
@@ -197,7 +206,9 @@ class Rotate(Pass):
         return _finish(gm, result, report, done, calls)
 
     def _fold_flat(self, gm: fx.GraphModule, site: _sites.Site, plan) -> str:
-        """Fold one site's ``T = diag(1/s) P`` (float64); return how."""
+        """Fold one site's ``T = diag(1/s) P`` (float64); return how. Online, ``1/s`` is a ``mul`` (unless a
+        norm or SwiGLU's up_proj absorbs it) and ``P`` two small matmuls (:func:`._flat.insert_kronecker`)."""
+        from ptool.passes.quant._flat import insert_kronecker
         producer, width = site.producer, site.width(gm)
         t, t_inv = plan.p / plan.s[:, None], plan.p_inv * plan.s[None, :]
         if isinstance(producer, _sites.HeadOutput):
@@ -209,11 +220,13 @@ class Rotate(Pass):
             return "per-head" if isinstance(producer, _sites.HeadOutput) else "into-linear"
         dtype = attr_tensor(gm, site.layers[0].weight).dtype
         if isinstance(producer, (_sites.NormScale, _sites.ProductOutput)):
+            how = "scale+online"
             _sites.scale_producer(gm, producer, 1.0 / plan.s, self.name)
-            _sites.insert_online(gm, site, aten.matmul.default, plan.p.to(dtype), "flat_transform", self.name)
-            return "scale+online"
-        _sites.insert_online(gm, site, aten.matmul.default, t.to(dtype), "flat_transform", self.name)
-        return "online"
+        else:
+            how = "online"
+            _sites.insert_online(gm, site, aten.mul.Tensor, (1.0 / plan.s).to(dtype), "flat_scale", self.name)
+        insert_kronecker(gm, site, plan.factors, dtype, self.name)
+        return how
 
     # ----------------------------------------------------------------------------- (a) residual
     def _rotate_residual(self, gm: fx.GraphModule, result: PassResult) -> set[fx.Node]:

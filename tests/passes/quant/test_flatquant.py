@@ -175,3 +175,28 @@ def test_w4a4_error_below_hadamard_on_outlier_llama():
         assert m2.report["rotate"].fidelity.max_rel_error <= RTOL
         errors[method] = _w4a4_error(model, m2, heldout)
     assert errors["flatquant"] < 0.8 * errors["hadamard"], errors
+
+
+# ------------------------------------------------------------------------------ lowering
+def _kronecker_nodes(gm) -> int:
+    return sum(n.target is torch.ops.aten.unflatten.int for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_online_kronecker_transforms_run_on_onnxruntime(name, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    f, m2 = fixture(name), _flat_model(name)
+    rec = m2.report["rotate"]
+    online = sum(v for k, v in rec.notes.items() if k.endswith("online"))
+    assert _kronecker_nodes(m2.graph_module) == online  # one P_1 (x) P_2 per online site, not a dense matrix
+    path = ptool.export_onnx(m2, tmp_path / f"{name}_flatquant.onnx", example_inputs=f.example_inputs)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    args, _ = f.inputs(3)
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})
+    with torch.no_grad():
+        want = m2(*args)
+    ref = [want.logits] if name == "llama" else [want.last_hidden_state, want.pooler_output]
+    fid = ptool.verify.compare(ref, [torch.from_numpy(np.asarray(g)) for g in got])
+    assert fid.max_rel_error <= 1e-4, fid
