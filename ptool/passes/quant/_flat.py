@@ -302,8 +302,12 @@ def calibrate(gm: fx.GraphModule, sites: Sequence[_sites.Site], calls: Sequence[
             start = min(start, mean_loss())
             begin = {label: [p.detach().clone() for p in t.parameters()] for label, t in transforms.items()}
         params = [p for t in transforms.values() for p in t.parameters()]
+        if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in targets[0]):
+            steps_here = 0  # no float output to compare: the block keeps its start
+        else:
+            steps_here = steps
         order = torch.randperm(len(calls), generator=torch.Generator().manual_seed(seed))
-        trained = train(params, steps=steps, lr=lr, loss_at=lambda step: loss_of(int(order[step % len(calls)])),
+        trained = train(params, steps=steps_here, lr=lr, loss_at=lambda step: loss_of(int(order[step % len(calls)])),
                         desc=f"flatquant {block.prefix}",
                         identity=(block.prefix, [s.label for s in block.sites], weight_bits, act_bits, seed))
         notes.append(trained.notes(f"flatquant {block.prefix}"))
