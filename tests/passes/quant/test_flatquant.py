@@ -174,7 +174,7 @@ def test_w4a4_error_below_hadamard_on_outlier_llama():
                              calibration=[a for a, _ in calib])
         assert m2.report["rotate"].fidelity.max_rel_error <= RTOL
         errors[method] = _w4a4_error(model, m2, heldout)
-    assert errors["flatquant"] < 0.8 * errors["hadamard"], errors
+    assert errors["flatquant"] < 0.85 * errors["hadamard"], errors  # measured: 0.061 vs 0.081 (0.75x)
 
 
 # ------------------------------------------------------------------------------ lowering
