@@ -35,7 +35,7 @@ QSUR columns: the mean over the transformed Linear inputs of the per-dimension Q
 after the last.
 
     .venv/bin/python tools/eval_rotate.py [--models llama,llama-gamma,minilm] [--methods "rotate hadamard"]
-        [--learn-steps 100] [--learn-lr 0.01] [--flat-steps 30] [--flat-lr 0.01] [--bits W4A8,W4A4]
+        [--learn-steps 100] [--learn-lr 0.01] [--flat-steps 100] [--flat-lr 0.01] [--bits W4A8,W4A4]
 
 With ``--methods`` or ``--bits`` the rows run replace those of the same model, method and bits in
 the section; the other rows are kept.
@@ -189,7 +189,7 @@ def main() -> None:
     p.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
     p.add_argument("--learn-steps", type=int, default=100)
     p.add_argument("--learn-lr", type=float, default=1e-2)
-    p.add_argument("--flat-steps", type=int, default=30)
+    p.add_argument("--flat-steps", type=int, default=100)
     p.add_argument("--flat-lr", type=float, default=1e-2)
     p.add_argument("--bits", default="W4A8,W4A4", help="comma-separated: W4A8, W4A4")
     p.add_argument("--outlier-channels", type=int, default=2)
