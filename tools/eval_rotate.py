@@ -4,8 +4,9 @@ For each model, the same simulated quantization
 (:func:`ptool.passes.quant.simulate.simulate_quantization`: every Linear's weight per-output-channel
 symmetric 4-bit, every Linear input per-token dynamic symmetric 8- or 4-bit) is applied to the
 captured graph as is ("none") and after each exact transform: ``smooth-quant`` (alpha 0.5),
-``rotate`` (Hadamard), ``rotate`` then ``smooth-quant``, and ``rotate:method=learned`` (trained
-for the bit width of the row). The transforms are exact in float, so every difference is
+``rotate`` (Hadamard), ``rotate`` then ``smooth-quant``, ``rotate:method=learned`` and
+``rotate:method=flatquant`` (each trained for the bit width of the row; ``--flat-steps`` steps per
+block). The transforms are exact in float, so every difference is
 quantization error.
 
 Models:
@@ -34,7 +35,10 @@ QSUR columns: the mean over the transformed Linear inputs of the per-dimension Q
 after the last.
 
     .venv/bin/python tools/eval_rotate.py [--models llama,llama-gamma,minilm] [--methods "rotate hadamard"]
-        [--learn-steps 100] [--learn-lr 0.01]
+        [--learn-steps 100] [--learn-lr 0.01] [--flat-steps 100] [--flat-lr 0.01] [--bits W4A8,W4A4]
+
+With ``--methods`` or ``--bits`` the rows run replace those of the same model, method and bits in
+the section; the other rows are kept.
 
 About 15 minutes on 2 busy cores, most of it the learned transforms of MiniLM.
 """
@@ -55,7 +59,7 @@ import ptool  # noqa: E402
 from ptool.passes.quant.rotate import Rotate  # noqa: E402
 from ptool.passes.quant.simulate import simulate_quantization  # noqa: E402
 from ptool.passes.quant.smooth import SmoothQuant  # noqa: E402
-from _sections import write_section  # noqa: E402  (tools/ is on sys.path when run as a script)
+from _sections import update_section  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
 
@@ -64,7 +68,7 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def methods(act_bits: int, learn_steps: int, learn_lr: float) -> dict[str, list]:
+def methods(act_bits: int, learn_steps: int, learn_lr: float, flat_steps: int, flat_lr: float) -> dict[str, list]:
     return {
         "none": [],
         "smooth-quant": [SmoothQuant()],
@@ -72,6 +76,8 @@ def methods(act_bits: int, learn_steps: int, learn_lr: float) -> dict[str, list]
         "rotate hadamard + smooth-quant": [Rotate(), SmoothQuant()],
         "rotate learned": [Rotate(method="learned", train_steps=learn_steps, lr=learn_lr, weight_bits=4,
                                   act_bits=act_bits)],
+        "rotate flatquant": [Rotate(method="flatquant", train_steps=flat_steps, lr=flat_lr, weight_bits=4,
+                                    act_bits=act_bits)],
     }
 
 
@@ -128,17 +134,20 @@ def embedding_metrics(reference, model, batches) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ the run
-def evaluate(case: str, model, calib, heldout, learn_steps: int, learn_lr: float, only: list[str]) -> list[dict]:
+def evaluate(case: str, model, calib, heldout, learn_steps: int, learn_lr: float, flat_steps: int, flat_lr: float,
+             only: list[str], bits: list[str]) -> list[dict]:
     is_lm = case.startswith("llama")
     metrics = logits_metrics if is_lm else embedding_metrics
     reference = ptool.transform(model, [], calib[0])  # the captured float graph
     exclude = ("lm_head",) if is_lm else ()
     rows, transformed = [], {}
     for bits_name, (wbits, abits) in BITS.items():
-        for method, passes in methods(abits, learn_steps, learn_lr).items():
+        if bits_name not in bits:
+            continue
+        for method, passes in methods(abits, learn_steps, learn_lr, flat_steps, flat_lr).items():
             if only and method not in only and method != "none":
                 continue
-            key = method if method != "rotate learned" else f"{method} A{abits}"
+            key = method if method not in ("rotate learned", "rotate flatquant") else f"{method} A{abits}"
             start = time.perf_counter()
             if key not in transformed:
                 transformed[key] = ptool.transform(model, passes, calib[0], calibration=calib)
@@ -180,6 +189,9 @@ def main() -> None:
     p.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
     p.add_argument("--learn-steps", type=int, default=100)
     p.add_argument("--learn-lr", type=float, default=1e-2)
+    p.add_argument("--flat-steps", type=int, default=100)
+    p.add_argument("--flat-lr", type=float, default=1e-2)
+    p.add_argument("--bits", default="W4A8,W4A4", help="comma-separated: W4A8, W4A4")
     p.add_argument("--outlier-channels", type=int, default=2)
     p.add_argument("--outlier-scale", type=float, default=20.0)
     p.add_argument("--threads", type=int, default=2)
@@ -203,11 +215,25 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown model {case!r} (allowed: llama, llama-gamma, llama-stream, minilm)")
         only = [m for m in a.methods.split(",") if m]
-        rows += evaluate(label, model, calib, heldout, a.learn_steps, a.learn_lr, only)
+        rows += evaluate(label, model, calib, heldout, a.learn_steps, a.learn_lr, a.flat_steps, a.flat_lr, only,
+                         a.bits.split(","))
     if a.no_write:
         print(markdown(rows))
-    else:
-        print(write_section("rotate_quant", markdown(rows), {"rows": rows, "learn_steps": a.learn_steps}))
+        return
+    settings = {"learn_steps": a.learn_steps, "flat_steps": a.flat_steps}
+
+    def merged(old: dict) -> tuple[str, dict]:
+        """The rows of this run replace those of the same (model, method, bits); the others are kept."""
+        key = lambda r: (r["model"], r["method"], r["bits"])  # noqa: E731
+        new = {key(r): r for r in rows}
+        kept = [r for r in old.get("rows", []) if key(r) not in new]
+        order = {m: i for i, m in enumerate(methods(4, 1, 1.0, 1, 1.0))}
+        models = list(dict.fromkeys(r["model"] for r in [*old.get("rows", []), *rows]))
+        out = sorted([*kept, *new.values()], key=lambda r: (models.index(r["model"]), list(BITS).index(r["bits"]),
+                                                             order.get(r["method"], len(order))))
+        return markdown(out), {**old, "rows": out, **settings}
+
+    print(update_section("rotate_quant", merged))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,14 @@ float64, orthogonal factors re-projected first); a site whose training does not 
 keeps the Hadamard. Not implemented: OSTQuant's end-to-end KL-Top objective (the loss here is
 layer-local MSE), a learned residual rotation, and q/k scalings through RoPE.
 
+``method=flatquant`` (FlatQuant, :mod:`._flat`) gives each site ``T = diag(1/s) (P_1 (x) P_2)``
+with ``P_i = U_i diag(sigma_i) V_i^T`` (``U_i``, ``V_i`` Cayley-orthogonal, ``U_i`` starting at a
+Hadamard), trained jointly per transformer block for ``train_steps`` steps on the block's output
+error under the simulated W``weight_bits``A``act_bits`` quantization. It is folded in float64: all of
+``T`` into a Linear producer (per-head into v_proj), else ``1/s`` into a norm's affine or SwiGLU's
+up_proj and ``P`` online, else ``T`` online; ``T^-1`` into the readers. On the residual stream the
+Hadamard ``R_res`` is applied first and each reader site gets its ``T`` online on top.
+
 The report's notes hold QSUR and outlier statistics of every rewritten site's Linear input
 before and after (``notes["sites"]``, means in ``notes["mean"]``), measured on the calibration
 batches (or the example batch).
@@ -66,23 +74,24 @@ __all__ = ["Rotate"]
 
 aten = torch.ops.aten
 
-Method = Literal["hadamard", "learned"]
-_METHODS = ("hadamard", "learned")
+Method = Literal["hadamard", "learned", "flatquant"]
+_METHODS = ("hadamard", "learned", "flatquant")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Rotate(Pass):
-    """Hadamard / learned orthogonal transforms of Linear inputs (QuaRot, OSTQuant; exact in float).
+    """Hadamard / learned orthogonal / FlatQuant affine transforms of Linear inputs (exact in float).
 
     Args:
-        method: ``hadamard`` (fixed normalized Hadamard matrices) or ``learned`` (scaled
-            orthogonal transforms trained on calibration data, initialized at the Hadamard).
+        method: ``hadamard`` (fixed normalized Hadamard matrices), ``learned`` (scaled
+            orthogonal transforms trained on calibration data, initialized at the Hadamard) or
+            ``flatquant`` (Kronecker-factored affine transforms trained block by block).
         online: rotate sites no weight can absorb with a stored matmul (else skip them).
         residual: rotate the residual stream globally where RMSNorm allows it.
         seed: seed of the random orthogonal fallback for sizes without a Hadamard matrix.
-        train_steps: Adam steps per site (``learned``).
-        lr: Adam learning rate (``learned``).
-        weight_bits: weight bits of the simulated quantization the loss measures (``learned``).
+        train_steps: Adam steps per site (``learned``) or per block (``flatquant``).
+        lr: Adam learning rate (``learned``, ``flatquant``).
+        weight_bits: weight bits of the simulated quantization the loss measures (``learned``, ``flatquant``).
         act_bits: activation bits of that simulation (``learned``).
         layers: module-path substrings selecting the Linears (empty: all; a subset disables the
             global residual rotation, which must edit every reader and writer).
@@ -113,8 +122,8 @@ class Rotate(Pass):
             raise ValueError(f"weight_bits and act_bits must be in [2, 16], got {self.weight_bits}, {self.act_bits}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if self.method == "learned":
-            ctx.require_calibration(f"{self.name}:method=learned")
+        if self.method in ("learned", "flatquant"):
+            ctx.require_calibration(f"{self.name}:method={self.method}")
         calls = _sites.calls_of(ctx)
         select = _sites.module_filter(self.layers)
         result = PassResult()
@@ -132,6 +141,8 @@ class Rotate(Pass):
         sites, left_out = _sites.find_sites(gm, select)  # norm gammas may have moved into the readers
         for label, reason in left_out:
             result.skip(label, reason)
+        if self.method == "flatquant":
+            return self._flatquant(gm, sites, globally, calls, report, result)
         done, learned = [], {}
         if self.method == "learned":
             self._scale_residual_readers(gm, [s for s in sites if all(x.node in globally for x in s.layers)],
@@ -155,17 +166,67 @@ class Rotate(Pass):
             finished.complete()
             if finished.reused:
                 result.notes["learned_sites_resumed"] = f"{finished.reused} site(s) reused from an interrupted run"
-        if not result.changed:
-            return result
-        gm.recompile()
-        counts: dict[str, int] = {}
-        for how in report.how.values():
-            counts[how] = counts.get(how, 0) + 1
-        result.notes.update(counts)
-        result.notes.update(report.after(gm, done, calls))
         if learned:
             result.notes["learned_loss"] = learned
-        return result
+        return _finish(gm, result, report, done, calls)
+
+    # ----------------------------------------------------------------------------- flatquant
+    def _flatquant(self, gm: fx.GraphModule, sites: list[_sites.Site], globally: set[fx.Node], calls: list,
+                   report: SiteReport, result: PassResult) -> PassResult:
+        """FlatQuant (:mod:`._flat`): train ``T = diag(1/s) (P_1 (x) P_2)`` per site block by block, then
+        fold it: whole into a Linear producer; ``1/s`` into a norm / SwiGLU factor and ``P`` online;
+        else ``T`` online. Residual readers (already rotated by ``R_res``) get ``T`` online on top."""
+        from ptool.passes.quant._flat import calibrate
+
+        todo = []
+        for site in sites:
+            if site.done_by(self.name) and not all(layer.node in globally for layer in site.layers):
+                result.skip(site.label, "already rotated by an earlier rotate run")
+            elif not isinstance(site.producer, _ROTATABLE) and not self.online:
+                result.skip(site.label, f"not foldable: {_why_online(site)} (online=true inserts a matmul)")
+                if all(layer.node in globally for layer in site.layers):
+                    report.how[site.label] = "residual-reader"
+            else:
+                todo.append(site)
+        done = [s for s in sites if s.label in report.how]
+        if todo:
+            plans, losses, notes = calibrate(gm, todo, calls, steps=self.train_steps, lr=self.lr,
+                                             weight_bits=self.weight_bits, act_bits=self.act_bits, seed=self.seed)
+            for site in todo:
+                how = self._fold_flat(gm, site, plans[site.label])
+                if all(layer.node in globally for layer in site.layers):
+                    how = f"residual-reader+{how}"
+                report.how[site.label] = how
+                site.mark_done(self.name)
+                result.hit()
+                done.append(site)
+            result.notes["flatquant_loss"] = losses
+            for note in notes:
+                result.notes.update(note)
+        return _finish(gm, result, report, done, calls)
+
+    def _fold_flat(self, gm: fx.GraphModule, site: _sites.Site, plan) -> str:
+        """Fold one site's ``T = diag(1/s) P`` (float64); return how. Online, ``1/s`` is a ``mul`` (unless a
+        norm or SwiGLU's up_proj absorbs it) and ``P`` two small matmuls (:func:`._flat.insert_kronecker`)."""
+        from ptool.passes.quant._flat import insert_kronecker
+        producer, width = site.producer, site.width(gm)
+        t, t_inv = plan.p / plan.s[:, None], plan.p_inv * plan.s[None, :]
+        if isinstance(producer, _sites.HeadOutput):
+            t_inv = torch.block_diag(*[t_inv] * (width // t.shape[0]))
+        for layer in site.layers:
+            fold_inputs_matrix(gm, layer, t_inv, self.name)
+        if isinstance(producer, _ROTATABLE):
+            _sites.rotate_producer(gm, producer, t, self.name)
+            return "per-head" if isinstance(producer, _sites.HeadOutput) else "into-linear"
+        dtype = attr_tensor(gm, site.layers[0].weight).dtype
+        if isinstance(producer, (_sites.NormScale, _sites.ProductOutput)):
+            how = "scale+online"
+            _sites.scale_producer(gm, producer, 1.0 / plan.s, self.name)
+        else:
+            how = "online"
+            _sites.insert_online(gm, site, aten.mul.Tensor, (1.0 / plan.s).to(dtype), "flat_scale", self.name)
+        insert_kronecker(gm, site, plan.factors, dtype, self.name)
+        return how
 
     # ----------------------------------------------------------------------------- (a) residual
     def _rotate_residual(self, gm: fx.GraphModule, result: PassResult) -> set[fx.Node]:
@@ -240,6 +301,20 @@ class Rotate(Pass):
 
 
 _ROTATABLE = (_sites.HeadOutput, _sites.LinearOutput)  # producers that absorb a full matrix
+
+
+def _finish(gm: fx.GraphModule, result: PassResult, report: SiteReport, done: list[_sites.Site],
+            calls: list) -> PassResult:
+    """Recompile and note how many sites went each way, with the before/after statistics."""
+    if not result.changed:
+        return result
+    gm.recompile()
+    counts: dict[str, int] = {}
+    for how in report.how.values():
+        counts[how] = counts.get(how, 0) + 1
+    result.notes.update(counts)
+    result.notes.update(report.after(gm, done, calls))
+    return result
 
 
 def _why_online(site: _sites.Site) -> str:
