@@ -167,12 +167,11 @@ def test_report_prints_the_per_layer_table_and_the_front():
 # ------------------------------------------------------------------------------ on MiniLM (real weights)
 @pytest.mark.slow
 def test_minilm_budget_quarter_beats_uniform_int8_and_int4_on_held_out_cosine():
-    """Measured (64 held-out sentences, 16 tokens): auto at 0.25 COS_AUTO, int8 dynamic COS_INT8 (0.253x),
-    int4 g32 COS_INT4 (0.161x)."""
+    """Measured (64 held-out sentences, 16 tokens; calibrated on 8 sentences of the Python manual): auto at
+    0.25 (0.2473x) 0.99577, uniform int8 dynamic (0.253x) 0.99379, uniform int4 g32 (0.161x) 0.97621."""
     _, auto, cos_auto = _run("quantize:mode=auto,budget=0.25")
     _, _, cos_int8 = _run("quantize")
     _, _, cos_int4 = _run("quantize:mode=int4-weight")
-    print(cos_auto, cos_int8, cos_int4)
     assert auto.notes["mixed_precision"]["fraction"] <= 0.25
     assert cos_auto >= 0.995
     assert cos_auto > cos_int8 > cos_int4
