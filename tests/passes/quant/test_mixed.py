@@ -164,6 +164,16 @@ def test_report_prints_the_per_layer_table_and_the_front():
     assert any(p["measured_error"] is not None for p in notes["front"])
 
 
+def test_front_plot_is_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    from ptool.tune.plot import plot_size_error
+
+    _, result, _ = _bert_run("quantize:mode=auto,budget=0.3")
+    notes = result.notes["mixed_precision"]
+    path = plot_size_error(notes["front"], tmp_path / "front.png", chosen=notes)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
 # ------------------------------------------------------------------------------ on MiniLM (real weights)
 @pytest.mark.slow
 def test_minilm_budget_quarter_beats_uniform_int8_and_int4_on_held_out_cosine():
