@@ -155,6 +155,11 @@ class Report:
             lines += [f"  [{name}] {s.site}: {s.reason}" for name, s in skips[:50]]
             if len(skips) > 50:
                 lines.append(f"  ... and {len(skips) - 50} more")
+        for r in self.records:  # tables a pass attached (notes["tables"]: title, headers, rows, align)
+            if latest[r.spec] is r:
+                for t in r.notes.get("tables", ()):
+                    lines.append(f"[{r.spec}] {t['title']}:")
+                    lines.append(format_table(t["headers"], t["rows"], align=t.get("align")))
         if self.noise is not None:
             from ptool.verify import NOISE_FACTOR
 

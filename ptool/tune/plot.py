@@ -77,3 +77,42 @@ def plot_rows(rows: Sequence[Row], path: Path, *, max_error: float, title: str =
     finally:
         plt.close(fig)
     return path
+
+
+def plot_size_error(front: Sequence[dict], path: Path, *, chosen: dict | None = None, title: str = "") -> Path:
+    """Draw a ``quantize:mode=auto`` Pareto front (``notes["mixed_precision"]["front"]``: size fraction vs
+    predicted and measured output error) to ``path`` (PNG), the chosen configuration marked; returns ``path``.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'ptool[dev]'``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    try:
+        xs = [p["fraction"] for p in front]
+        ax.step(xs, [max(p["predicted_error"], ERROR_FLOOR) for p in front], where="post", color="tab:blue",
+                linewidth=1, label="predicted (sum of per-layer errors)")
+        measured = [(p["fraction"], max(p["measured_error"], ERROR_FLOOR)) for p in front
+                    if p.get("measured_error") is not None]
+        if measured:
+            ax.scatter(*zip(*measured), s=25, color="tab:blue", zorder=3, label="measured (layers together)")
+        if chosen is not None:
+            ax.scatter([chosen["fraction"]], [max(chosen["measured_error"], ERROR_FLOOR)], s=80, marker="*",
+                       color="tab:red", zorder=4, label=f"chosen (budget {chosen['budget']:g})")
+            ax.axvline(chosen["budget"], color="tab:red", linestyle="--", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("weight bytes, fraction of fp32")
+        ax.set_ylabel("output error (relative MSE, log)")
+        ax.set_title(title or "quantize:mode=auto: size vs error", fontsize=9)
+        ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return path

@@ -50,6 +50,9 @@ _CONV_REASON = ("kept float: ONNX Runtime's dynamic int8 Conv (ConvInteger) ran 
 
 def quantize_refusal(pass_: Pass) -> str | None:
     """Why this configuration of ``quantize`` cannot run on an ONNX model (None: it can)."""
+    if pass_.mode == "auto":
+        return ("quantize:mode=auto measures each layer's effect on the outputs on torch graphs; give ptool the torch "
+                "model, or pick the modes with exclude= on this ONNX model")
     if pass_.keep_float:
         return ("quantize:keep_float needs per-layer errors ptool measures on torch graphs; give ptool the torch "
                 "model, or name the layers to keep with exclude= on this ONNX model")

@@ -34,6 +34,10 @@ embedding table becomes an int8/int4 gather. Modes:
   error of each layer (site) on the calibration data next to round-to-nearest's, and for AWQ the
   chosen scale and where ``1/s`` went.
 
+- ``auto``: per layer float, int8 (as ``int8-dynamic``) or int4 (as ``int4-weight``), chosen from
+  each layer's measured effect on the model's outputs to fit a weight-byte ``budget`` (or reach a
+  ``max_error``) with the least predicted error (:mod:`.mixed`). Needs calibration data.
+
 Layers stay float when their module path or node name matches an ``exclude`` pattern
 (``fnmatch``), or when ``keep_float=N`` and they are among the N layers whose own output suffers
 most from quantization, measured on the calibration data (relative output MSE of the layer
@@ -70,8 +74,21 @@ from ptool.verify import Lossy, Numerics
 
 aten = torch.ops.aten
 
-Mode = Literal["int8-dynamic", "int8-static", "int4-weight"]
+Mode = Literal["int8-dynamic", "int8-static", "int4-weight", "auto"]
+Choice = Literal["float", "int8", "int4"]
 Method = Literal["rtn", "gptq", "awq"]
+
+
+#: Placeholders in :meth:`Quantize._quantized`'s op arguments: the site's activation (or indices) and its bias.
+_X, _BIAS = object(), object()
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A tensor the quantized op stores (a buffer named ``name`` on the site's module)."""
+
+    name: str
+    value: torch.Tensor
 
 
 @dataclass
@@ -139,6 +156,10 @@ class Quantize(Pass):
         damp: ``gptq``: Hessian damping, as a fraction of its mean diagonal (in (0, 1]).
         act_order: ``gptq``: quantize the columns in decreasing order of input activity.
         awq_grid: ``awq``: how many ``alpha`` values in [0, 1) the scale search tries (per scale form).
+        budget: ``auto``: the fraction (in (0, 1]) of the model's weight bytes the result may store.
+        max_error: ``auto``: the smallest model whose predicted output error (relative MSE) is at
+            most this, within ``budget``.
+        choices: ``auto``: what each layer may become: ``float``, ``int8``, ``int4``.
     """
 
     name: ClassVar[str] = "quantize"
@@ -161,6 +182,9 @@ class Quantize(Pass):
     damp: float = 0.01
     act_order: bool = False
     awq_grid: int = 20
+    budget: float | None = None
+    max_error: float | None = None
+    choices: tuple[Choice, ...] = ("float", "int8", "int4")
 
     def __post_init__(self) -> None:
         if self.group_size < 2 or self.group_size % 2:
@@ -169,8 +193,8 @@ class Quantize(Pass):
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.keep_float < 0:
             raise ValueError(f"keep_float must be >= 0, got {self.keep_float}")
-        if self.activations == "per-token" and self.mode != "int8-dynamic":
-            raise ValueError("activations=per-token applies to mode=int8-dynamic only")
+        if self.activations == "per-token" and self.mode not in ("int8-dynamic", "auto"):
+            raise ValueError("activations=per-token applies to mode=int8-dynamic (and auto's int8 choice) only")
         if self.mode == "int4-weight" and self.granularity == "per-tensor":
             raise ValueError("int4-weight uses per-group scales; granularity=per-tensor applies to int8 modes only")
         if self.method != "rtn" and self.mode != "int4-weight":
@@ -179,10 +203,34 @@ class Quantize(Pass):
             raise ValueError(f"damp must be in (0, 1] (a fraction of the Hessian's mean diagonal), got {self.damp}")
         if self.awq_grid < 1:
             raise ValueError(f"awq_grid must be >= 1, got {self.awq_grid}")
+        auto_only = [k for k, v in (("budget", self.budget), ("max_error", self.max_error)) if v is not None]
+        if set(self.choices) != {"float", "int8", "int4"} or len(self.choices) != 3:
+            auto_only.append("choices")
+        if auto_only and self.mode != "auto":
+            raise ValueError(f"{', '.join(auto_only)} appl{'ies' if len(auto_only) == 1 else 'y'} to mode=auto only")
+        if self.mode == "auto":
+            if self.budget is not None and not 0 < self.budget <= 1:
+                raise ValueError(f"budget must be in (0, 1] (a fraction of the model's float32 weight bytes), "
+                                 f"got {self.budget}")
+            if self.max_error is not None and not self.max_error >= 0:
+                raise ValueError(f"max_error must be >= 0 (relative output MSE), got {self.max_error}")
+            if not self.choices or len(set(self.choices)) != len(self.choices) or \
+                    not set(self.choices) <= {"float", "int8", "int4"}:
+                raise ValueError(f"choices must name float, int8, int4 at most once each, got {'+'.join(self.choices)}")
+            if self.budget is None and self.max_error is None:
+                raise ValueError("mode=auto needs budget= (a fraction of the float32 weight bytes, e.g. 0.25) "
+                                 "or max_error= (relative output MSE)")
+            if self.method != "rtn" or self.keep_float or self.granularity != "per-channel":
+                raise ValueError("mode=auto chooses per layer itself: method, keep_float and granularity=per-tensor "
+                                 "do not apply to it")
 
     # -----------------------------------------------------------------------------------------
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.mode == "auto":
+            from ptool.passes.quant.mixed import run_auto
+
+            return run_auto(self, gm, ctx)
         if self.method != "rtn":
             ctx.require_calibration(f"{self.name}:method={self.method}")
         result = PassResult()
@@ -328,53 +376,59 @@ class Quantize(Pass):
     # rewriting
 
     def _rewrite(self, gm: fx.GraphModule, site: _Site, stats: _LayerStats | None,
-                 levels: Levels | None = None) -> tuple[fx.Node, int]:
+                 levels: Levels | None = None, op: tuple | None = None) -> tuple[fx.Node, int]:
         """Insert the quantized op computing ``site`` (before it); return it and the bytes it stores.
-        ``levels``: int4 levels chosen beforehand (``method=gptq|awq``), else round to nearest."""
-        owner = site.owner
-        ops = torch.ops.ptool_quant
-        tensors: list[torch.Tensor] = []
-
-        def buffer(name: str, value: torch.Tensor) -> fx.Node:
-            tensors.append(value)
-            return add_tensor(gm, owner, name, value, parameter=False, before=site.node)
-
-        w = site.weight.float()
+        ``levels``: int4 levels chosen beforehand (``method=gptq|awq``), else round to nearest;
+        ``op``: the whole ``(target, args)`` of :meth:`_quantized`, computed beforehand."""
         site.x = _input_of(site.node)  # an earlier rewrite may have replaced the node it reads (Linear -> Linear)
+        target, args = op or self._quantized(site, stats, levels)
+        stored = 0
+
+        def resolve(a):
+            nonlocal stored
+            if a is _X:
+                return site.x
+            if a is _BIAS:
+                return site.bias
+            if isinstance(a, _Stored):
+                stored += a.value.numel() * a.value.element_size()
+                return add_tensor(gm, site.owner, a.name, a.value, parameter=False, before=site.node)
+            return a
+
+        resolved = tuple(resolve(a) for a in args)
+        with gm.graph.inserting_before(site.node):
+            new = mark(gm.graph.call_function(target, resolved), self.name)
+        new.meta = {**site.node.meta, "ptool.from_pass": self.name}
+        return new, stored
+
+    def _quantized(self, site: _Site, stats: _LayerStats | None = None, levels: Levels | None = None
+                   ) -> tuple[object, tuple]:
+        """``(op, args)`` of the quantized layer computing ``site``: ``args`` hold :data:`_X` (the
+        activation or indices), :data:`_BIAS` (the site's bias) and :class:`_Stored` tensors."""
+        ops = torch.ops.ptool_quant
+        w = site.weight.float()
         if site.kind == "embedding":
             if self.mode == "int4-weight":
-                args = (site.x, *self._int4_buffers(w, buffer), w.shape[1])
-                target = ops.embedding_int4.default
-            else:
-                levels, scales = qz.quantize_weight(w, 8)
-                args = (site.x, buffer("qweight", levels), buffer("qscale", scales.squeeze(-1)))
-                target = ops.embedding_int8.default
-        elif self.mode == "int4-weight":
-            args = (site.x, *self._int4_buffers(w, buffer, levels), site.bias, w.shape[1])
-            target = ops.linear_int4.default
-        else:
-            levels, scales = self._int8_weight(w)
-            weight_t = buffer("qweight_t", levels.T.contiguous())
-            weight_scale = buffer("qscale", scales)
-            if self.mode == "int8-dynamic":
-                args = (site.x, weight_t, weight_scale, site.bias)
-                target = (ops.linear_token_int8 if self.activations == "per-token" else ops.linear_dynamic_int8).default
-            else:
-                x_scale, x_zero = stats.observer.qparams(qz.IntRange(8, signed=False))
-                args = (site.x, buffer("x_scale", x_scale.reshape(())), buffer("x_zero", x_zero.reshape(())),
-                        weight_t, weight_scale, site.bias)
-                target = ops.linear_static_int8.default
-        with gm.graph.inserting_before(site.node):
-            new = mark(gm.graph.call_function(target, tuple(args)), self.name)
-        new.meta = {**site.node.meta, "ptool.from_pass": self.name}
-        return new, sum(t.numel() * t.element_size() for t in tensors)
+                return ops.embedding_int4.default, (_X, *self._int4_stored(w), w.shape[1])
+            q, scales = qz.quantize_weight(w, 8)
+            return ops.embedding_int8.default, (_X, _Stored("qweight", q), _Stored("qscale", scales.squeeze(-1)))
+        if self.mode == "int4-weight":
+            return ops.linear_int4.default, (_X, *self._int4_stored(w, levels), _BIAS, w.shape[1])
+        q, scales = self._int8_weight(w)
+        weight_t, weight_scale = _Stored("qweight_t", q.T.contiguous()), _Stored("qscale", scales)
+        if self.mode == "int8-dynamic":
+            target = ops.linear_token_int8 if self.activations == "per-token" else ops.linear_dynamic_int8
+            return target.default, (_X, weight_t, weight_scale, _BIAS)
+        x_scale, x_zero = stats.observer.qparams(qz.IntRange(8, signed=False))
+        return ops.linear_static_int8.default, (_X, _Stored("x_scale", x_scale.reshape(())),
+                                                _Stored("x_zero", x_zero.reshape(())), weight_t, weight_scale, _BIAS)
 
-    def _int4_buffers(self, w: torch.Tensor, buffer, chosen: Levels | None = None) -> tuple[fx.Node, fx.Node, fx.Node]:
+    def _int4_stored(self, w: torch.Tensor, chosen: Levels | None = None) -> tuple[_Stored, _Stored, _Stored]:
         if chosen is not None:
             levels, scales, zeros = chosen.levels, chosen.scales, chosen.zeros
         else:
             levels, scales, zeros = qz.quantize_weight_asymmetric(w, 4, self.group_size)
-        return buffer("qweight", pack_nibbles(levels)), buffer("qscale", scales), buffer("qzero", pack_nibbles(zeros))
+        return _Stored("qweight", pack_nibbles(levels)), _Stored("qscale", scales), _Stored("qzero", pack_nibbles(zeros))
 
     def _int8_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.granularity == "per-tensor":
