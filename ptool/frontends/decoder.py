@@ -148,10 +148,11 @@ class DecodeStep(nn.Module):
         dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         return CacheSpec(c.num_hidden_layers, batch, kv, length, dim, kv_dtype)
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         int8 = self.cache.dtype == "int8"
-        k_cache, v_cache = cache[0], cache[1]
-        k_scale, v_scale = (cache[2], cache[3]) if int8 else (None, None)
+        if int8 and (k_scale is None or v_scale is None):
+            raise UsageError("an int8 KV cache needs its scales: call step(ids, pos, k, v, k_scale, v_scale)")
         b, t = ids.shape
         m = k_cache.shape[3]
         g = self.heads // self.kv_heads
@@ -192,10 +193,10 @@ class DecodeStep(nn.Module):
             # become G x T query rows of that head
             qg = q.reshape(b, self.kv_heads, g * t, self.head_dim)
             scores = torch.matmul(qg, k_all.transpose(-1, -2).to(qg.dtype)) * scale  # (B, Hkv, G T, M + T)
-            scores = scores.view(b, self.kv_heads, g, t, m + t).float()
+            scores = scores.reshape(b, self.kv_heads, g, t, m + t).float()
             scores = scores.masked_fill(~mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).view(b, self.kv_heads, g * t, m + t).to(v_all.dtype)
-            out = torch.matmul(probs, v_all).view(b, self.heads, t, self.head_dim)
+            probs = torch.softmax(scores, dim=-1).reshape(b, self.kv_heads, g * t, m + t).to(v_all.dtype)
+            out = torch.matmul(probs, v_all).reshape(b, self.heads, t, self.head_dim)
             out = out.to(x.dtype).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
