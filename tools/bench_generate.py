@@ -176,7 +176,7 @@ def markdown(data: dict) -> str:
               f"{b128['bf16'] / b128['int8']:.2f}x smaller (head dim {recipe['hidden'] // recipe['heads']}: "
               f"{recipe['hidden'] // recipe['heads']} + 4 bytes per token-head vs "
               f"{4 * recipe['hidden'] // recipe['heads']}; head dim 64 gives 3.76x, 128 gives 3.88x).",
-              f"", f"Whole run: {data['wall_s'] / 60:.1f} min."]
+              "", f"Whole run: {data['wall_s'] / 60:.1f} min."]
     return "\n".join(lines)
 
 

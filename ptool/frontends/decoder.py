@@ -1,7 +1,7 @@
 """A causal decoder as one step graph with a static KV cache: what generation runs on every backend.
 
 :class:`DecodeStep` wraps a Hugging Face Llama-family causal LM (``LlamaForCausalLM``,
-``Qwen2ForCausalLM``, ``MistralForCausalLM``: RMSNorm, rotary positions, grouped-query attention,
+``Qwen2ForCausalLM``: RMSNorm, rotary positions, grouped-query attention,
 gated MLP) and reuses its modules and weights. One call processes ``T`` new tokens at position
 ``pos`` against a preallocated cache of fixed length ``M``::
 
@@ -38,6 +38,8 @@ __all__ = ["CacheSpec", "DecodeStep", "KVDtype", "decoder_parts", "write_cache"]
 
 KVDtype = Literal["float32", "int8"]
 KV_DTYPES: tuple[str, ...] = ("float32", "int8")
+#: Hugging Face ``model_type``s whose layers the step mirrors (RMSNorm, RoPE, GQA, gated MLP, no QK-norm).
+_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _INT8_MAX = 127.0
 
 
@@ -87,14 +89,15 @@ def decoder_parts(model: nn.Module) -> nn.Module:
     if inner is None or head is None or config is None or any(not hasattr(inner, n) for n in needed):
         raise UsageError(f"generation needs a Llama-family causal decoder (a Hugging Face *ForCausalLM with "
                          f"model.embed_tokens / layers / norm / rotary_emb and lm_head, e.g. LlamaForCausalLM, "
-                         f"Qwen2ForCausalLM, MistralForCausalLM); got {name}")
-    attn = inner.layers[0].self_attn
-    if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        raise UsageError(f"generation needs attention with q/k/v/o projections (Llama-family); {name}'s "
-                         f"{type(attn).__name__} has none")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and \
-            type(model).__name__.startswith("Mistral"):
+                         f"Qwen2ForCausalLM); got {name}")
+    kind = getattr(config, "model_type", "")
+    if kind not in _MODEL_TYPES:
+        raise UsageError(f"generation supports the model types {', '.join(_MODEL_TYPES)} (the step graph mirrors "
+                         f"their attention, norms and positions); {name} is '{kind}'")
+    if kind == "mistral" and getattr(config, "sliding_window", None):
         raise UsageError(f"{name} uses sliding-window attention, which the static-cache step does not implement")
+    if kind == "qwen2" and getattr(config, "use_sliding_window", False):
+        raise UsageError(f"{name} has use_sliding_window=True, which the static-cache step does not implement")
     return inner
 
 

@@ -130,3 +130,13 @@ def test_cache_geometry_must_fit():
     model = _llama()
     with pytest.raises(UsageError, match="does not fit the model"):
         DecodeStep(model, CacheSpec(layers=3, batch=1, kv_heads=2, length=8, head_dim=16))
+
+
+def test_other_decoder_families_are_refused_not_mirrored_wrong():
+    """Gemma has the same module names but other norms and embedding scaling: refused, never run wrong."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    with pytest.raises(UsageError, match="model types llama, qwen2, mistral.*GemmaForCausalLM is 'gemma'"):
+        DecodeStep.cache_spec(GemmaForCausalLM(config), 8)
