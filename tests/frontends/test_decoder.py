@@ -71,7 +71,8 @@ def test_step_equals_full_forward_in_torch(kind):
     assert (whole - _reference(model, ids)).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("tvm", marks=pytest.mark.slow)])
+@pytest.mark.slow  # two ONNX exports (about a minute on a busy 2-core machine); TVM builds take longer
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
 def test_step_equals_full_forward_on_backends(backend):
     import ptool
 
@@ -105,6 +106,7 @@ def test_int8_cache_close_and_chunking_exact():
     assert float_bytes / spec.nbytes() == pytest.approx(4 * 16 / (16 + 4))  # head_dim 16: 64 B vs 16 + 4 B
 
 
+@pytest.mark.slow
 def test_int8_cache_on_onnxruntime_matches_torch():
     import ptool
 
