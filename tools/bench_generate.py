@@ -27,6 +27,7 @@ the float cache; and the cache's bytes at equal context.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import platform
 import sys
@@ -131,6 +132,8 @@ def main() -> None:
         data["big"].update(rows=[r.to_dict() for r in rows], table=format_table(rows, big["contexts"],
                                                                                 big["new_tokens"]))
     data["wall_s"] = time.perf_counter() - start
+    data["load_average"] = os.getloadavg()[0]  # a shared machine's noise, stated beside the figures
+    data["cpus"] = os.cpu_count()
     log(f"done in {data['wall_s']:.0f} s")
     md = markdown(data)
     print(md if a.no_write else write_section("generation", md, data))
@@ -142,7 +145,8 @@ def markdown(data: dict) -> str:
     ref = kv["reference"]
     lines = [
         "## Generation: pre-fill, decode tokens/s, memory; int8 KV cache (`tools/bench_generate.py`)", "",
-        f"Greedy generation, batch 1, {data['threads']} threads, one process (`ptool bench --generate` runs the same "
+        f"Greedy generation, batch 1, {data['threads']} thread{'s' if data['threads'] > 1 else ''} (torch, ONNX Runtime "
+        "and TVM alike), one process (`ptool bench --generate` runs the same "
         "code). Baseline: the Hugging Face model in eager torch with its growing `DynamicCache`. The other rows run "
         "ptool's decode-step graph (`ptool.frontends.decoder.DecodeStep`): a static, preallocated KV cache of "
         "max context + new tokens slots, a pre-fill graph of one chunk and a one-token decode graph, every shape "
@@ -152,7 +156,8 @@ def markdown(data: dict) -> str:
         "tok/s = 1000 / median decode step; 'x eager' = tok/s over the baseline's; 'same tokens' = greedy tokens "
         "equal to the baseline's, in order (a quantized variant may branch off); RSS delta = process growth while "
         "the row was built and run; KV cache = its buffers' bytes (the baseline's at the longest context). The "
-        "static cache's decode cost is that of its full length at every context.", "",
+        "static cache's decode cost is that of its full length at every context; an int8 cache is dequantized whole "
+        "inside the step (every slot, every token), which costs decode time: what it saves is memory.", "",
         f"### Trained byte-level decoder ({recipe['layers']} layers, hidden {recipe['hidden']}, "
         f"{recipe['heads']}/{recipe['kv_heads']} heads, {small['meta']['parameters'] / 1e6:.2f} M parameters), "
         f"prompts from held-out text", "",
@@ -184,7 +189,10 @@ def markdown(data: dict) -> str:
               f"{b128['bf16'] / b128['int8']:.2f}x smaller (head dim {recipe['hidden'] // recipe['heads']}: "
               f"{recipe['hidden'] // recipe['heads']} + 4 bytes per token-head vs "
               f"{4 * recipe['hidden'] // recipe['heads']}; head dim 64 gives 3.76x, 128 gives 3.88x).",
-              "", f"Whole run: {data['wall_s'] / 60:.1f} min."]
+              "", f"Whole run: {data['wall_s'] / 60:.1f} min"
+              + (f"; 1-minute load average at its end {data['load_average']:.1f} on {data['cpus']} cores (other jobs "
+                 "shared the machine: single figures are noisy, compare within a table)." if "load_average" in data
+                 else ".")]
     return "\n".join(lines)
 
 
