@@ -26,6 +26,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=30.0, metavar="S",
                    help="cap a backend's timed calls at about S seconds (at least 3 calls; default 30)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    g = p.add_argument_group("generation (causal decoders)")
+    g.add_argument("--generate", action="store_true",
+                   help="measure greedy generation of a Llama-family causal decoder instead: pre-fill time, decode "
+                        "tokens/s and memory per backend and weight precision, beside the model in eager torch")
+    g.add_argument("--context", default="128,512", metavar="LIST",
+                   help="prompt lengths in tokens, multiples of --chunk (default 128,512)")
+    g.add_argument("--new-tokens", type=int, default=16, metavar="N", help="tokens generated per prompt (default 16)")
+    g.add_argument("--chunk", type=int, default=128, metavar="N", help="pre-fill chunk: the static pre-fill graph's "
+                   "length (default 128)")
+    g.add_argument("--precision", default="fp32,int4", metavar="LIST",
+                   help="weight variants: fp32, bf16, int8, int4 (default fp32,int4)")
+    g.add_argument("--kv-cache", default="float32", metavar="LIST",
+                   help="KV cache dtypes: float32, int8 (int8 per token and head, float32 scale beside it)")
 
 
 def check_counts(repeat: int, warmup: int, max_seconds: float | None) -> None:
@@ -49,6 +62,8 @@ def run(args: argparse.Namespace, ui) -> int:
     from ptool.passes.registry import parse_pipeline
 
     check_counts(args.repeat, args.warmup, args.max_seconds)
+    if args.generate:
+        return run_generate(args, ui)
     backends = parse_backends(args.backends, ("torch", "onnxruntime", "tvm"))
     specs = pipeline_specs(args.passes)
     parse_pipeline(specs)
@@ -101,3 +116,62 @@ def write_json(path: str, src, specs: list[str], rows: list) -> None:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
     except OSError as e:
         raise UsageError(f"cannot write --json file '{path}': {e.strerror or e}") from None
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    from ptool.errors import UsageError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated whole numbers, got '{text}'") from None
+
+
+def run_generate(args: argparse.Namespace, ui) -> int:
+    """``ptool bench --generate``: :func:`ptool.generation.benchmark_generation` on the model."""
+    import torch
+
+    from ptool.cli._compare import parse_backends
+    from ptool.cli._model import resolve_from_args
+    from ptool.errors import UsageError
+    from ptool.frontends.decoder import decoder_parts
+    from ptool.generation import benchmark_generation, check_generation_args, format_table
+
+    if args.passes:
+        raise UsageError("--generate measures the weight variants of --precision; --passes does not apply to it")
+    contexts = _int_list("--context", args.context)
+    precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+    kv_dtypes = [x.strip() for x in args.kv_cache.split(",") if x.strip()]
+    backends = parse_backends(args.backends, ("torch", "onnxruntime", "tvm"))
+    check_generation_args(contexts, args.new_tokens, args.chunk, precisions, backends, kv_dtypes)
+    with ui.status("loading model"):
+        src = resolve_from_args(args, ui)
+    if src.is_onnx:
+        raise UsageError("--generate needs the torch model of a causal decoder (a Hugging Face folder or "
+                         "module:function), not an ONNX file")
+    model = src.obj
+    decoder_parts(model)
+    model.eval()
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, max(contexts)), generator=torch.Generator().manual_seed(0))
+    with ui.status("generating on every backend (builds can take minutes)"):
+        rows = benchmark_generation(model, prompt, contexts=contexts, new_tokens=args.new_tokens, chunk=args.chunk,
+                                    backends=backends, precisions=precisions, kv_dtypes=kv_dtypes)
+    ui.out(f"model: {src.label} ({type(model).__name__}); prompt: random token ids, batch 1")
+    ui.out("")
+    ui.out(format_table(rows, contexts, args.new_tokens))
+    ui.out("")
+    ui.out(f"static KV cache of {max(contexts) + args.new_tokens} slots, pre-fill in chunks of {args.chunk}; "
+           "tok/s = 1000 / median decode step; same tokens = greedy tokens equal to eager torch's, in order; "
+           "RSS delta = process growth while the row was built and run")
+    if args.json:
+        import json
+        from pathlib import Path
+
+        payload = {"model": src.label, "contexts": contexts, "new_tokens": args.new_tokens,
+                   "rows": [r.to_dict() for r in rows]}
+        try:
+            Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        except OSError as e:
+            raise UsageError(f"cannot write --json file '{args.json}': {e.strerror or e}") from None
+    return 0
