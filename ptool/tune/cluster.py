@@ -8,7 +8,8 @@ The search is the local one (:mod:`ptool.tune.search`), with each unit of work a
   and the task checks the node's real fingerprint again before it times anything. Compiled models
   are tied to the device they were built for, so a timed candidate is also built there;
 * an approximate pass's fidelity check (transform + eager torch on the held-out inputs) runs on any
-  node with a free CPU; its short eager timing is kept only when that node's fingerprint matches;
+  node with a free CPU; its short eager timing is kept only on a timing node (one advertising, and having, the target's
+  fingerprint);
 * the run-off (the best few re-timed side by side) is one task on one matching node, so the rows it
   compares were all measured on the same machine.
 
@@ -107,10 +108,12 @@ def _node_name(ip: str, node_id: str) -> str:
     return f"{ip}/{node_id[:8]}"
 
 
-def _this_node() -> str:
+def _this_node() -> tuple[str, str]:
+    """(this node's id, its name)."""
     import ray
 
-    return _node_name(ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id())
+    node_id = ray.get_runtime_context().get_node_id()
+    return node_id, _node_name(ray.util.get_node_ip_address(), node_id)
 
 
 def refusal(node: str, key: str, target: str) -> str:
@@ -119,22 +122,23 @@ def refusal(node: str, key: str, target: str) -> str:
             f"it runs fidelity checks only")
 
 
-def scan_nodes(target: str) -> tuple[list[str], list[str]]:
-    """(nodes that time candidates for fingerprint ``target``, one note per live node refused for timing).
+def scan_nodes(target: str) -> tuple[dict[str, str], list[str]]:
+    """(node id -> name of the nodes that time candidates for fingerprint ``target``, one note per live
+    node refused for timing).
 
     Raises:
         UsageError: no live node advertises ``target`` (naming the resource to start nodes with).
     """
     import ray
 
-    timing, notes = [], []
+    timing, notes = {}, []
     for n in ray.nodes():
         if not n.get("Alive"):
             continue
         name = _node_name(n["NodeManagerAddress"], n["NodeID"])
         keys = sorted(k.removeprefix(RESOURCE_PREFIX) for k in n.get("Resources", {}) if k.startswith(RESOURCE_PREFIX))
         if target in keys:
-            timing.append(name)
+            timing[n["NodeID"]] = name
         elif keys:
             notes.append(refusal(name, ", ".join(keys), target))
         elif n.get("Resources", {}).get("CPU"):
@@ -164,7 +168,8 @@ def _fingerprint_here(job: dict) -> str:
 
 def measure_task(job: dict, config: dict) -> dict:
     """One candidate built, checked and timed on this node: ``{"row": ...}`` or ``{"refused": line}``."""
-    node, key = _this_node(), _fingerprint_here(job)
+    _, node = _this_node()
+    key = _fingerprint_here(job)
     if key != job["target"]:
         return {"refused": refusal(node, key, job["target"]), "node": node}
     search = _worker_search(job)
@@ -181,8 +186,8 @@ def check_task(job: dict, pipeline: tuple[str, ...], spec: str) -> dict:
     reason = search._check_pipeline(pipeline)
     if reason is None:
         return {"reason": None}
-    node = _this_node()
-    timed = _fingerprint_here(job) == job["target"]
+    node_id, node = _this_node()
+    timed = node_id in job["timing_nodes"] and _fingerprint_here(job) == job["target"]
     row = search.excluded_row(pipeline, spec, reason, timed=timed)
     row.node = node if timed else ""
     return {"reason": reason, "row": row.to_dict()}
@@ -192,7 +197,8 @@ def run_off_task(job: dict, configs: list[dict], runs: dict[str, int]) -> dict:
     """The best few rebuilt on this node and re-timed side by side: ``{"timings": label -> Timing}``."""
     import ptool
 
-    node, key = _this_node(), _fingerprint_here(job)
+    _, node = _this_node()
+    key = _fingerprint_here(job)
     if key != job["target"]:
         return {"refused": refusal(node, key, job["target"]), "node": node}
     search = _worker_search(job)
@@ -219,7 +225,7 @@ class ClusterSearch(Search):
         self.target = target
         self.timing_nodes, self.notes = scan_nodes(target)
         job = {"search": search_kwargs, "reference": self.reference, "target": target, "device": self.device,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(), "timing_nodes": set(self.timing_nodes)}
         try:
             self.job = ray.put(job)
         except Exception as e:
