@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the candidates the registered passes declare)")
     p.add_argument("--tvm-trials", type=int, default=0, metavar="N",
                    help="also try TVM tuned with MetaSchedule for N trials (default 0: untuned TVM only)")
+    p.add_argument("--tvm-tracker", metavar="HOST:PORT", default=None,
+                   help="measure the --tvm-trials on the RPC servers of this TVM tracker (with --tvm-key)")
+    p.add_argument("--tvm-key", metavar="KEY", default=None, help="the key the tracker's RPC servers registered with")
     p.add_argument("--repeat", type=int, default=20, metavar="N", help="timed calls per candidate (default 20)")
     p.add_argument("--force", action="store_true", help="measure again even if a matching record exists")
     p.add_argument("--ray", metavar="ADDRESS", default=None,
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace, ui) -> int:
                               backends=backends, passes=passes, held_out_inputs=held or None,
                               calibration=calibration, record_dir=args.output, force=args.force,
                               tvm_trials=args.tvm_trials, repeat=args.repeat, progress=update,
-                              cluster=args.ray)
+                              cluster=args.ray, tvm_tracker=args.tvm_tracker, tvm_key=args.tvm_key)
         except TuningInterrupted as e:
             ui.out(str(e.result))
             ui.err(f"ptool: interrupted; what was measured is saved in {args.output}/ (rerun to finish)")

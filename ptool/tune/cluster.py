@@ -153,11 +153,23 @@ def scan_nodes(target: str) -> tuple[dict[str, str], list[str]]:
 # -- what runs on the workers --------------------------------------------------------------------
 
 
+#: The worker process's search of the job it ran last: later tasks of the same job reuse its
+#: transformed pipelines (stage 1 transforms the base pipeline once per worker, as the local search does).
+_WORKER: dict[str, Search] = {}
+
+
 def _worker_search(job: dict) -> Search:
     import torch
 
     torch.set_num_threads(job["threads"])  # Ray sets OMP_NUM_THREADS=1 per CPU asked for; time as the driver would
-    return Search(**job["search"], done_rows={}, reference=job["reference"])
+    if job["id"] not in _WORKER:
+        _WORKER.clear()
+        _WORKER[job["id"]] = Search(**job["search"], done_rows={}, reference=job["reference"])
+    search = _WORKER[job["id"]]
+    search.rows, search.compiled = [], {}  # rows and compiled models are the driver's; only transforms are kept
+    base, recent = tuple(search.base), list(search.transformed)[-1:]  # memory: the base and the latest pipeline
+    search.transformed = {k: v for k, v in search.transformed.items() if k == base or k in recent}
+    return search
 
 
 def _fingerprint_here(job: dict) -> str:
@@ -224,14 +236,17 @@ class ClusterSearch(Search):
         ray = _ray()
         self.target = target
         self.timing_nodes, self.notes = scan_nodes(target)
-        job = {"search": search_kwargs, "reference": self.reference, "target": target, "device": self.device,
-               "threads": torch.get_num_threads(), "timing_nodes": set(self.timing_nodes)}
+        import uuid
+
+        job = {"id": uuid.uuid4().hex, "search": search_kwargs, "reference": self.reference, "target": target,
+               "device": self.device, "threads": torch.get_num_threads(), "timing_nodes": set(self.timing_nodes)}
         try:
             self.job = ray.put(job)
         except Exception as e:
             from ptool.errors import first_line
 
-            raise UsageError(f"the model cannot be sent to the Ray cluster: {type(e).__name__}: {first_line(e)}") from None
+            raise UsageError(f"the model cannot be sent to the Ray cluster: {type(e).__name__}: "
+                             f"{first_line(e)}") from None
         resource = {RESOURCE_PREFIX + target: 1}
         self._measure = ray.remote(measure_task).options(num_cpus=1, resources=resource, max_retries=TASK_RETRIES)
         self._run_off = ray.remote(run_off_task).options(num_cpus=1, resources=resource, max_retries=TASK_RETRIES)

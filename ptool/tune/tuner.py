@@ -116,6 +116,8 @@ def autotune(
     max_seconds_per_candidate: float = 5.0,
     progress: bool | Progress = True,
     cluster: str | None = None,
+    tvm_tracker: str | None = None,
+    tvm_key: str | None = None,
 ) -> TuneResult:
     """Find the fastest (passes x backend x options) configuration whose error stays within ``max_error``.
 
@@ -148,6 +150,9 @@ def autotune(
             ``"HOST:PORT"`` (the head). Candidates are timed only on nodes advertising the target's
             device fingerprint (see :mod:`ptool.tune.cluster`); the record is the same as a local
             run's, with the node that measured each row. None (default): in this process.
+        tvm_tracker / tvm_key: ``HOST:PORT`` of a TVM RPC tracker and its servers' key: the
+            MetaSchedule-tuned TVM candidates (``tvm_trials``) measure their trials on those servers
+            (backend options ``rpc_tracker`` / ``rpc_key``); the database is the same.
 
     Returns:
         A :class:`TuneResult`: ``.config`` (the winner), ``.table``, ``.compiled``, ``.save(dir)``.
@@ -176,6 +181,11 @@ def autotune(
         raise UsageError(f"budget_s must be > 0 seconds, got {budget_s!r}")
     if tvm_trials < 0:
         raise UsageError(f"tvm_trials must be >= 0, got {tvm_trials}")
+    if (tvm_tracker is None) != (tvm_key is None):
+        raise UsageError("tvm_tracker and tvm_key go together: the tracker's HOST:PORT and its servers' key")
+    tuned_tvm = tvm_trials > 0 or any(v.get("tune_trials") for v in (variants or {}).get("tvm", ()))
+    if tvm_tracker is not None and not tuned_tvm:
+        raise UsageError("tvm_tracker sends MetaSchedule's trials to RPC servers: give tvm_trials > 0 too")
     if cluster is not None:
         from ptool.tune.cluster import check_address
 
@@ -215,6 +225,9 @@ def autotune(
                     for b in backend_names}
     from ptool.backends import backend_options
 
+    if tvm_tracker is not None:  # the tuned TVM variants measure through the tracker
+        variant_sets["tvm"] = [{**v, "rpc_tracker": tvm_tracker, "rpc_key": tvm_key} if v.get("tune_trials") else v
+                               for v in variant_sets.get("tvm", [])]
     for b in variants or {}:
         if b not in backend_names:
             raise UsageError(f"variants= names backend '{b}', which is not among the backends tuned "
@@ -260,11 +273,19 @@ def autotune(
                          device=device, variants=variant_sets, source=source if onnx_input else eager)
     record_file = folder / RECORD_FILE if record_dir is not None else folder / "records" / f"{key}.json"
 
-    def save_partial(row: Row) -> None:  # each finished row is on disk before the next one: a crash loses none
-        partial = TuneResult(None, search.rows, fp, key, mkey, "running", False, time.perf_counter() - started,
-                             settings, notes, **private)
+    last_write = [-math.inf, 0.0]  # when the record was last written, how long that took
+
+    def save_partial(row: Row) -> None:
+        """Each finished row goes to disk as it arrives, so a crash loses none; but the driver spends at
+        most a tenth of its time rewriting the record (a record of 10,000 rows takes seconds to write)."""
+        now = time.perf_counter()
+        if now - last_write[0] < PARTIAL_WRITE_RATIO * last_write[1]:
+            return
+        partial = TuneResult(None, search.rows, fp, key, mkey, "running", False, now - started, settings, notes,
+                             **private)
         with interrupts_deferred():
             write_json(record_file, partial.to_dict())
+        last_write[:] = [time.perf_counter(), time.perf_counter() - now]
 
     owned = False
     if cluster is None:
@@ -360,6 +381,10 @@ def _onnx_reference(proto: Any, example_inputs: Any, example_kwargs: dict | None
     args = tuple(to_torch(v) for v in feeds.values())
     return OnnxTransformedModule(proto, Report(capture="onnx"), args, {}), args, {}
 
+
+#: The record is rewritten after a finished row unless the last write was more recent than this many
+#: times its own duration: writing takes at most about a tenth of the search's time.
+PARTIAL_WRITE_RATIO = 10
 
 #: Candidates whose median is within this fraction of the fastest one tie: run-to-run noise on a
 #: busy CPU is about this large, and a winner that flips between reruns helps no one.
