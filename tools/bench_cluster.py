@@ -169,7 +169,7 @@ def render(d: dict) -> str:
         f"| warm | {d['local_s'][1]:.1f} | {d['ray_s'][1]:.1f} | {oh['warm']:.2f} |",
         "",
         f"Per unit, for the simulation: an empty Ray task's round trip {d['empty_task_ms']:.1f} ms (median of 30); "
-        f"build + fidelity per candidate {d['build_fidelity_s']:.2f} s, timing {d['timing_s'] * 1e3:.0f} ms "
+        f"build + fidelity per candidate {d['build_fidelity_s']:.2f} s, timing {d['timing_s'] * 1e3:.1f} ms "
         f"(medians over the rows); the driver's record write after each result "
         f"{w['10']:.1f} / {w['100']:.1f} / {w['1000']:.1f} / {w['10000']:.0f} ms at 10 / 100 / 1,000 / 10,000 rows.",
     ])

@@ -122,7 +122,8 @@ def render(sim: dict) -> str:
     tuned = Costs(**{**c, "trials": 64})
     lines += ["", "With TVM MetaSchedule over the RPC tracker at 64 trials per candidate "
               f"({tuned.tracker_ms:.0f} ms per request, one tracker):", "",
-              "| candidates | " + " | ".join(f"{n} nodes" for n in NODES) + " |", "|---:|" + "---:|" * len(NODES)]
+              "| candidates | " + " | ".join(f"{n} node{'s' if n > 1 else ''}" for n in NODES) + " |",
+              "|---:|" + "---:|" * len(NODES)]
     for cand in (100, 1000, 10000):
         cells = []
         for n in NODES:

@@ -3,7 +3,9 @@ the same number of trials as a local tune lands in the same database, which the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,25 +58,28 @@ def tracker():
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
-                               str(port), "--port-end", str(port + 1)], env=env,
+                               str(port), "--port-end", str(port + 1)], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         _wait_for_servers(address, 0)
         for server_port in (_free_port(), _free_port()):
             procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
                                            "--port", str(server_port), "--port-end", str(server_port + 1),
-                                           "--tracker", address, "--key", KEY], env=env,
+                                           "--tracker", address, "--key", KEY], env=env, start_new_session=True,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_for_servers(address, 2)
         yield address
-    finally:
+    finally:  # each process and the worker it spawned (tvm.exec.popen_worker) are one process group
         for p in procs:
-            p.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # the group's popen_worker, if it outlived its parent
 
 
 def _records(folder) -> int:
