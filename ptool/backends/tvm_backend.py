@@ -92,6 +92,10 @@ class Options:
             build of the same model for the same target reuses it instead of tuning again.
         tuning_dir: where the MetaSchedule database lives (None: ``~/.cache/ptool/tvm-tuning/<key>``,
             the key hashing the Relax module and the target).
+        rpc_tracker / rpc_key: ``HOST:PORT`` of a TVM RPC tracker and the key its servers registered
+            with (``python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY``): MetaSchedule's
+            measurements run on those servers, as many at once as are free when tuning starts, instead
+            of in this process. The database is the same (same folder, same reuse).
     """
 
     frontend: Literal["auto", "exported_program", "onnx"] = "auto"
@@ -104,6 +108,8 @@ class Options:
     opset: int | None = None
     tune_trials: int = 0
     tuning_dir: str | None = None
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
     dynamic_shapes: Any = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +117,13 @@ class Options:
             raise ValueError(f"option 'num_cores' must be >= 1, got {self.num_cores}")
         if self.tune_trials < 0:
             raise ValueError(f"option 'tune_trials' must be >= 0, got {self.tune_trials}")
+        if (self.rpc_tracker is None) != (self.rpc_key is None):
+            raise ValueError("options 'rpc_tracker' and 'rpc_key' go together: give both (HOST:PORT and the "
+                             "servers' key) or neither")
+        if self.rpc_tracker is not None:
+            host, _, port = str(self.rpc_tracker).rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"option 'rpc_tracker' must be HOST:PORT, got {self.rpc_tracker!r}")
 
 
 def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any]]:
@@ -134,7 +147,8 @@ def _metaschedule_build(mod: Any, target: Any, opts: Options, inputs: list[torch
     rules = tvm_cuda.gpu_rules() if tvm_cuda.is_cuda(target) else None
     tasks = tvm_tuning.heavy_tasks(legalized, target, rules)  # extracted once, for tuning and the choice
     del legalized
-    facts = tvm_tuning.tune(tasks, target, opts.tune_trials, work_dir, key)
+    rpc = (opts.rpc_tracker, opts.rpc_key) if opts.rpc_tracker is not None else None
+    facts = tvm_tuning.tune(tasks, target, opts.tune_trials, work_dir, key, rpc=rpc)
     if not tvm_tuning.is_chosen(work_dir, key):
         args = [_to_tvm(t, dev) for t in inputs]
         vms = {name: relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=_pipeline(

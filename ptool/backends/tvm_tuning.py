@@ -93,12 +93,13 @@ def database_dir(mod: Any, target: Any, tuning_dir: str | None) -> tuple[Path, s
 
 
 def tune(tasks: list[tuple[Any, Any]], target: Any, trials: int, work_dir: Path, key: str,
-         progress: bool = True) -> dict[str, Any]:
+         progress: bool = True, rpc: tuple[str, str] | None = None) -> dict[str, Any]:
     """Tune ``tasks`` (from :func:`heavy_tasks`) into ``work_dir`` (or reuse it); facts for the report.
 
     ``trials`` is the total budget; a database already holding that many trials for this module
     (``key``) is reused as it is, and one holding fewer is tuned on for the difference (the
-    search starts from what the database holds).
+    search starts from what the database holds). ``rpc``: ``(HOST:PORT, key)`` of a TVM RPC
+    tracker whose servers run the measurements (:func:`rpc_runner`); builds stay here.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -118,7 +119,11 @@ def tune(tasks: list[tuple[Any, Any]], target: Any, trials: int, work_dir: Path,
     per_task = max(1, math.ceil((trials - done) / len(tasks)))
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     builder = ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_S, f_build=build_candidate)
-    runner = ms.runner.LocalRunner(timeout_sec=RUNNER_TIMEOUT_S)
+    if rpc is None:
+        runner = ms.runner.LocalRunner(timeout_sec=RUNNER_TIMEOUT_S)
+    else:
+        runner, servers = rpc_runner(*rpc)
+        facts.update(rpc_tracker=rpc[0], rpc_key=rpc[1], rpc_servers=servers)
     with _Progress(per_task * len(tasks), progress) as bar, contextlib.redirect_stdout(io.StringIO()):
         # MetaSchedule prints its task tables to stdout; the full logs stay in work_dir/logs
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -137,6 +142,34 @@ def tune(tasks: list[tuple[Any, Any]], target: Any, trials: int, work_dir: Path,
                                    "kernels": facts["kernels"]}, indent=1))  # no in-model choice yet
     marker.write_text(str(trials))
     return facts
+
+
+def rpc_runner(tracker: str, key: str) -> tuple[Any, int]:
+    """MetaSchedule's ``RPCRunner`` through the tracker at ``HOST:PORT`` to the servers registered
+    with ``key``, measuring on as many at once as are free now; (runner, that count).
+
+    Raises:
+        BackendError: the tracker does not answer, or no server is registered with ``key``.
+    """
+    from tvm import rpc as tvm_rpc
+    from tvm.s_tir import meta_schedule as ms
+
+    from ptool.errors import BackendError
+
+    host, _, port = tracker.rpartition(":")
+    try:
+        summary = tvm_rpc.connect_tracker(host, int(port)).summary()
+    except Exception as e:  # TVM raises plain RuntimeError / OSError / TVMError for a dead tracker
+        raise BackendError(f"TVM RPC tracker {tracker} does not answer: {type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    queue = summary.get("queue_info", {}).get(key)
+    if not queue or not queue.get("free", 0) + queue.get("pending", 0):
+        known = ", ".join(sorted(summary.get("queue_info", {}))) or "none"
+        raise BackendError(f"no RPC server is registered with key '{key}' at tracker {tracker} (keys there: {known})")
+    servers = max(1, int(queue.get("free", 0)))
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
+                                 session_timeout_sec=int(RUNNER_TIMEOUT_S))
+    return ms.runner.RPCRunner(rpc_config=config, max_workers=servers), servers
 
 
 def _summary_path(work_dir: Path, key: str) -> Path:

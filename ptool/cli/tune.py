@@ -7,6 +7,9 @@ error on held-out inputs passes --max-error. The table, the winner, the device f
 latency-vs-fidelity plot are saved in -o; the same command on the same model, device and library
 versions reuses that record instead of measuring again (--force measures anew). Ctrl-C saves what
 was measured and exits 130.
+
+--ray ADDRESS runs the candidates as tasks on a Ray cluster (ptool[cluster]); only nodes started
+with this device's fingerprint resource time them, and the table names the node of each row.
 """
 
 from __future__ import annotations
@@ -35,8 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the candidates the registered passes declare)")
     p.add_argument("--tvm-trials", type=int, default=0, metavar="N",
                    help="also try TVM tuned with MetaSchedule for N trials (default 0: untuned TVM only)")
+    p.add_argument("--tvm-tracker", metavar="HOST:PORT", default=None,
+                   help="measure the --tvm-trials on the RPC servers of this TVM tracker (with --tvm-key)")
+    p.add_argument("--tvm-key", metavar="KEY", default=None, help="the key the tracker's RPC servers registered with")
     p.add_argument("--repeat", type=int, default=20, metavar="N", help="timed calls per candidate (default 20)")
     p.add_argument("--force", action="store_true", help="measure again even if a matching record exists")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run the candidates on a Ray cluster: auto, HOST:PORT (the head) or ray://HOST:PORT; "
+                        "timed only on nodes advertising this device's fingerprint (needs ptool[cluster])")
 
 
 def _held_out(args: argparse.Namespace, src) -> tuple[list, list | None]:
@@ -66,6 +75,10 @@ def run(args: argparse.Namespace, ui) -> int:
         raise UsageError(f"--repeat must be at least 1, got {args.repeat}")
     if args.tvm_trials < 0:
         raise UsageError(f"--tvm-trials must be >= 0, got {args.tvm_trials}")
+    if args.ray is not None:
+        from ptool.tune.cluster import check_address
+
+        check_address(args.ray)  # Ray missing or a bad address fails before the model loads
     backends = parse_backends(args.backends, ("torch", "onnxruntime", "tvm")) if args.backends else None
     specs = split_specs(args.passes)
     passes = None if not args.passes else [s for s in specs if s != "none"]
@@ -86,7 +99,8 @@ def run(args: argparse.Namespace, ui) -> int:
                               max_error=args.max_error, error_metric=args.metric, budget_s=args.budget,
                               backends=backends, passes=passes, held_out_inputs=held or None,
                               calibration=calibration, record_dir=args.output, force=args.force,
-                              tvm_trials=args.tvm_trials, repeat=args.repeat, progress=update)
+                              tvm_trials=args.tvm_trials, repeat=args.repeat, progress=update,
+                              cluster=args.ray, tvm_tracker=args.tvm_tracker, tvm_key=args.tvm_key)
         except TuningInterrupted as e:
             ui.out(str(e.result))
             ui.err(f"ptool: interrupted; what was measured is saved in {args.output}/ (rerun to finish)")

@@ -58,6 +58,8 @@ class Row:
         memory_mb: process RSS growth while building it; peak_rss_mb: process peak after timing.
         timing: ``"solo"`` (timed alone) or ``"run-off"`` (re-timed interleaved with the best ones).
         pareto / winner: on the latency-fidelity Pareto front / the chosen configuration.
+        node: the cluster node that measured it (``ptool tune --ray``: ``<ip>/<node id prefix>``);
+            empty for a row measured in this process.
     """
 
     label: str
@@ -79,6 +81,7 @@ class Row:
     timing: str = ""
     pareto: bool = False
     winner: bool = False
+    node: str = ""
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}

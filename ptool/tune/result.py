@@ -38,9 +38,13 @@ def format_table(rows: list[Row], *, max_error: float) -> str:
         body.append([mark, r.label, r.status, _num(r.median_ms, ".2f"), band, str(r.runs or "-"),
                      _num(r.error, ".1e"), _num(r.cosine, ".6f"), _num(r.build_s, ".1f"), _num(r.memory_mb, ".0f"),
                      r.reason])
+    if any(r.node for r in rows):  # a cluster search: which node measured each row
+        headers.insert(-1, "node")
+        for line, r in zip(body, ranked):
+            line.insert(-1, r.node or "-")
     legend = (f"* winner, P Pareto front (latency vs error); error = worst over the held-out inputs vs the original "
               f"model as given (eager torch, or ONNX Runtime for an ONNX file), must be <= max_error {max_error:g}")
-    return _fmt(headers, body, align="lllrrrrrrrl") + "\n" + legend
+    return _fmt(headers, body, align="lllrrrrrrr" + "l" * (len(headers) - 10)) + "\n" + legend
 
 
 class Table(list):

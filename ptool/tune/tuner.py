@@ -19,11 +19,9 @@ eager torch, never on the calibration data.
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,10 +29,9 @@ from ptool.errors import UsageError
 from ptool.tune.fingerprint import device_fingerprint
 from ptool.tune.record import Row, Status, model_key, read_record
 from ptool.tune.result import TuneResult
+from ptool.tune.search import RUN_OFF, Call, Search
 from ptool.tune.space import (
     TuningConfig,
-    approximate_variants,
-    backend_left_out,
     backend_variants,
     check_backends,
     declared_pass_candidates,
@@ -42,10 +39,7 @@ from ptool.tune.space import (
     split_passes,
 )
 
-__all__ = ["TuningInterrupted", "autotune", "default_record_dir"]
-
-#: How many of the fastest candidates are re-timed side by side before the winner is picked.
-RUN_OFF = 3
+__all__ = ["RUN_OFF", "TuningInterrupted", "autotune", "default_record_dir"]
 
 ErrorMetric = Literal["cosine", "max_rel_error"]
 Progress = Callable[[int, int, str], Any]
@@ -65,13 +59,7 @@ def default_record_dir() -> Path:
     return Path.home() / ".cache" / "ptool" / "tuning"
 
 
-@dataclass
-class _Call:
-    args: tuple
-    kwargs: dict
-
-
-def _calls(items: Iterable | None, what: str) -> list[_Call]:
+def _calls(items: Iterable | None, what: str) -> list[Call]:
     from ptool.inputs import calibration_call
 
     if items is None:
@@ -80,23 +68,7 @@ def _calls(items: Iterable | None, what: str) -> list[_Call]:
         items = list(items)
     except TypeError:
         raise UsageError(f"{what} must be an iterable of input tuples (or dicts of keyword inputs)") from None
-    return [_Call(*calibration_call(i)) for i in items]
-
-
-def _error_of(fid: Any, metric: ErrorMetric) -> float:
-    if fid.mismatched_leaves:
-        return math.inf
-    return 1.0 - fid.cosine if metric == "cosine" else fid.max_rel_error
-
-
-def _fidelity(fn: Callable, reference: list, held_out: list[_Call]) -> Any:
-    import torch
-
-    from ptool.verify import compare_many
-
-    with torch.no_grad():
-        outputs = [fn(*c.args, **c.kwargs) for c in held_out]
-    return compare_many(reference, outputs)
+    return [Call(*calibration_call(i)) for i in items]
 
 
 def _progress(progress: bool | Progress) -> tuple[Progress, Callable[[], None]]:
@@ -143,6 +115,9 @@ def autotune(
     repeat: int = 20,
     max_seconds_per_candidate: float = 5.0,
     progress: bool | Progress = True,
+    cluster: str | None = None,
+    tvm_tracker: str | None = None,
+    tvm_key: str | None = None,
 ) -> TuneResult:
     """Find the fastest (passes x backend x options) configuration whose error stays within ``max_error``.
 
@@ -170,6 +145,14 @@ def autotune(
         repeat: timed calls per candidate (fewer for slow ones: about ``max_seconds_per_candidate``).
         progress: a progress bar with an ETA on a terminal (True), none (False), or a callable
             ``progress(done, total, label)``.
+        cluster: run the candidates as Ray tasks on a cluster (``pip install 'ptool[cluster]'``):
+            ``"auto"`` (the cluster started on this machine), ``"ray://HOST:PORT"`` (Ray Client) or
+            ``"HOST:PORT"`` (the head). Candidates are timed only on nodes advertising the target's
+            device fingerprint (see :mod:`ptool.tune.cluster`); the record is the same as a local
+            run's, with the node that measured each row. None (default): in this process.
+        tvm_tracker / tvm_key: ``HOST:PORT`` of a TVM RPC tracker and its servers' key: the
+            MetaSchedule-tuned TVM candidates (``tvm_trials``) measure their trials on those servers
+            (backend options ``rpc_tracker`` / ``rpc_key``); the database is the same.
 
     Returns:
         A :class:`TuneResult`: ``.config`` (the winner), ``.table``, ``.compiled``, ``.save(dir)``.
@@ -198,6 +181,15 @@ def autotune(
         raise UsageError(f"budget_s must be > 0 seconds, got {budget_s!r}")
     if tvm_trials < 0:
         raise UsageError(f"tvm_trials must be >= 0, got {tvm_trials}")
+    if (tvm_tracker is None) != (tvm_key is None):
+        raise UsageError("tvm_tracker and tvm_key go together: the tracker's HOST:PORT and its servers' key")
+    tuned_tvm = tvm_trials > 0 or any(v.get("tune_trials") for v in (variants or {}).get("tvm", ()))
+    if tvm_tracker is not None and not tuned_tvm:
+        raise UsageError("tvm_tracker sends MetaSchedule's trials to RPC servers: give tvm_trials > 0 too")
+    if cluster is not None:
+        from ptool.tune.cluster import check_address
+
+        cluster = check_address(cluster)
     loaded = load_model(model)
     source = loaded.obj
     onnx_input = loaded.kind is ModelKind.ONNX
@@ -224,7 +216,7 @@ def autotune(
     held = _calls(held_out_inputs, "held_out_inputs")
     calib = _calls(calibration, "calibration")
     if not held:
-        held = [_Call(args, kwargs)]
+        held = [Call(args, kwargs)]
         notes.append("no held-out inputs given: fidelity measured on the example call only")
     calib_items = [c.args if not c.kwargs else c.kwargs for c in calib] or None
 
@@ -233,6 +225,9 @@ def autotune(
                     for b in backend_names}
     from ptool.backends import backend_options
 
+    if tvm_tracker is not None:  # the tuned TVM variants measure through the tracker
+        variant_sets["tvm"] = [{**v, "rpc_tracker": tvm_tracker, "rpc_key": tvm_key} if v.get("tune_trials") else v
+                               for v in variant_sets.get("tvm", [])]
     for b in variants or {}:
         if b not in backend_names:
             raise UsageError(f"variants= names backend '{b}', which is not among the backends tuned "
@@ -252,6 +247,9 @@ def autotune(
         "calibration": run_key([(c.args, c.kwargs) for c in calib]),
     }
     key = run_key(fp.key, mkey, settings)
+    from ptool.checkpoint import interrupts_deferred
+    from ptool.tune.record import RECORD_FILE, write_json
+
     folder = Path(record_dir) if record_dir is not None else default_record_dir()
     private = {"_model": source if onnx_input else eager, "_call": (args, kwargs), "_calibration": calib_items}
 
@@ -270,8 +268,40 @@ def autotune(
     candidates, left_out = precision_candidates(approximate, fp)
     if onnx_input:
         candidates = [c for c in candidates if all(runs_on_onnx(p) for p in c)]
-    search = _Search(eager, args, kwargs, held, calib_items, base, max_error, error_metric, repeat,
-                     max_seconds_per_candidate, done_rows, device, variant_sets, source=source if onnx_input else eager)
+    search_kwargs = dict(eager=eager, args=args, kwargs=kwargs, held=held, calibration=calib_items, base=base,
+                         max_error=max_error, metric=error_metric, repeat=repeat, max_seconds=max_seconds_per_candidate,
+                         device=device, variants=variant_sets, source=source if onnx_input else eager)
+    record_file = folder / RECORD_FILE if record_dir is not None else folder / "records" / f"{key}.json"
+
+    last_write = [-math.inf, 0.0]  # when the record was last written, how long that took
+
+    def save_partial(row: Row) -> None:
+        """Each finished row goes to disk as it arrives, so a crash loses none; but the driver spends at
+        most a tenth of its time rewriting the record (a record of 10,000 rows takes seconds to write)."""
+        now = time.perf_counter()
+        if now - last_write[0] < PARTIAL_WRITE_RATIO * last_write[1]:
+            return
+        partial = TuneResult(None, search.rows, fp, key, mkey, "running", False, now - started, settings, notes,
+                             **private)
+        with interrupts_deferred():
+            write_json(record_file, partial.to_dict())
+        last_write[:] = [time.perf_counter(), time.perf_counter() - now]
+
+    owned = False
+    if cluster is None:
+        search = Search(**search_kwargs, done_rows=done_rows, on_row=save_partial)
+    else:
+        from ptool.tune.cluster import ClusterSearch, connect
+
+        owned = connect(cluster)
+        try:
+            search = ClusterSearch(**search_kwargs, done_rows=done_rows, on_row=save_partial, target=fp.key,
+                                   search_kwargs=search_kwargs)
+        except BaseException:
+            _disconnect(owned)
+            raise
+        notes += search.notes
+        search.notes = notes  # refusals found during the search land in the result's notes too
     for specs, reason in left_out:  # the device cannot run these formats fast: one row each, never built
         search.rows.append(search.excluded_row((*base, *specs), " + ".join(specs), reason))
     update, close = _progress(progress)
@@ -286,6 +316,7 @@ def autotune(
         search.mark_interrupted()
     finally:
         close()
+        _disconnect(owned)
     rows = search.rows
     _mark_winner(rows)
     win = next((r for r in rows if r.winner), None)
@@ -295,18 +326,23 @@ def autotune(
                         False, time.perf_counter() - started, settings, notes, **private)
     if win is not None and win.label in search.compiled:
         result._compiled = search.compiled[win.label]
-    from ptool.checkpoint import interrupts_deferred
-    from ptool.tune.record import write_json
-
     if record_dir is not None:
         result.save(folder)
     else:
         with interrupts_deferred():
-            write_json(folder / "records" / f"{key}.json", result.to_dict())
-        result.record_path = folder / "records" / f"{key}.json"
+            write_json(record_file, result.to_dict())
+        result.record_path = record_file
     if status == "interrupted":
         raise TuningInterrupted(result)
     return result
+
+
+def _disconnect(owned: bool) -> None:
+    """Leave the Ray cluster if :func:`autotune` joined it (a caller's own ``ray.init`` is left alone)."""
+    if owned:
+        import ray
+
+        ray.shutdown()
 
 
 def _onnx_backends() -> list[str]:
@@ -346,6 +382,10 @@ def _onnx_reference(proto: Any, example_inputs: Any, example_kwargs: dict | None
     return OnnxTransformedModule(proto, Report(capture="onnx"), args, {}), args, {}
 
 
+#: The record is rewritten after a finished row unless the last write was more recent than this many
+#: times its own duration: writing takes at most about a tenth of the search's time.
+PARTIAL_WRITE_RATIO = 10
+
 #: Candidates whose median is within this fraction of the fastest one tie: run-to-run noise on a
 #: busy CPU is about this large, and a winner that flips between reruns helps no one.
 TIE = 0.02
@@ -368,195 +408,3 @@ def _mark_winner(rows: list[Row]) -> None:
                                  len(r.config["passes"]) + len(r.config.get("options") or {}), r.label)).winner = True
 
 
-class _Search:
-    """The measuring loop's state: rows so far, live compiled candidates, the transformed pipelines."""
-
-    def __init__(self, eager, args, kwargs, held, calibration, base, max_error, metric, repeat, max_seconds,
-                 done_rows, device="cpu", variants=None, source=None):
-        import torch
-
-        self.source = eager if source is None else source  # what ptool.transform takes: the module or the ONNX model
-        self.device = device
-        self.variants: dict[str, list[dict]] = variants or {}  # backend -> the option dicts of stage 1
-        self.eager, self.args, self.kwargs, self.held = eager, args, kwargs, held
-        self.calibration, self.base = calibration, base
-        self.max_error, self.metric, self.repeat, self.max_seconds = max_error, metric, repeat, max_seconds
-        self.done_rows = done_rows
-        self.rows: list[Row] = []
-        self.compiled: dict[str, Callable] = {}  # live callables of the current best few (for the run-off)
-        self.transformed: dict[tuple[str, ...], Any] = {}
-        self.budget_hit = False
-        self.reused = 0
-        self.current: Row | None = None
-        with torch.no_grad():
-            self.reference = [eager(*c.args, **c.kwargs) for c in held]
-
-    # -- stages ---------------------------------------------------------------------------------
-
-    def run(self, stage1: list[TuningConfig], approximate: list[tuple[str, ...]], backends: list[str],
-            budget_s: float | None, started: float, update: Progress) -> None:
-        total = len(stage1) + len(approximate) * (1 + len(backends))
-        done = 0
-        self.planned = list(stage1)
-
-        def over_budget() -> bool:
-            self.budget_hit = self.budget_hit or (budget_s is not None and time.perf_counter() - started > budget_s)
-            return self.budget_hit
-
-        for config in stage1:
-            update(done, total, config.label(self.base))
-            self._candidate(config, skip=over_budget())
-            done += 1
-        best = self._best_variant_per_backend(backends)
-        for specs in approximate:
-            pipeline, spec = (*self.base, *specs), " + ".join(specs)
-            update(done, total, f"checking {spec}")
-            reason = None if over_budget() else self._check_pipeline(pipeline)
-            done += 1
-            if reason is not None:  # one row: it is left out on every backend, none was compiled
-                self.rows.append(self.excluded_row(pipeline, spec, reason))
-                done += len(backends)
-            for b in backends if reason is None else ():
-                for options in approximate_variants(b, self.variants.get(b, []), best.get(b)):
-                    config = TuningConfig.make(pipeline, b, options)
-                    update(done, total, config.label(self.base))
-                    left_out = backend_left_out(b, specs, options)
-                    if left_out is not None:  # the backend cannot run it fast: one row, never built
-                        self.rows.append(Row(config.label(self.base), config.to_dict(), False, Status.EXCLUDED,
-                                             left_out))
-                        continue
-                    self._candidate(config, skip=over_budget())
-                done += 1
-            self.transformed.pop(pipeline, None)
-        update(total, total, "done")
-
-    def _best_variant_per_backend(self, backends: list[str]) -> dict[str, dict]:
-        best: dict[str, dict] = {}
-        for b in backends:
-            ok = [r for r in self.rows if r.status == Status.OK and r.config["backend"] == b and r.median_ms]
-            if ok:
-                best[b] = min(ok, key=lambda r: r.median_ms).config["options"]
-        return best
-
-    # -- one candidate ----------------------------------------------------------------------------
-
-    def _transform(self, pipeline: tuple[str, ...]) -> Any:
-        import ptool
-
-        if pipeline not in self.transformed:
-            self.transformed[pipeline] = ptool.transform(self.source, list(pipeline), self.args,
-                                                         example_kwargs=self.kwargs, calibration=self.calibration)
-        return self.transformed[pipeline]
-
-    def _check_pipeline(self, pipeline: tuple[str, ...]) -> str | None:
-        """Transform and check in eager torch: the reason it is excluded, or None if within max_error."""
-        from ptool.errors import first_line
-
-        try:
-            m2 = self._transform(pipeline)
-        except Exception as e:
-            return f"transform failed: {type(e).__name__}: {first_line(e)}"
-        error = _error_of(_fidelity(m2, self.reference, self.held), self.metric)
-        if error > self.max_error:
-            return f"{self._metric_name()} {error:.2e} > max_error {self.max_error:g} (held-out, eager torch)"
-        return None
-
-    def excluded_row(self, pipeline: tuple[str, ...], spec: str, reason: str) -> Row:
-        """The row of an approximate pass left out: its fidelity, and a short eager-torch timing so the
-        plot can show it (greyed) next to the candidates it lost to."""
-        from ptool.benchmark import measure
-
-        config = TuningConfig.make(pipeline, "torch")
-        row = Row(f"{spec} | (any backend)", config.to_dict(), False, Status.EXCLUDED, reason)
-        m2 = self.transformed.get(pipeline)
-        if m2 is not None:
-            fid = _fidelity(m2, self.reference, self.held)
-            row.error, row.cosine, row.max_abs_error = _error_of(fid, self.metric), fid.cosine, fid.max_abs_error
-            self._set_timing(row, measure(m2, self.args, self.kwargs, warmup=1, repeat=3), "eager torch")
-        return row
-
-    def _metric_name(self) -> str:
-        return "1-cosine" if self.metric == "cosine" else "max_rel_error"
-
-    def _candidate(self, config: TuningConfig, *, skip: bool) -> None:
-        import ptool
-        from ptool.benchmark import measure, memory_snapshot, plan_repeats
-        from ptool.errors import first_line
-
-        label = config.label(self.base)
-        if label in self.done_rows:
-            self.rows.append(self.done_rows[label])
-            self.reused += 1
-            return
-        exact = all(ptool.passes.registry.parse_pass(p).exact for p in config.passes)
-        row = Row(label, config.to_dict(), exact)
-        self.rows.append(row)
-        if skip:
-            row.reason = "time budget spent before it started"
-            return
-        self.current = row
-        gc.collect()  # what earlier candidates left behind is freed now, not during this build
-        before = memory_snapshot().rss_mb
-        t0 = time.perf_counter()
-        try:
-            m2 = self._transform(config.passes)
-            fn = ptool.compile(m2, backend=config.backend, device=self.device, **config.options_dict)
-            fid = _fidelity(fn, self.reference, self.held)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
-            row.status, row.reason = Status.FAILED, f"{type(e).__name__}: {first_line(e)}"
-            self.current = None
-            return
-        row.build_s = time.perf_counter() - t0
-        after = memory_snapshot().rss_mb
-        # RSS can still shrink while building (the allocator returns pages): growth, floored at 0
-        row.memory_mb = max(0.0, after - before) if before is not None and after is not None else None
-        row.error, row.cosine, row.max_abs_error = _error_of(fid, self.metric), fid.cosine, fid.max_abs_error
-        one = measure(fn, self.args, self.kwargs, warmup=1, repeat=1).median_ms / 1e3
-        count = plan_repeats({"c": one}, repeat=self.repeat, max_seconds=self.max_seconds)["c"]
-        t = measure(fn, self.args, self.kwargs, warmup=2 if count >= self.repeat else 0, repeat=count)
-        self._set_timing(row, t, "solo")
-        if row.error > self.max_error:
-            row.status = Status.EXCLUDED
-            row.reason = f"{self._metric_name()} {row.error:.2e} > max_error {self.max_error:g}"
-        else:
-            row.status = Status.OK
-            self.compiled[label] = fn
-            self._keep_best_few()
-        self.current = None
-
-    @staticmethod
-    def _set_timing(row: Row, t: Any, how: str) -> None:
-        row.median_ms, row.p10_ms, row.p90_ms, row.spread, row.runs = t.median_ms, t.p10_ms, t.p90_ms, t.spread, t.runs
-        row.peak_rss_mb = t.peak_rss_mb
-        row.timing = how
-
-    def _keep_best_few(self) -> None:
-        """Hold only the fastest RUN_OFF compiled candidates (memory: each holds a copy of the weights)."""
-        by_label = {r.label: r for r in self.rows}
-        keep = sorted(self.compiled, key=lambda k: by_label[k].median_ms)[:RUN_OFF]
-        self.compiled = {k: self.compiled[k] for k in keep}
-
-    def run_off(self) -> None:
-        """Re-time the best few side by side (round-robin), so the winner is not a noise artefact."""
-        from ptool.benchmark import measure_interleaved
-
-        if len(self.compiled) < 2:
-            return
-        by_label = {r.label: r for r in self.rows}
-        timings = measure_interleaved(self.compiled, self.args, self.kwargs, warmup=1, settle=1,
-                                      repeat={k: max(3, min(self.repeat, by_label[k].runs)) for k in self.compiled})
-        for label, t in timings.items():
-            self._set_timing(by_label[label], t, "run-off")
-
-    def mark_interrupted(self) -> None:
-        """The row being measured becomes ``interrupted``; stage-1 candidates not reached, ``not measured``."""
-        if self.current is not None:
-            self.current.status, self.current.reason = Status.INTERRUPTED, "Ctrl-C while it was being measured"
-        self.current = None
-        seen = {r.label for r in self.rows}
-        for config in getattr(self, "planned", ()):
-            label = config.label(self.base)
-            if label not in seen:
-                self.rows.append(Row(label, config.to_dict(), True, Status.NOT_MEASURED, "Ctrl-C before it started"))
