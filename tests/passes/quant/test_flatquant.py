@@ -50,7 +50,8 @@ def test_transform_is_invertible_and_its_dense_form_matches(k, blocks):
     w = torch.randn(6, blocks * k, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         xt, wt = t.x(x.float()).double(), t.w(w.float()).double()
-    s, p, p_inv = t.dense()
+    s, p, p_inv, (p1, p2) = t.dense()
+    torch.testing.assert_close(p, torch.kron(p1, p2), rtol=0, atol=0)
     torch.testing.assert_close(p @ p_inv, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
     assert torch.linalg.cond(p) > 1.5  # not orthogonal: the singular values moved
     dense_t = torch.block_diag(*[p / s[:, None]] * blocks)
@@ -63,7 +64,7 @@ def test_transform_is_invertible_and_its_dense_form_matches(k, blocks):
 def test_transform_starts_as_a_kronecker_product_of_hadamards():
     from ptool.passes.quant.hadamard import hadamard
 
-    s, p, _ = _flat.KronAffine(32).dense()
+    s, p, _, _ = _flat.KronAffine(32).dense()
     torch.testing.assert_close(p, torch.kron(hadamard(4), hadamard(8)), rtol=0, atol=1e-6)
     torch.testing.assert_close(s, torch.ones(32, dtype=torch.float64))
 
