@@ -133,7 +133,7 @@ def find_sites(gm: fx.GraphModule) -> list[_Site]:
 
 @dataclass(frozen=True, kw_only=True)
 class Quantize(Pass):
-    """Quantize Linear layers (and embeddings) to int8 (dynamic/static) or int4 weight-only integer kernels.
+    """Quantize Linear layers (and embeddings) to int8 (dynamic/static) or int4 weight-only kernels, or a mix (auto).
 
     Args:
         mode: ``int8-dynamic``, ``int8-static`` (needs calibration) or ``int4-weight``.
