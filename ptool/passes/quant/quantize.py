@@ -228,9 +228,9 @@ class Quantize(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.mode == "auto":
-            from ptool.passes.quant.mixed import run_auto
+            from ptool.passes.quant.mixed import QuantizeParts, run_auto
 
-            return run_auto(self, gm, ctx)
+            return run_auto(self, gm, ctx, QuantizeParts(find_sites, _merged, _replace, _Stored, _X, _BIAS))
         if self.method != "rtn":
             ctx.require_calibration(f"{self.name}:method={self.method}")
         result = PassResult()
