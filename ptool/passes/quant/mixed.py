@@ -34,8 +34,8 @@ configurations; ``notes["tables"]`` prints the per-layer table and the front und
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
