@@ -24,9 +24,9 @@ from tests.models.digits_vit import DigitsViT, accuracy, digits_data, single_thr
 
 __all__ = ["deit_config", "digits_deit"]
 
-EPOCHS = 30
+EPOCHS = 60
 BATCH = 64
-LR = 1e-3
+LR = 2e-3
 WEIGHT_DECAY = 0.05
 CACHE = pathlib.Path.home() / ".cache" / "ptool" / "digits-deit"
 
@@ -67,13 +67,13 @@ def _fit(seed: int, log=None) -> dict[str, torch.Tensor]:
             opt.step()
             sched.step()
         if log is not None:
-            log(f"epoch {_ + 1}: loss {float(loss):.3f}")
+            log(f"epoch {_ + 1}: loss {loss.item():.3f}")
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @functools.lru_cache(maxsize=2)
 def _weights(seed: int) -> tuple[dict[str, torch.Tensor], float]:
-    path = CACHE / f"seed{seed}-torch{torch.__version__.split('+')[0]}.pt"
+    path = CACHE / f"seed{seed}-e{EPOCHS}-lr{LR:g}-torch{torch.__version__.split('+')[0]}.pt"
     start = time.perf_counter()
     if path.exists():
         state = torch.load(path, weights_only=True)

@@ -207,6 +207,9 @@ class TokenReduce(Pass):
         outputs = [_shape(a) for a in _output_leaves(gm)]
         stages: list[str] = []
         reduced: dict[int, int] = {}
+        # read from the model's own token count: a reduced count may look like a grid (49 = 7 x 7)
+        prefix = _grid_prefix(gm, sites[0].q_len) if self.prefix < 0 else self.prefix
+        result.notes["prefix_tokens"] = prefix
         latest: dict[fx.Node, fx.Node] = {}  # a tensor entering the blocks -> its newest gathered version
         for site in sites:
             if site.index not in chosen:
@@ -225,7 +228,7 @@ class TokenReduce(Pass):
             if prev is not None and (prev.causal or prev.q_len != prev.kv_len):
                 prev = None
             try:
-                n, m, gathered = self._stage(gm, site, x, prev, outputs, latest)
+                n, m, gathered = self._stage(gm, site, x, prev, outputs, latest, prefix)
             except _Refused as e:
                 result.skip(site.label, str(e))
                 continue
@@ -249,11 +252,9 @@ class TokenReduce(Pass):
     # -- one stage ------------------------------------------------------------------------------
 
     def _stage(self, gm: fx.GraphModule, site: AttentionSite, x: fx.Node, prev: AttentionSite | None,
-               outputs: list, latest: dict[fx.Node, fx.Node]) -> tuple[int, int, dict[fx.Node, fx.Node]]:
-        from ptool.passes.tokens.transform import TokenGather, TokenReducer, TokenUnmerge
+               outputs: list, latest: dict[fx.Node, fx.Node], p: int) -> tuple[int, int, dict[fx.Node, fx.Node]]:
 
         b, n, _ = _shape(x)
-        p = _grid_prefix(gm, n) if self.prefix < 0 else self.prefix
         if n - p < 2:
             raise _Refused(f"{n} tokens with {p} kept apart leave nothing to reduce")
         region = descendants(x)
@@ -275,7 +276,22 @@ class TokenReduce(Pass):
             raise _Refused(f"every kept count collides with another dimension of the graph ({sorted(taken)[:8]}...)")
         if mp >= n - p:
             raise _Refused(f"keep={self.keep:g} keeps all {n - p} tokens")
-        sub = {n: m, b * n: b * m} if b > 1 else {n: m}
+        # Sizes equal to n (and batch * n, where the rows are flattened) are the token count: first try n
+        # alone (batch * n may be another dimension: 2 x 16 tokens = a width of 32), then both.
+        failure = None
+        for sub in ({n: m}, {n: m, b * n: b * m}) if b > 1 else ({n: m},):
+            try:
+                return n, m, self._rewrite(gm, site, x, prev, outputs, latest, p, mp, sub, region, exits, inner)
+            except _Refused as e:
+                failure = e
+        raise failure
+
+    def _rewrite(self, gm, site, x, prev, outputs, latest, p, mp, sub, region, exits, inner) -> dict[fx.Node, fx.Node]:
+        """Apply one stage with the size substitution ``sub``; put the graph back and raise _Refused on failure."""
+        from ptool.passes.tokens.transform import TokenGather, TokenReducer, TokenUnmerge
+
+        b, n, _ = _shape(x)
+        m = p + mp
         old = {node: _shape(node) for node in region}
 
         undo = _Undo(gm)
@@ -367,7 +383,7 @@ class TokenReduce(Pass):
             undo.rollback()
             _refresh_quietly(gm)
             raise _Refused(f"the blocks do not run on {m} tokens ({first_line(e)})") from e
-        return n, m, gathered
+        return gathered
 
     @staticmethod
     def _check(gm: fx.GraphModule, old: dict, sub: dict[int, int], exits: set, outputs: list) -> None:
