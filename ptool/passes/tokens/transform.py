@@ -4,7 +4,8 @@ Every token-reduction scheme is ``X' = T X`` with ``T`` in ``R^{M x N}``, ``M < 
 Transforming's unified view). Per image, on the ``Np = N - P`` tokens after the ``P`` prefix tokens
 (CLS, a distillation token: kept apart, passed through unchanged):
 
-1. **anchors**: the ``Mp`` most important tokens, ``idx = topk(importance, Mp)`` - importance is the
+1. **anchors**: the ``Mp`` most important tokens, ``idx = topk(importance, Mp)`` (near-ties broken by
+   position, the same on every backend) - importance is the
    attention the CLS query gave each token in the previous block (mean over heads), or the token's
    L2 norm where there is no previous block;
 2. **assignment** ``W`` in ``R^{Np x Mp}``: each input token's distribution over the anchors,
@@ -42,6 +43,19 @@ def _valid_keys(mask: torch.Tensor | None, batch: int, n: int) -> torch.Tensor |
     ok = row if row.dtype == torch.bool else row > _MASKED
     ok = ok.to(torch.float32).amax(dim=1)[:, 0, :]  # visible to some head
     return ok.expand(batch, n)
+
+
+_TIE_BREAK = 1e-4
+"""Largest offset of the ramp that orders near-tied tokens (earlier first) before a top-k or argmax."""
+
+
+def _tie_broken(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (in [0, 1] or [-1, 1]) minus a tiny ramp over the last axis, so near-ties (a random-weight
+    model's almost uniform attention) are decided the same way on every backend: without it, float
+    rounding that differs between torch, ONNX Runtime and TVM picks different anchors. The ramp is far
+    above float rounding and far below any difference that matters."""
+    m = values.shape[-1]
+    return values - torch.arange(m, device=values.device, dtype=values.dtype) * (_TIE_BREAK / m)
 
 
 class TokenReducer(nn.Module):
@@ -90,14 +104,15 @@ class TokenReducer(nn.Module):
             importance = xp.float().norm(dim=-1)
             if valid is not None:
                 importance = importance * valid[:, p:]
-        idx = importance.topk(mp, dim=-1).indices  # (B, Mp), a static k
+        idx = _tie_broken(importance / importance.amax(-1, keepdim=True).clamp_min(1e-30)).topk(mp, dim=-1).indices
         xn = F.normalize(xp.float(), dim=-1)
         an = xn.gather(1, idx.unsqueeze(-1).expand(b, mp, d))
         sim = xn @ an.transpose(1, 2)  # (B, Np, Mp) cosine similarities
         if self.method == "transform":
             w = (sim / self.temperature).softmax(-1)
         else:  # the most similar anchor (ties share the row)
-            hard = (sim == sim.amax(-1, keepdim=True)).float()
+            ranked = _tie_broken(sim)
+            hard = (ranked == ranked.amax(-1, keepdim=True)).float()
             w = hard / hard.sum(-1, keepdim=True)
         if self.method == "prune":
             positions = torch.arange(np_, device=x.device)
