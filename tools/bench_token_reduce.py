@@ -19,6 +19,8 @@ schedules), one thread each, timed side by side (round-robin, medians); max |dif
 vs the reduced torch model.
 
     .venv/bin/python tools/bench_token_reduce.py [--no-write] [--skip-tvm] [--only digits-vit,deit-tiny]
+
+A run with ``--only`` replaces its models' rows in the section and keeps the others'.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from _sections import update_section  # noqa: E402
 
 import ptool  # noqa: E402
-from _sections import write_section  # noqa: E402
 from ptool.benchmark import measure_interleaved  # noqa: E402
 
 BATCH = 64
@@ -213,10 +215,18 @@ def main() -> None:
         spec, m = keep_for_target(deit_tiny, "transform", args)
         speed.append(speed_row("DeiT-tiny shape (random weights), batch 4", deit_tiny(), m, args,
                                tvm=not a.skip_tvm, repeat=max(5, a.repeat // 2)))
-    body = markdown(acc_rows, speed)
-    print(body)
-    if not a.no_write:
-        write_section("token-reduce", body, {"accuracy": acc_rows, "speed": speed})
+    if a.no_write:
+        print(markdown(acc_rows, speed))
+        return
+
+    def render(old: dict) -> tuple[str, dict]:
+        """This run's rows replace the earlier rows of the same models; the other models' rows stay."""
+        mine = {r["model"] for r in acc_rows} | {r["model"] for r in speed}
+        merged = {"accuracy": [r for r in old.get("accuracy", []) if r["model"] not in mine] + acc_rows,
+                  "speed": [r for r in old.get("speed", []) if r["model"] not in mine] + speed}
+        return markdown(merged["accuracy"], merged["speed"]), merged
+
+    print(update_section("token-reduce", render))
 
 
 if __name__ == "__main__":
