@@ -5,7 +5,8 @@ Before each chosen block the residual stream ``X`` (``(B, N, d)``) becomes ``X' 
 :mod:`ptool.passes.tokens.transform` for the maths). The prefix tokens (CLS, a distillation token) are
 kept apart. Everything after the block then runs on ``M`` tokens: the graph's static shapes
 (``view(x, [8, 17, -1, 12])``) are rewritten to the new count, and tensors that enter the reduced
-blocks from outside with a token axis (the attention mask) are gathered at the kept tokens. Graph
+blocks from outside with a token axis (the attention mask) are gathered at the kept tokens (sliced
+where they do not depend on the inputs and hide nothing: ViT's all-true mask). Graph
 outputs that are per-token (a ``last_hidden_state``) are un-merged back to ``N`` tokens before they
 leave (``X ~= W X'``), so the model keeps its output structure; a CLS-pooled output needs no
 un-merging.
@@ -38,10 +39,11 @@ import torch
 import torch.fx as fx
 
 from ptool.errors import PassError, first_line
-from ptool.ir.analysis import descendants
+from ptool.ir.analysis import ancestors, descendants
 from ptool.ir.flops import estimate_flops
 from ptool.ir.graph import eliminate_dead_code, is_op, refresh_meta
 from ptool.ir.noise import CAST_OPS, IDENTITY_OPS, LAYOUT_OPS, scale_step
+from ptool.ir.record import record_values
 from ptool.passes.attention.sites import AttentionSite
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.verify import Lossy, Numerics
@@ -169,7 +171,6 @@ class TokenReduce(Pass):
     # 0.93 on a random-weight BERT with 16 tokens (the least redundant case), 0.999 on a random ViT;
     # >= 0.99 on the logits of the trained digits models at 40% fewer FLOPs (BENCHMARKS.md, "token-reduce").
     numerics: ClassVar[Numerics] = Lossy("cosine", 0.9)
-    tuning_candidates: ClassVar[tuple[str, ...]] = ("token-reduce:keep=0.8", "token-reduce:keep=0.6")
 
     keep: float = 0.7
     layers: tuple[int, ...] = ()
@@ -211,6 +212,22 @@ class TokenReduce(Pass):
         # read from the model's own token count: a reduced count may look like a grid (49 = 7 x 7)
         prefix = _grid_prefix(gm, sites[0].q_len) if self.prefix < 0 else self.prefix
         result.notes["prefix_tokens"] = prefix
+
+        def uniform(value: fx.Node, axes: tuple[int, ...]) -> bool:
+            """Whether ``value`` does not depend on the inputs and is constant along ``axes`` (a mask
+            that hides nothing): then the kept tokens' rows are any rows, and a slice replaces the gather."""
+            if call is None or any(a.op == "placeholder" for a in ancestors(value)):
+                return False
+            try:
+                t = record_values(gm, [value], [call])[0][value]
+            except Exception:  # noqa: BLE001 - not evaluable here: gather it
+                return False
+            if not isinstance(t, torch.Tensor):
+                return False
+            first = t
+            for axis in axes:
+                first = first.narrow(axis, 0, 1)
+            return bool((t == first).all())
         latest: dict[fx.Node, fx.Node] = {}  # a tensor entering the blocks -> its newest gathered version
         for site in sites:
             if site.index not in chosen:
@@ -229,7 +246,7 @@ class TokenReduce(Pass):
             if prev is not None and (prev.causal or prev.q_len != prev.kv_len):
                 prev = None
             try:
-                n, m, gathered = self._stage(gm, site, x, prev, outputs, latest, prefix)
+                n, m, gathered = self._stage(gm, site, x, prev, outputs, latest, prefix, uniform)
             except _Refused as e:
                 result.skip(site.label, str(e))
                 continue
@@ -253,7 +270,7 @@ class TokenReduce(Pass):
     # -- one stage ------------------------------------------------------------------------------
 
     def _stage(self, gm: fx.GraphModule, site: AttentionSite, x: fx.Node, prev: AttentionSite | None,
-               outputs: list, latest: dict[fx.Node, fx.Node], p: int) -> tuple[int, int, dict[fx.Node, fx.Node]]:
+               outputs: list, latest: dict[fx.Node, fx.Node], p: int, uniform) -> tuple[int, int, dict[fx.Node, fx.Node]]:
 
         b, n, _ = _shape(x)
         if n - p < 2:
@@ -277,17 +294,27 @@ class TokenReduce(Pass):
             raise _Refused(f"every kept count collides with another dimension of the graph ({sorted(taken)[:8]}...)")
         if mp >= n - p:
             raise _Refused(f"keep={self.keep:g} keeps all {n - p} tokens")
+        # the tensors entering the blocks that hide nothing (read now, while the graph is whole)
+        entering = {v for node in inner for v in node.all_input_nodes
+                    if v not in region and v is not x and v.op not in ("get_attr", "placeholder")}
+        flat = set()
+        for v in entering:
+            axes = tuple(a for a, size in enumerate(_shape(v) or ()) if a > 0 and size == n)
+            if axes and uniform(v, axes):
+                flat.add(v)
         # Sizes equal to n (and batch * n, where the rows are flattened) are the token count: first try n
         # alone (batch * n may be another dimension: 2 x 16 tokens = a width of 32), then both.
         failure = None
         for sub in ({n: m}, {n: m, b * n: b * m}) if b > 1 else ({n: m},):
             try:
-                return n, m, self._rewrite(gm, site, x, prev, outputs, latest, p, mp, sub, region, exits, inner)
+                return n, m, self._rewrite(gm, site, x, prev, outputs, latest, p, mp, sub, region, exits, inner,
+                                                 flat)
             except _Refused as e:
                 failure = e
         raise failure
 
-    def _rewrite(self, gm, site, x, prev, outputs, latest, p, mp, sub, region, exits, inner) -> dict[fx.Node, fx.Node]:
+    def _rewrite(self, gm, site, x, prev, outputs, latest, p, mp, sub, region, exits, inner,
+                 uniform) -> dict[fx.Node, fx.Node]:
         """Apply one stage with the size substitution ``sub``; put the graph back and raise _Refused on failure."""
         from ptool.passes.tokens.transform import TokenGather, TokenReducer, TokenUnmerge
 
@@ -341,6 +368,13 @@ class TokenReduce(Pass):
                                        "shape (a weight or an input of that size: ambiguous)")
                     if shape[0] not in (b, 1):
                         raise _Refused(f"'{value.name}' {shape} enters the blocks with {n} tokens but no batch axis")
+                    if value not in gathered and value in uniform:  # e.g. ViT's all-true mask: a slice will do
+                        with graph.inserting_before(node):
+                            cut = value
+                            for axis in axes:
+                                cut = graph.call_function(aten.slice.Tensor, (cut, axis, 0, m))
+                                undo.added.append(cut)
+                        gathered[value] = cut
                     if value not in gathered:
                         gname = _free_name(gm, f"ptool_token_gather_{site.index}")
                         gm.add_submodule(gname, TokenGather(axes))
