@@ -169,7 +169,8 @@ class TokenReduce(Pass):
     family: ClassVar[Family] = Family.TOKENS
     # Cosine of the outputs vs the pass's input, claimed at the default keep from the second block on:
     # 0.93 on a random-weight BERT with 16 tokens (the least redundant case), 0.999 on a random ViT;
-    # >= 0.99 on the logits of the trained digits models at 40% fewer FLOPs (BENCHMARKS.md, "token-reduce").
+    # 0.95-0.96 on the logits of the trained 66-token digits DeiT at 42% fewer FLOPs, 0.97 at 36%
+    # (BENCHMARKS.md, "token-reduce").
     numerics: ClassVar[Numerics] = Lossy("cosine", 0.9)
 
     keep: float = 0.7
