@@ -159,10 +159,11 @@ def markdown(acc_rows: list[dict], speed: list[dict]) -> str:
     lines += ["", "Speed: original vs reduced model, one thread each (torch `set_num_threads(1)`, ONNX Runtime "
               "`intra_op_threads=1`, TVM untuned default schedules with `TVM_NUM_THREADS=1`), round-robin, median ms; "
               "speed-up = original / reduced on the same backend. Max |diff| = the backend's logits vs the reduced "
-              "torch model.", "",
+              "torch model. Noise: the largest (p90 - p10) / median of the row's six candidates (above ~0.2 the "
+              "machine was busy: this 2-core machine was shared with other jobs, so read the ratios, not the ms).", "",
               "| model | spec | tokens per block | FLOPs removed | torch orig / reduced ms | torch speed-up | "
-              "ORT orig / reduced ms | ORT speed-up | TVM orig / reduced ms | TVM speed-up | max abs diff ORT / TVM |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "ORT orig / reduced ms | ORT speed-up | TVM orig / reduced ms | TVM speed-up | max abs diff ORT / TVM | noise |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in speed:
         ms, err = r["ms"], r["max_abs_vs_torch"]
 
@@ -173,7 +174,7 @@ def markdown(acc_rows: list[dict], speed: list[dict]) -> str:
         (tp, ts), (op, os_), (vp, vs) = pair("torch"), pair("onnxruntime"), pair("tvm")
         errs = " / ".join(f"{err[k]:.1e}" if k in err else "-" for k in ("onnxruntime", "tvm"))
         lines.append(f"| {r['model']} | `{r['spec']}` | {r['tokens']} | {r['flops_removed']:.1%} | {tp} | {ts} | "
-                     f"{op} | {os_} | {vp} | {vs} | {errs} |")
+                     f"{op} | {os_} | {vp} | {vs} | {errs} | {max(r['spread'].values()):.2f} |")
     return "\n".join(lines)
 
 
@@ -183,7 +184,11 @@ def main() -> None:
     p.add_argument("--skip-tvm", action="store_true")
     p.add_argument("--only", default="", help="comma-separated: digits-vit, digits-deit, deit-tiny")
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--render-only", action="store_true", help="rewrite the section from the stored rows")
     a = p.parse_args()
+    if a.render_only:
+        print(update_section("token-reduce", lambda old: (markdown(old["accuracy"], old["speed"]), old)))
+        return
     only = [w for w in a.only.split(",") if w]
     want = (lambda name: not only or name in only)
     torch.set_num_threads(1)
