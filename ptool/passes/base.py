@@ -35,6 +35,7 @@ class Family(str, enum.Enum):
     QUANTIZATION = "quantization"
     SHIFT_ADD = "shift-add"
     PRECISION = "precision"
+    TOKENS = "token-reduction"
 
 
 @dataclass

@@ -31,6 +31,7 @@ def _pass_classes() -> tuple[type[Pass], ...]:
     from ptool.passes.repbn import RepBatchNorm
     from ptool.passes.shiftadd.binary_attention import BinaryAttention
     from ptool.passes.shiftadd.shift_linear import ShiftLinear
+    from ptool.passes.tokens.token_reduce import TokenReduce
 
     return (
         DeadCodeElimination, CommonSubexpressionElimination, ConstantFold,
@@ -40,6 +41,7 @@ def _pass_classes() -> tuple[type[Pass], ...]:
         Precision,
         ShiftLinear,
         BinaryAttention,
+        TokenReduce,
     )
 
 
