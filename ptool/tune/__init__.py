@@ -7,7 +7,8 @@
     best(x)              # the winner, compiled (built on first use when the record was reused)
 
 Modules: ``fingerprint`` (what keys a record), ``space`` (the candidates, declared by passes and
-backends), ``tuner`` (the search), ``record`` / ``result`` (the saved record), ``plot`` (the PNG).
+backends), ``tuner`` (``autotune``), ``search`` (the measuring loop), ``cluster`` (the same search as Ray
+tasks: ``autotune(..., cluster=...)``), ``record`` / ``result`` (the saved record), ``plot`` (the PNG).
 """
 
 from __future__ import annotations

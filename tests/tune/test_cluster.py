@@ -98,6 +98,26 @@ def test_a_bad_cluster_address_names_the_allowed_forms(address, tmp_path):
         ptool.autotune(model, (x,), cluster=address, record_dir=tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tvm_tracker": "127.0.0.1:9190"}, "tvm_tracker and tvm_key go together"),
+    ({"tvm_tracker": "127.0.0.1:9190", "tvm_key": "cpu"}, "give tvm_trials > 0 too"),
+])
+def test_tvm_tracker_options_are_checked_before_anything_runs(kwargs, message, tmp_path):
+    model, x, _ = mlp()
+    with pytest.raises(UsageError, match=message):
+        ptool.autotune(model, (x,), record_dir=tmp_path, progress=False, **kwargs)
+
+
+def test_tvm_rpc_backend_options_are_checked():
+    from ptool.backends.tvm_backend import Options
+
+    with pytest.raises(ValueError, match="'rpc_tracker' and 'rpc_key' go together"):
+        Options(rpc_key="cpu")
+    with pytest.raises(ValueError, match="'rpc_tracker' must be HOST:PORT, got 'nohost'"):
+        Options(rpc_tracker="nohost", rpc_key="cpu")
+    assert Options(rpc_tracker="127.0.0.1:9190", rpc_key="cpu").rpc_key == "cpu"
+
+
 def test_node_resources_carry_this_machines_fingerprint(capsys):
     from ptool.tune.cluster import main
     from ptool.tune.fingerprint import device_fingerprint
