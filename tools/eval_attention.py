@@ -24,7 +24,13 @@ keeping the variant rows of the last full run:
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/eval_attention.py --recipes
 
-``--render`` rewrites the section from ``BENCHMARKS.json`` without measuring anything.
+``--render`` rewrites the section from ``BENCHMARKS.json`` without measuring anything. Rows measured
+with other settings than the stored table replace it, unless ``--keep-rows``: then the table's rows
+stay and the new rows carry their settings (a footnote says them), e.g. short conversions of new
+variants next to the full ones:
+
+    OMP_NUM_THREADS=1 .venv/bin/python tools/eval_attention.py --only gla --transfer-steps 40 \
+        --distill-steps 40 --keep-rows
 """
 
 from __future__ import annotations
@@ -65,6 +71,9 @@ VARIANTS = {
     "hash (EcoFormer)": ("linear-attention:feature_map=hash", True),
     "sigmoid": ("sigmoid-attention", True),
     "hedgehog + window 32 (LoLCATs hybrid)": ("linear-attention:feature_map=hedgehog,window=32", True),
+    "gla (hedgehog features, data-dependent decay)": ("linear-attention:feature_map=hedgehog,mixer=gla", True),
+    "delta (DeltaNet rule, hedgehog features)": ("linear-attention:feature_map=hedgehog,mixer=delta", True),
+    "retnet (fixed decay, hedgehog features)": ("linear-attention:feature_map=hedgehog,mixer=retnet", True),
     "softplus": ("softplus-attention", False),
     "topk k=25%": ("sparse-attention:method=topk,k=0.25", False),
     "topk k=25%, tail dropped": ("sparse-attention:method=topk,k=0.25,tail=drop", False),
@@ -135,6 +144,9 @@ def main() -> None:
     p.add_argument("--recipes", action="store_true", help="evaluate RECIPES (the issue-3 targets) only")
     p.add_argument("--render", action="store_true",
                    help="measure nothing: rewrite the section from what BENCHMARKS.json holds")
+    p.add_argument("--keep-rows", action="store_true",
+                   help="with other settings than the stored table: keep its rows and mark the new ones with "
+                        "their own settings (default: a table of other settings is replaced)")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args()
     torch.manual_seed(0)
@@ -182,9 +194,15 @@ def save_row(name: str, row: dict, a) -> None:
     settings are dropped; the recipes table is kept."""
     def render(earlier: dict) -> tuple[str, dict]:
         same = all(earlier.get(k) == v for k, v in settings(a).items())
+        recipes = earlier.get("recipes")
+        if not same and a.keep_rows and earlier.get("rows"):  # the row says its own settings
+            table = {k: earlier[k] for k in settings(a) if k in earlier}
+            rows = {**earlier["rows"], name: {**row, "settings": settings(a)}}
+            rows = {k: rows[k] for k in VARIANTS if k in rows}
+            shown = argparse.Namespace(**{**vars(a), **table})
+            return markdown(rows, shown, recipes), {"rows": rows, **table, **({"recipes": recipes} if recipes else {})}
         rows = {**(earlier.get("rows", {}) if same else {}), name: row}
         rows = {k: rows[k] for k in VARIANTS if k in rows}
-        recipes = earlier.get("recipes")
         return markdown(rows, a, recipes), {"rows": rows, **settings(a), **({"recipes": recipes} if recipes else {})}
 
     update_section("attention_fidelity", render)
@@ -249,6 +267,11 @@ def markdown(rows: dict, a, recipes: dict | None = None) -> str:
         after = r.get("after")
         secs = f"{after['seconds']:.0f}" if isinstance(after, dict) else "-"
         said = [after[k] for k in TRAINING_NOTES if isinstance(after, dict) and k in after]
+        own = r.get("settings")
+        if own and any(own.get(k) != v for k, v in settings(a).items()):
+            said.insert(0, f"converted with {own['transfer_steps']} transfer + {own['distill_steps']} distillation "
+                           f"steps on {own['calibration_batches']} batches ({own['calibration_form']}, "
+                           f"{own['calibration_text']}), not the table's")
         if said:
             footnotes.append(f"[{len(footnotes) + 1}] {name}: " + "; ".join(said) + ".")
         mark = f" [{len(footnotes)}]" if said else ""

@@ -11,6 +11,9 @@ distillation, as ``tools/eval_attention.py`` does on text. This table is where `
 columns of the patch grid) is measured: it has no grid to work on in a text model.
 
     .venv/bin/python tools/eval_attention_vit.py [--only axial,hedgehog] [--steps 100]
+
+``--only`` measures the named rows and keeps the section's other rows (when they were measured
+with the same ``--steps``); without it the section is rewritten with every row.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ptool  # noqa: E402
-from _sections import write_section  # noqa: E402
+from _sections import update_section  # noqa: E402
 from eval_attention import LORA, TRAINING_NOTES, VARIANTS  # noqa: E402
 from tests.models.digits_vit import accuracy, digits_vit, single_thread  # noqa: E402
 
@@ -79,9 +82,18 @@ def main() -> None:
                               **{k: notes[k] for k in TRAINING_NOTES if k in notes}}
                 log(f"{name} {stage}: {row[stage]}")
             rows[name] = row
-    md = markdown(rows, original, a.steps)
-    print(md if a.no_write else write_section("attention_vit", md, {"original": original, "steps": a.steps,
-                                                                      "rows": rows}))
+    if a.no_write:
+        print(markdown(rows, original, a.steps))
+        return
+
+    def render(earlier: dict) -> tuple[str, dict]:
+        # --only: the rows not run now are kept when they were measured with the same steps
+        kept = earlier.get("rows", {}) if wanted and earlier.get("steps") == a.steps else {}
+        merged = {**kept, **rows}
+        merged = {k: merged[k] for k in VISION_VARIANTS if k in merged}
+        return markdown(merged, original, a.steps), {"original": original, "steps": a.steps, "rows": merged}
+
+    print(update_section("attention_vit", render))
 
 
 def markdown(rows: dict, original: float, steps: int) -> str:

@@ -16,6 +16,7 @@ from ptool.passes.base import Family
 from ptool.verify import Lossy, Numerics
 
 FeatureMap = Literal["elu", "relu", "performer", "transnormer", "inline", "flow", "hash", "hedgehog"]
+Mixer = Literal["linear", "gla", "delta", "retnet"]
 SparseMethod = Literal["topk", "sea", "window", "block-diag", "axial"]
 
 
@@ -42,6 +43,11 @@ class LinearAttention(AttentionSwap):
         window: LoLCATs' hybrid when > 0: exact softmax over a sliding window of this many keys,
             the feature map's linear attention over the rest, one normalizer (``elu``, ``relu``,
             ``performer``, ``hedgehog``).
+        mixer: ``linear`` (the normalized sum above) or a linear RNN over the feature map's state,
+            without denominator, with an output norm and gate: ``gla`` (GLA's data-dependent
+            diagonal decay), ``delta`` (DeltaNet's delta rule), ``retnet`` (a fixed decay per
+            head); chunked when run, step by step when decoding (``ptool.passes.attention.gated``).
+            Feature maps ``elu``, ``performer``, ``hedgehog``; self-attention sites only.
     """
 
     name: ClassVar[str] = "linear-attention"
@@ -53,9 +59,19 @@ class LinearAttention(AttentionSwap):
     local: bool = False
     diag_layers: int = -1
     window: int = 0
+    mixer: Mixer = "linear"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mixer != "linear":
+            from ptool.passes.attention.gated import GATED_FEATURE_MAPS
+
+            if self.feature_map not in GATED_FEATURE_MAPS:
+                raise ValueError(f"mixer={self.mixer} reads a per-token feature map: feature_map must be one of "
+                                 f"{', '.join(GATED_FEATURE_MAPS)}, got {self.feature_map}")
+            if self.window or self.local:
+                raise ValueError(f"mixer={self.mixer} has no sliding-window or local term: leave window=0 and "
+                                 "local=false")
         if self.feature_dim < 0 or self.chunk_size < 1 or self.window < 0:
             raise ValueError("feature_dim and window must be >= 0 and chunk_size >= 1")
         if self.diag_layers < -1:
@@ -67,6 +83,11 @@ class LinearAttention(AttentionSwap):
             diag = selected // 2 if self.diag_layers < 0 else self.diag_layers
             local = position < diag
         cls = _linear_kernels()[self.feature_map]
+        if self.mixer != "linear":
+            from ptool.passes.attention.gated import GATED_KERNELS
+
+            features = cls(site.shape(), feature_dim=self.feature_dim, chunk_size=self.chunk_size, seed=self.seed)
+            return GATED_KERNELS[self.mixer](site.shape(), features, chunk_size=self.chunk_size, seed=self.seed)
         kernel = cls(site.shape(), feature_dim=self.feature_dim, chunk_size=self.chunk_size, seed=self.seed,
                      local=local)
         if self.window:
