@@ -156,7 +156,13 @@ def rpc_runner(tracker: str, key: str) -> tuple[Any, int]:
 
     from ptool.errors import BackendError
 
+    import socket
+
     host, _, port = tracker.rpartition(":")
+    try:  # TVM's own connect retries a dead address for a minute: ask the socket first
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise BackendError(f"TVM RPC tracker {tracker} does not answer: {type(e).__name__}: {e}") from None
     try:
         summary = tvm_rpc.connect_tracker(host, int(port)).summary()
     except Exception as e:  # TVM raises plain RuntimeError / OSError / TVMError for a dead tracker
