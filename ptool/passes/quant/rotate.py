@@ -74,8 +74,8 @@ __all__ = ["Rotate"]
 
 aten = torch.ops.aten
 
-Method = Literal["hadamard", "learned", "flatquant"]
-_METHODS = ("hadamard", "learned", "flatquant")
+Method = Literal["hadamard", "learned", "flat", "flatquant"]
+_METHODS = ("hadamard", "learned", "flat", "flatquant")  # flatquant: another spelling of flat
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +85,8 @@ class Rotate(Pass):
     Args:
         method: ``hadamard`` (fixed normalized Hadamard matrices), ``learned`` (scaled
             orthogonal transforms trained on calibration data, initialized at the Hadamard) or
-            ``flatquant`` (Kronecker-factored affine transforms trained block by block).
+            ``flat`` (FlatQuant: Kronecker-factored affine transforms trained block by block;
+            ``flatquant`` is accepted for it).
         online: rotate sites no weight can absorb with a stored matmul (else skip them).
         residual: rotate the residual stream globally where RMSNorm allows it.
         seed: seed of the random orthogonal fallback for sizes without a Hadamard matrix.
@@ -116,13 +117,15 @@ class Rotate(Pass):
 
             raise ValueError(f"method must be one of {', '.join(_METHODS)}, got {self.method!r}"
                              f"{did_you_mean(str(self.method), _METHODS)}")
+        if self.method == "flatquant":
+            object.__setattr__(self, "method", "flat")
         if self.train_steps < 1 or not self.lr > 0:
             raise ValueError(f"train_steps must be >= 1 and lr > 0, got {self.train_steps}, {self.lr}")
         if not (2 <= self.weight_bits <= 16 and 2 <= self.act_bits <= 16):
             raise ValueError(f"weight_bits and act_bits must be in [2, 16], got {self.weight_bits}, {self.act_bits}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if self.method in ("learned", "flatquant"):
+        if self.method in ("learned", "flat"):
             ctx.require_calibration(f"{self.name}:method={self.method}")
         calls = _sites.calls_of(ctx)
         select = _sites.module_filter(self.layers)
@@ -141,7 +144,7 @@ class Rotate(Pass):
         sites, left_out = _sites.find_sites(gm, select)  # norm gammas may have moved into the readers
         for label, reason in left_out:
             result.skip(label, reason)
-        if self.method == "flatquant":
+        if self.method == "flat":
             return self._flatquant(gm, sites, globally, calls, report, result)
         done, learned = [], {}
         if self.method == "learned":

@@ -128,17 +128,18 @@ def test_online_off_keeps_only_sites_a_linear_absorbs():
 # ------------------------------------------------------------------------------ options
 def test_flatquant_needs_calibration():
     f = fixture("llama")
-    with pytest.raises(PassError, match="rotate:method=flatquant' needs calibration data"):
+    with pytest.raises(PassError, match="rotate:method=flat' needs calibration data"):
         ptool.transform(f.model, [Rotate(method="flatquant")], f.example_inputs)
+    assert Rotate(method="flatquant").method == "flat"  # the public name is flat; flatquant is kept for it
 
 
 def test_bad_options_name_flatquant_among_the_allowed_methods():
-    with pytest.raises(ValueError, match="method must be one of hadamard, learned, flatquant"):
+    with pytest.raises(ValueError, match="method must be one of hadamard, learned, flat, flatquant"):
         Rotate(method="flatqunat")
-    with pytest.raises(PassError, match=r"\(allowed: hadamard \| learned \| flatquant\).*did you mean 'flatquant'"):
+    with pytest.raises(PassError, match=r"\(allowed: hadamard \| learned \| flat \| flatquant\).*did you mean 'flatquant'"):
         build_pass(Rotate, {"method": "flatqunat"})
     assert build_pass(Rotate, {"method": "flatquant", "train_steps": "7", "act_bits": "4"}) == Rotate(
-        method="flatquant", train_steps=7, act_bits=4)
+        method="flat", train_steps=7, act_bits=4)
 
 
 # ------------------------------------------------------------------------------ W4A4

@@ -183,7 +183,7 @@ def test_learned_needs_calibration():
 def test_bad_options_raise_naming_allowed_values():
     with pytest.raises(ValueError, match="method must be one of hadamard, learned"):
         Rotate(method="hadamrd")
-    with pytest.raises(PassError, match=r"\(allowed: hadamard \| learned \| flatquant\).*did you mean 'hadamard'"):
+    with pytest.raises(PassError, match=r"\(allowed: hadamard \| learned \| flat \| flatquant\).*did you mean 'hadamard'"):
         build_pass(Rotate, {"method": "hadamrd"})
     with pytest.raises(ValueError, match=r"weight_bits and act_bits must be in \[2, 16\]"):
         Rotate(act_bits=1)
