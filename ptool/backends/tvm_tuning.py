@@ -151,12 +151,12 @@ def rpc_runner(tracker: str, key: str) -> tuple[Any, int]:
     Raises:
         BackendError: the tracker does not answer, or no server is registered with ``key``.
     """
+    import socket
+
     from tvm import rpc as tvm_rpc
     from tvm.s_tir import meta_schedule as ms
 
     from ptool.errors import BackendError
-
-    import socket
 
     host, _, port = tracker.rpartition(":")
     try:  # TVM's own connect retries a dead address for a minute: ask the socket first
