@@ -103,19 +103,31 @@ def _packet(node: torch.fx.Node) -> object:
     return getattr(node.target, "overloadpacket", node.target)
 
 
-def _is_quantized_linear(node: torch.fx.Node) -> bool:
-    """ptool's quantized linears (``ptool_quant::linear_*``), whatever their number format."""
+def _is_quantized(node: torch.fx.Node, kind: str) -> bool:
+    """ptool's quantized ops of one kind (``ptool_quant::linear_*``, ``ptool_quant::attention_*``)."""
     target = node.target
-    return getattr(target, "namespace", None) == "ptool_quant" and "::linear_" in getattr(target, "name", lambda: "")()
+    return getattr(target, "namespace", None) == "ptool_quant" and f"::{kind}_" in getattr(target, "name", lambda: "")()
+
+
+def _attention_flops(node: torch.fx.Node) -> int | None:
+    """``q k^T`` and the product with ``v``: ``2 * B*H * L * S * (E + Ev)``."""
+    q, k, v = (_val_shape(a) for a in node.args[:3])
+    if q is None or k is None or v is None:
+        return None
+    out = _shape(node.meta.get("val"))
+    batch = _numel(out[:-2]) if out is not None else _numel(q[:-2])
+    return 2 * batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
 def node_flops(node: torch.fx.Node) -> int | None:
     """FLOPs of one node, 0 for ops not counted, None when a counted op lacks shapes."""
     if node.op != "call_function":
         return 0
-    if _is_quantized_linear(node):  # x (..., K) times an integer (K, N) weight: the same products
+    if _is_quantized(node, "linear"):  # x (..., K) times an integer (K, N) weight: the same products
         out, x = _shape(node.meta.get("val")), _val_shape(node.args[0])
         return None if out is None or x is None else 2 * _numel(out) * x[-1]
+    if _is_quantized(node, "attention"):
+        return _attention_flops(node)
     packet = _packet(node)
     if packet not in COUNTED:
         return 0
@@ -124,11 +136,7 @@ def node_flops(node: torch.fx.Node) -> int | None:
     try:
         out = _shape(node.meta.get("val"))
         if packet in _SDPA:
-            q, k, v = (_val_shape(a) for a in node.args[:3])
-            if q is None or k is None or v is None:
-                return None
-            batch = _numel(out[:-2]) if out is not None else _numel(q[:-2])
-            return 2 * batch * q[-2] * k[-2] * (q[-1] + v[-1])
+            return _attention_flops(node)
         if out is None:
             return None
         if packet in _LINEAR:

@@ -24,6 +24,8 @@ graph says exactly what runs. Each op has
                                   weight scales and ran 1.4x slower than fp32.
   ``linear_int4``                 ``com.microsoft.MatMulNBits`` (4-bit weight-only, blocked)
   ``embedding_int8/int4``         ``Gather`` of the integer rows + unpack + rescale
+  ``attention_int8``              the same arithmetic in float ops (levels as floats; the
+                                  integer products are exact in float32 up to 1,040 keys)
   ==============================  ========================================================
 
 - a **float decomposition** (:func:`decompositions`) for backends that take the torch graph
@@ -153,10 +155,78 @@ def _int8_linear_token(x, weight_t, weight_scale, bias):
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+def _int8_attention(q, k, v, mask, scale: float, causal: bool):
+    """:func:`_attention_int8` on integers: two ``_int_mm`` per (batch, head), the softmax between
+    them on the int32 scores. Each head is quantized on its own, so under ``torch.compile`` its
+    scales are a buffer of their own and the softmax kernel reads scores and scales along rows."""
+    batch, rows, cols = q.shape[:-2], q.shape[-2], k.shape[-2]
+    q, k, v = (x.reshape(-1, *x.shape[-2:]) for x in (q, k, v))
+    extra = _additive_mask(mask, causal, rows, cols, q)
+    if extra is not None:  # (..., rows or 1, cols) broadcast to the batch: indexed, never copied
+        extra = extra.reshape(*([1] * (len(batch) + 2 - extra.dim())), *extra.shape)
+    outs = []
+    for i in range(q.shape[0]):
+        qq, sq = token_quantize_int8(q[i].float())
+        kq, sk = token_quantize_int8(k[i].float())
+        vq, sv = token_quantize_int8(v[i].float().transpose(0, 1))
+        scores = torch._int_mm(qq.to(torch.int8), kq.to(torch.int8).transpose(0, 1).contiguous()).float()
+        scores = scores * (sq * scale) * sk.transpose(0, 1)
+        if extra is not None:
+            at = [j if n > 1 else 0 for j, n in zip(_unravel(i, batch), extra.shape[:-2])]
+            scores = scores + extra[tuple(at)]
+        p, sums = probability_levels(scores)
+        out = torch._int_mm(p.to(torch.int8), vq.to(torch.int8).transpose(0, 1).contiguous()).float()
+        outs.append(out * (sv.transpose(0, 1) / sums))
+    return torch.stack(outs).reshape(*batch, rows, -1).to(q.dtype)
+
+
+def _unravel(index: int, shape: tuple[int, ...]) -> list[int]:
+    out = []
+    for n in reversed(shape):
+        index, j = divmod(index, n)
+        out.append(j)
+    return out[::-1]
+
+
 def _linear_static_int8(x, x_scale, x_zero, weight_t, weight_scale, bias):
     xq = torch.clamp(torch.round(x / x_scale) + x_zero, 0, 255)
     y = ((xq - x_zero) * x_scale) @ (weight_t.to(x.dtype) * weight_scale)
     return y + bias if bias is not None else y
+
+
+def _additive_mask(mask: torch.Tensor | None, causal: bool, rows: int, cols: int,
+                   like: torch.Tensor) -> torch.Tensor | None:
+    """SDPA's ``attn_mask`` / ``is_causal`` as one additive float term (``-inf`` where a key is hidden)."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.where(mask, 0.0, float("-inf")).to(like.dtype)
+    if causal:
+        seen = torch.ones(rows, cols, dtype=torch.bool, device=like.device).tril(cols - rows)
+        hide = torch.where(seen, 0.0, float("-inf")).to(like.dtype)
+        mask = hide if mask is None else mask + hide
+    return mask
+
+
+def probability_levels(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 levels (as float) of softmax's numerator ``exp(s - max s)`` (in (0, 1], the row's top
+    weight exactly 127) and their row sums: ``softmax(s) ~ levels / sums``. A row hidden whole
+    gets zero levels and a sum of 1 (output 0)."""
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    levels = torch.round(torch.exp(scores - top) * 127)
+    return levels, levels.sum(-1, keepdim=True).clamp_min(1)
+
+
+def _attention_int8(q, k, v, mask, scale: float, causal: bool):
+    """Softmax attention on int8 operands: q and k per row (token) over ``max|x|``, v per channel,
+    the probabilities as :func:`probability_levels`; integer products, float rescale. q, k, v have
+    the same leading (batch, head) dimensions (grouped-query heads repeated beforehand)."""
+    qq, sq = token_quantize_int8(q)
+    kq, sk = token_quantize_int8(k)
+    vq, sv = token_quantize_int8(v.transpose(-1, -2))
+    scores = (qq @ kq.transpose(-1, -2)) * (sq * scale) * sk.transpose(-1, -2)
+    extra = _additive_mask(mask, causal, q.shape[-2], k.shape[-2], scores)
+    levels, sums = probability_levels(scores if extra is None else scores + extra)
+    return (levels @ vq.transpose(-1, -2)) * sv.transpose(-1, -2) / sums
 
 
 def _linear_int4(x, packed, scales, zeros, bias, in_features: int):
@@ -225,6 +295,15 @@ def embedding_int4(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     return _embedding_int4(ids, packed, scales, zeros, width)
 
 
+@torch.library.custom_op(f"{_LIB}::attention_int8", mutates_args=())
+def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float, causal: bool) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale)`` on int8 operands."""
+    if q.device.type == "cpu" and q.numel() and k.shape[-2]:
+        return _int8_attention(q, k, v, mask, scale, causal)
+    return _attention_int8(q.float(), k.float(), v.float(), mask, scale, causal).to(q.dtype)
+
+
 def _rows_out(x: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
@@ -235,6 +314,7 @@ linear_static_int8.register_fake(lambda x, xs, xz, weight_t, weight_scale, bias:
 linear_int4.register_fake(lambda x, packed, scales, zeros, bias, in_features: _rows_out(x, packed.shape[0]))
 embedding_int8.register_fake(lambda ids, table, scales: scales.new_empty(*ids.shape, table.shape[1]))
 embedding_int4.register_fake(lambda ids, packed, scales, zeros, width: scales.new_empty(*ids.shape, width))
+attention_int8.register_fake(lambda q, k, v, mask, scale, causal: q.new_empty(*q.shape[:-1], v.shape[-1]))
 
 
 def _register_gradients() -> None:
@@ -288,7 +368,8 @@ def integer_kernels() -> dict:
                                     column_sums=lambda w: w.sum(0, dtype=torch.int32))
 
     return {ops.linear_dynamic_int8.default: dynamic, ops.linear_token_int8.default: _int8_linear_token,
-            ops.embedding_int8.default: _embedding_int8, ops.embedding_int4.default: _embedding_int4}
+            ops.embedding_int8.default: _embedding_int8, ops.embedding_int4.default: _embedding_int4,
+            ops.attention_int8.default: _int8_attention}
 
 
 def decompositions() -> dict:
@@ -301,6 +382,7 @@ def decompositions() -> dict:
         ops.linear_int4.default: _linear_int4,
         ops.embedding_int8.default: _embedding_int8,
         ops.embedding_int4.default: _embedding_int4,
+        ops.attention_int8.default: _attention_int8,
     }
 
 
@@ -357,11 +439,13 @@ def onnx_translations() -> dict:
         acc = op.MatMulInteger(xq, weight_t, x_zero, const(0, np.int8))
         return add_bias(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Mul(x_scale, weight_scale)), bias)
 
-    def linear_token(x, weight_t, weight_scale, bias):
-        tiny = const(np.finfo(np.float32).tiny, np.float32)
+    def token_levels(x):  # per-row symmetric int8 levels (as float) over max|x|, and the row scales
         peak = op.ReduceMax(op.Abs(x), const([-1], np.int64), keepdims=1)
-        x_scale = op.Div(op.Max(peak, tiny), const(127.0, np.float32))
-        levels = op.Clip(op.Round(op.Div(x, x_scale)), const(-127.0, np.float32), const(127.0, np.float32))
+        scale = op.Div(op.Max(peak, const(np.finfo(np.float32).tiny, np.float32)), const(127.0, np.float32))
+        return op.Clip(op.Round(op.Div(x, scale)), const(-127.0, np.float32), const(127.0, np.float32)), scale
+
+    def linear_token(x, weight_t, weight_scale, bias):
+        levels, x_scale = token_levels(x)
         acc = op.MatMulInteger(op.Cast(levels, to=ir.DataType.INT8), weight_t, const(0, np.int8), const(0, np.int8))
         return add_bias(op.Mul(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), x_scale), weight_scale), bias)
 
@@ -402,6 +486,29 @@ def onnx_translations() -> dict:
         scaled = op.Mul(op.Sub(levels, zero), op.Unsqueeze(op.Gather(scales, ids), axis))
         return op.Reshape(scaled, op.Concat(shape, const([width], np.int64), axis=0))
 
+    def attention_int8(q, k, v, mask, scale: float, causal: bool):
+        last = const([-1], np.int64)
+        qq, sq = token_levels(q)
+        kq, sk = token_levels(k)
+        vq, sv = token_levels(op.Transpose(v, perm=[0, 1, 3, 2]))
+        scores = op.Mul(op.Mul(op.MatMul(qq, op.Transpose(kq, perm=[0, 1, 3, 2])), op.Mul(sq, const(scale, np.float32))),
+                        op.Transpose(sk, perm=[0, 1, 3, 2]))
+        hidden = const(float("-inf"), np.float32)
+        if mask is not None:
+            is_bool = mask.dtype == ir.DataType.BOOL
+            scores = op.Add(scores, op.Where(mask, const(0.0, np.float32), hidden) if is_bool else mask)
+        if causal:
+            grid = op.Concat(op.Shape(q, start=-2, end=-1), op.Shape(k, start=-2, end=-1), axis=0)
+            seen = op.Trilu(op.ConstantOfShape(grid, value=ir.tensor(np.asarray([1], np.int64))),
+                            op.Sub(op.Shape(k, start=-2, end=-1), op.Shape(q, start=-2, end=-1)), upper=0)
+            scores = op.Add(scores, op.Where(op.Cast(seen, to=ir.DataType.BOOL), const(0.0, np.float32), hidden))
+        top = op.ReduceMax(scores, last, keepdims=1)
+        top = op.Where(op.IsInf(top), const(0.0, np.float32), top)
+        levels = op.Round(op.Mul(op.Exp(op.Sub(scores, top)), const(127.0, np.float32)))
+        sums = op.Max(op.ReduceSum(levels, last, keepdims=1), const(1.0, np.float32))
+        out = op.MatMul(levels, op.Transpose(vq, perm=[0, 1, 3, 2]))
+        return op.Div(op.Mul(out, op.Transpose(sv, perm=[0, 1, 3, 2])), sums)
+
     ops = torch.ops.ptool_quant
     return {
         ops.linear_dynamic_int8.default: linear_dynamic,
@@ -410,4 +517,5 @@ def onnx_translations() -> dict:
         ops.linear_int4.default: linear_int4,
         ops.embedding_int8.default: embedding_int8,
         ops.embedding_int4.default: embedding_int4,
+        ops.attention_int8.default: attention_int8,
     }

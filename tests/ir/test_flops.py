@@ -54,12 +54,13 @@ def test_format():
     assert format_flops(12) == "12 FLOPs"
 
 
-def test_quantized_linears_count_the_same_products_as_float_ones():
+def test_quantized_linears_and_attention_count_the_same_products_as_float_ones():
     import ptool
     from tests.models import zoo
 
     fixture = zoo.bert()
     floats = ptool.transform(fixture.model, [], fixture.example_inputs)
-    for spec in ("quantize", "quantize:activations=per-token", "quantize:mode=int4-weight"):
+    for spec in ("quantize", "quantize:activations=per-token", "quantize:mode=int4-weight",
+                 "quantize:activations=per-token,attention=int8"):
         quantized = ptool.transform(fixture.model, [spec], fixture.example_inputs)
         assert estimate_flops(quantized.graph_module).total == estimate_flops(floats.graph_module).total

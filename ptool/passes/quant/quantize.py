@@ -41,8 +41,8 @@ embedding table becomes an int8/int4 gather. Modes:
 Layers stay float when their module path or node name matches an ``exclude`` pattern
 (``fnmatch``), or when ``keep_float=N`` and they are among the N layers whose own output suffers
 most from quantization, measured on the calibration data (relative output MSE of the layer
-alone). The report lists them with the reason. Attention's activation-by-activation matmuls
-and convolutions are not quantized.
+alone). The report lists them with the reason. Convolutions are not quantized; attention's
+activation-by-activation products are with ``attention=int8`` (:mod:`.int8_attention`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.passes.quant import quantizers as qz
 from ptool.passes.quant._sites import exclude_pattern
 from ptool.passes.quant.gptq import Levels
+from ptool.passes.quant.int8_attention import quantize_attention
 from ptool.progress import steps as progress
 from ptool.verify import Lossy, Numerics
 
@@ -160,6 +161,9 @@ class Quantize(Pass):
         max_error: ``auto``: the smallest model whose predicted output error (relative MSE) is at
             most this, within ``budget``.
         choices: ``auto``: what each layer may become: ``float``, ``int8``, ``int4``.
+        attention: ``int8`` also runs softmax attention's two activation products (``q k^T`` and
+            the probabilities times ``v``) on int8 kernels (:mod:`.int8_attention`); ``float``
+            (default) leaves attention as it is.
     """
 
     name: ClassVar[str] = "quantize"
@@ -185,6 +189,7 @@ class Quantize(Pass):
     budget: float | None = None
     max_error: float | None = None
     choices: tuple[Choice, ...] = ("float", "int8", "int4")
+    attention: Literal["float", "int8"] = "float"
 
     def __post_init__(self) -> None:
         if self.group_size < 2 or self.group_size % 2:
@@ -227,6 +232,12 @@ class Quantize(Pass):
     # -----------------------------------------------------------------------------------------
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = self._quantize_layers(gm, ctx)
+        if self.attention == "int8":
+            quantize_attention(gm, result, self.name)
+        return result
+
+    def _quantize_layers(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.mode == "auto":
             from ptool.passes.quant.mixed import QuantizeParts, run_auto
 
