@@ -71,14 +71,21 @@ def tuning_variants(fingerprint: Any, tvm_trials: int = 0) -> list[dict[str, Any
     return variants
 
 
+def inductor_configs(opts: Options) -> dict[str, Any]:
+    """The Inductor configs ``opts`` sets (freezing, and the GEMM autotuning of the ``max-autotune``
+    modes): what AOTInductor takes, and ``torch.compile`` takes as ``options`` in place of ``mode``."""
+    configs: dict[str, Any] = {"freezing": opts.freezing}
+    if opts.mode.startswith("max-autotune"):
+        configs["max_autotune"] = True
+    return configs
+
+
 def compile_options(opts: Options) -> dict[str, Any]:
     """``torch.compile`` keyword arguments for ``opts`` (``mode`` and ``options`` are exclusive there)."""
     if not opts.freezing:
         return {"mode": opts.mode, "dynamic": opts.dynamic}
-    inductor: dict[str, Any] = {"freezing": True}
-    if opts.mode.startswith("max-autotune"):
-        inductor["max_autotune"] = True
-    if opts.mode in ("reduce-overhead", "max-autotune"):
+    inductor = inductor_configs(opts)
+    if opts.mode in ("reduce-overhead", "max-autotune"):  # the CUDA graphs those modes turn on
         inductor["triton.cudagraphs"] = True
     return {"options": inductor, "dynamic": opts.dynamic}
 
@@ -148,13 +155,6 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Any = None
     return CompiledModel(backend=NAME, options=options_dict(opts), example=example, run_direct=run)
 
 
-def _inductor_configs(opts: Options) -> dict[str, Any]:
-    configs: dict[str, Any] = {"freezing": opts.freezing}
-    if opts.mode.startswith("max-autotune"):
-        configs["max_autotune"] = True
-    return configs
-
-
 def _compile_aot(module: Any, example: ExampleCall, opts: Options, device: Any) -> CompiledModel:
     """AOTInductor: export the flat-tensor form of ``module`` and build it into a shared library.
 
@@ -180,7 +180,7 @@ def _compile_aot(module: Any, example: ExampleCall, opts: Options, device: Any) 
         with torch.no_grad():
             program = torch.export.export(flat_module, tensors, dynamic_shapes=dynamic_shapes)
             path = inductor.aoti_compile_and_package(
-                program, package_path=f"{folder.name}/model.pt2", inductor_configs=_inductor_configs(opts))
+                program, package_path=f"{folder.name}/model.pt2", inductor_configs=inductor_configs(opts))
         runner = inductor.aoti_load_package(path)
     except Exception as e:
         folder.cleanup()

@@ -45,7 +45,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,7 +124,8 @@ def tune(tasks: list[tuple[Any, Any]], target: Any, trials: int, work_dir: Path,
     else:
         runner, servers = rpc_runner(*rpc)
         facts.update(rpc_tracker=rpc[0], rpc_key=rpc[1], rpc_servers=servers)
-    with _Progress(per_task * len(tasks), progress) as bar, contextlib.redirect_stdout(io.StringIO()):
+    with (_Progress(per_task * len(tasks), progress) as bar, contextlib.redirect_stdout(io.StringIO()),
+          _unnamed_log_handlers_set_aside()):
         # MetaSchedule prints its task tables to stdout; the full logs stay in work_dir/logs
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             [t for t, _ in tasks], str(work_dir), seed=0)
@@ -142,6 +143,33 @@ def tune(tasks: list[tuple[Any, Any]], target: Any, trials: int, work_dir: Path,
                                    "kernels": facts["kernels"]}, indent=1))  # no in-model choice yet
     marker.write_text(str(trials))
     return facts
+
+
+#: The logger MetaSchedule configures (``logging.config.dictConfig``) at the start of every tuning run.
+METASCHEDULE_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+@contextlib.contextmanager
+def _unnamed_log_handlers_set_aside() -> Iterator[None]:
+    """Detach the handlers without a name from MetaSchedule's logger while it tunes; put them back after.
+
+    MetaSchedule's logging setup lists the names of the handlers already on its logger and fails on
+    one without a name (``AttributeError: 'NoneType' object has no attribute 'format'``). After a
+    first tune, its logger no longer propagates, and a process that attaches an unnamed handler to
+    such loggers (pytest's log capture does, at every test phase; so may a user's own logging set-up)
+    broke every later MetaSchedule tune in that process.
+    """
+    import logging
+
+    logger = logging.getLogger(METASCHEDULE_LOGGER)
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for h in unnamed:
+        logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in unnamed:
+            logger.addHandler(h)
 
 
 def rpc_runner(tracker: str, key: str) -> tuple[Any, int]:

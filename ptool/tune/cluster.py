@@ -31,7 +31,7 @@ from typing import Any
 
 from ptool.errors import UsageError
 from ptool.tune.record import Row, Status
-from ptool.tune.search import RUN_OFF, Search
+from ptool.tune.search import RUN_OFF, Search, excluded_label
 from ptool.tune.space import TuningConfig, approximate_variants, backend_left_out
 
 __all__ = ["RESOURCE_PREFIX", "ClusterSearch", "check_address", "connect", "node_resources", "scan_nodes"]
@@ -265,9 +265,7 @@ class ClusterSearch(Search):
     def _submit(self, config: TuningConfig, order: tuple, tries: int = 0) -> None:
         label = config.label(self.base)
         self._order[label] = order
-        if label in self.done_rows:
-            self.rows.append(self.done_rows[label])
-            self.reused += 1
+        if self._reuse(label):
             return
         if self.budget_hit:
             self.rows.append(Row(label, config.to_dict(), self._exact(config), Status.NOT_MEASURED,
@@ -281,11 +279,47 @@ class ClusterSearch(Search):
 
         return all(parse_pass(p).exact for p in config.passes)
 
+    @staticmethod
+    def _outcome(ref: Any) -> dict:
+        """What a finished task returned, or ``{"lost": why}`` (retries spent as nodes died, or the task broke)."""
+        import ray
+
+        from ptool.errors import first_line
+
+        try:
+            return ray.get(ref)
+        except Exception as e:
+            cause = getattr(e, "cause", None) or e  # a RayTaskError carries what the task raised
+            return {"lost": f"{type(cause).__name__}: {first_line(cause)}"}
+
+    def _measured_row(self, config: TuningConfig, out: dict) -> Row:
+        """The row of a measure task's outcome (a refusal or a lost task: ``not measured``, with why)."""
+        label = config.label(self.base)
+        if "refused" in out:
+            return Row(label, config.to_dict(), self._exact(config), Status.NOT_MEASURED, out["refused"])
+        if "lost" in out:
+            return Row(label, config.to_dict(), self._exact(config), Status.NOT_MEASURED,
+                       f"its task was lost: {out['lost']}")
+        return Row.from_dict(out["row"])
+
+    def _excluded_row(self, ai: int, specs: tuple[str, ...], out: dict) -> Row:
+        """The row of a check that found the approximate pipeline past max_error (timed on a timing node)."""
+        row = (Row.from_dict(out["row"]) if out.get("row")
+               else self.excluded_row((*self.base, *specs), " + ".join(specs), out["reason"], timed=False))
+        self._order[row.label] = (1, ai, -1)
+        return row
+
+    def _lost_check_row(self, ai: int, specs: tuple[str, ...], why: str) -> Row:
+        """The ``not measured`` row of an approximate pipeline whose check was lost (its candidates never ran)."""
+        config = TuningConfig.make((*self.base, *specs), "torch")
+        row = Row(excluded_label(" + ".join(specs)), config.to_dict(), False, Status.NOT_MEASURED,
+                  f"fidelity check lost: {why}")
+        self._order[row.label] = (1, ai, -1)
+        return row
+
     def run(self, stage1: list[TuningConfig], approximate: list[tuple[str, ...]], backends: list[str],
             budget_s: float | None, started: float, update: Any) -> None:
         ray = _ray()
-        from ptool.errors import first_line
-
         for i, r in enumerate(self.rows):  # rows made before the search (formats the device cannot run)
             self._order[r.label] = (-1, i)
         self.planned = list(stage1)
@@ -302,6 +336,10 @@ class ClusterSearch(Search):
             best = self._best_variant_per_backend(backends)
         for ai, specs in enumerate(approximate):
             pipeline = (*self.base, *specs)
+            if self._reuse(excluded_label(" + ".join(specs))):  # excluded by the unfinished run resumed
+                self._order[excluded_label(" + ".join(specs))] = (1, ai, -1)
+                done += 1 + len(backends)
+                continue
             self._pending[self._check.remote(self.job, pipeline, " + ".join(specs))] = ("check", (ai, specs))
         waiting: list[tuple[int, tuple[str, ...]]] = []  # approximate pipelines within max_error, before stage 1 ends
         group_left: dict[tuple[int, int], int] = {}  # (approximate, backend) -> its candidates in flight
@@ -338,27 +376,20 @@ class ClusterSearch(Search):
             ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=1.0)
             for ref in ready:
                 kind, what = self._pending.pop(ref)
-                try:
-                    out = ray.get(ref)
-                except Exception as e:  # retries spent (nodes died), or the task itself broke
-                    cause = getattr(e, "cause", None) or e  # a RayTaskError carries what the task raised
-                    out = {"lost": f"{type(cause).__name__}: {first_line(cause)}"}
+                out = self._outcome(ref)
                 if kind == "check":
                     ai, specs = what
                     done += 1
-                    if "lost" in out:
-                        out = {"reason": f"fidelity check lost: {out['lost']}", "row": None}
-                    if out["reason"] is None:
+                    if "lost" in out:  # not measured: a resumed search checks it again
+                        self._finish(self._lost_check_row(ai, specs, out["lost"]))
+                        done += len(backends)
+                    elif out["reason"] is None:
                         if stage1_left:
                             waiting.append((ai, specs))
                         else:
                             done += plan(ai, specs)
                     else:
-                        pipeline, spec = (*self.base, *specs), " + ".join(specs)
-                        row = (Row.from_dict(out["row"]) if out.get("row")
-                               else self.excluded_row(pipeline, spec, out["reason"], timed=False))
-                        self._order[row.label] = (1, ai, -1)
-                        self._finish(row)
+                        self._finish(self._excluded_row(ai, specs, out))
                         done += len(backends)
                     update(done, total, f"checked {' + '.join(specs)}")
                     continue
@@ -369,13 +400,7 @@ class ClusterSearch(Search):
                     if tries < REFUSAL_RETRIES:
                         self._submit(config, order, tries + 1)
                         continue
-                    row = Row(label, config.to_dict(), self._exact(config), Status.NOT_MEASURED, out["refused"])
-                elif "lost" in out:
-                    row = Row(label, config.to_dict(), self._exact(config), Status.NOT_MEASURED,
-                              f"its task was lost: {out['lost']}")
-                else:
-                    row = Row.from_dict(out["row"])
-                self._finish(row)
+                self._finish(self._measured_row(config, out))
                 if order[0] == 0:
                     stage1_left -= 1
                     done += 1
@@ -398,15 +423,25 @@ class ClusterSearch(Search):
         self.rows.sort(key=lambda r: (self._order.get(r.label, (9,))[:4], index[id(r)]))
 
     def _cancel(self, reason: str) -> None:
-        """Cancel the tasks in flight; their candidates become ``not measured`` with ``reason``."""
+        """Keep the results already back but not yet read (a measured candidate is never thrown away to
+        be measured again on resume), cancel the tasks still in flight: their candidates become
+        ``not measured`` with ``reason``."""
         import ray
 
+        refs = list(self._pending)
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
         for ref, (kind, what) in list(self._pending.items()):
-            ray.cancel(ref, force=True)
-            if kind == "measure":
-                config, _, _ = what
-                self.rows.append(Row(config.label(self.base), config.to_dict(), self._exact(config),
-                                     Status.NOT_MEASURED, reason))
+            out = self._outcome(ref) if ref in ready else None
+            if out is None or "refused" in out or "lost" in out:
+                ray.cancel(ref, force=True)
+                if kind == "measure":
+                    config, _, _ = what
+                    self.rows.append(Row(config.label(self.base), config.to_dict(), self._exact(config),
+                                         Status.NOT_MEASURED, reason))
+            elif kind == "measure":
+                self._finish(self._measured_row(what[0], out))
+            elif out["reason"] is not None:  # a check that excluded its pipeline: its row is measured
+                self._finish(self._excluded_row(*what, out))
         self._pending.clear()
 
     def run_off(self) -> None:

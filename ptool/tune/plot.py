@@ -5,9 +5,11 @@ matplotlib is imported here only, with the non-interactive Agg backend (no displ
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from ptool.tune.record import Row, Status
 
@@ -27,8 +29,9 @@ def pareto_front(rows: Sequence[Row]) -> list[Row]:
     return front
 
 
-def plot_rows(rows: Sequence[Row], path: Path, *, max_error: float, title: str = "") -> Path:
-    """Draw the latency-fidelity plot of ``rows`` to ``path`` (PNG); returns ``path``.
+@contextlib.contextmanager
+def _figure(path: Path, size: tuple[float, float], title: str) -> Iterator[Any]:
+    """Axes to draw on; once drawn, titled, gridded, with the legend, saved to ``path`` (PNG) and closed.
 
     Raises:
         ImportError: matplotlib is not installed (``pip install 'ptool[dev]'``).
@@ -38,10 +41,28 @@ def plot_rows(rows: Sequence[Row], path: Path, *, max_error: float, title: str =
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=size, dpi=110)
+    try:
+        yield ax
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_rows(rows: Sequence[Row], path: Path, *, max_error: float, title: str = "") -> Path:
+    """Draw the latency-fidelity plot of ``rows`` to ``path`` (PNG); returns ``path``.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'ptool[dev]'``).
+    """
     measured = [r for r in rows if r.median_ms is not None and r.error is not None]
     front = pareto_front(rows)
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    try:
+    with _figure(path, (9, 5.5), title or "ptool autotune: latency vs fidelity (grey x: excluded)") as ax:
         placed: list[tuple[float, float]] = []
         for r in sorted(measured, key=lambda r: r.median_ms):
             y = max(r.error, ERROR_FLOOR)
@@ -68,14 +89,6 @@ def plot_rows(rows: Sequence[Row], path: Path, *, max_error: float, title: str =
         ax.set_yscale("log")
         ax.set_xlabel("latency, median ms (log)")
         ax.set_ylabel(f"error vs original (log; exact = {ERROR_FLOOR:g})")
-        ax.set_title(title or "ptool autotune: latency vs fidelity (grey x: excluded)", fontsize=9)
-        ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
     return path
 
 
@@ -86,13 +99,7 @@ def plot_size_error(front: Sequence[dict], path: Path, *, chosen: dict | None = 
     Raises:
         ImportError: matplotlib is not installed (``pip install 'ptool[dev]'``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    try:
+    with _figure(path, (7, 4.5), title or "quantize:mode=auto: size vs error") as ax:
         xs = [p["fraction"] for p in front]
         ax.step(xs, [max(p["predicted_error"], ERROR_FLOOR) for p in front], where="post", color="tab:blue",
                 linewidth=1, label="predicted (sum of per-layer errors)")
@@ -107,12 +114,4 @@ def plot_size_error(front: Sequence[dict], path: Path, *, chosen: dict | None = 
         ax.set_yscale("log")
         ax.set_xlabel("weight bytes, fraction of fp32")
         ax.set_ylabel("output error (relative MSE, log)")
-        ax.set_title(title or "quantize:mode=auto: size vs error", fontsize=9)
-        ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
     return path

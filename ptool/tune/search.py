@@ -17,7 +17,7 @@ from typing import Any
 from ptool.tune.record import Row, Status
 from ptool.tune.space import TuningConfig, approximate_variants, backend_left_out
 
-__all__ = ["RUN_OFF", "Call", "Search", "error_of", "fidelity"]
+__all__ = ["RUN_OFF", "Call", "Search", "error_of", "excluded_label", "fidelity"]
 
 Progress = Callable[[int, int, str], Any]
 
@@ -31,6 +31,11 @@ class Call:
 
     args: tuple
     kwargs: dict
+
+
+def excluded_label(spec: str) -> str:
+    """The label of the one row an approximate pass past ``max_error`` gets (it is built on no backend)."""
+    return f"{spec} | (any backend)"
 
 
 def error_of(fid: Any, metric: str) -> float:
@@ -97,6 +102,9 @@ class Search:
         best = self._best_variant_per_backend(backends)
         for specs in approximate:
             pipeline, spec = (*self.base, *specs), " + ".join(specs)
+            if self._reuse(excluded_label(spec)):  # excluded by the unfinished run resumed: its row stands
+                done += 1 + len(backends)
+                continue
             update(done, total, f"checking {spec}")
             reason = None if over_budget() else self._check_pipeline(pipeline)
             done += 1
@@ -157,7 +165,7 @@ class Search:
         from ptool.benchmark import measure
 
         config = TuningConfig.make(pipeline, "torch")
-        row = Row(f"{spec} | (any backend)", config.to_dict(), False, Status.EXCLUDED, reason)
+        row = Row(excluded_label(spec), config.to_dict(), False, Status.EXCLUDED, reason)
         m2 = self.transformed.get(pipeline)
         if m2 is not None:
             fid = fidelity(m2, self.reference, self.held)
@@ -165,6 +173,16 @@ class Search:
             if timed:
                 self._set_timing(row, measure(m2, self.args, self.kwargs, warmup=1, repeat=3), "eager torch")
         return row
+
+    def _reuse(self, label: str) -> bool:
+        """Take the row an unfinished record of this search already finished for ``label`` (True), so
+        a resumed search never measures a candidate again; False: there is none, measure it."""
+        row = self.done_rows.get(label)
+        if row is None:
+            return False
+        self.rows.append(row)
+        self.reused += 1
+        return True
 
     def _metric_name(self) -> str:
         return "1-cosine" if self.metric == "cosine" else "max_rel_error"
@@ -175,9 +193,7 @@ class Search:
         from ptool.errors import first_line
 
         label = config.label(self.base)
-        if label in self.done_rows:
-            self.rows.append(self.done_rows[label])
-            self.reused += 1
+        if self._reuse(label):
             return
         from ptool.passes.registry import parse_pass
 

@@ -251,7 +251,9 @@ def test_freezing_without_compile_is_one_clear_error():
     with pytest.raises(UsageError, match="add compile=true"):
         backend_options("torch", {"aot": True})
     opts = backend_options("torch", {"compile": True, "freezing": True, "mode": "max-autotune"})
-    from ptool.backends.torch_backend import compile_options
+    from ptool.backends.torch_backend import compile_options, inductor_configs
 
     assert compile_options(opts) == {"options": {"freezing": True, "max_autotune": True, "triton.cudagraphs": True},
                                      "dynamic": None}
+    assert inductor_configs(opts) == {"freezing": True, "max_autotune": True}  # AOTInductor: no CUDA graphs
+    assert inductor_configs(backend_options("torch", {"compile": True, "aot": True})) == {"freezing": False}

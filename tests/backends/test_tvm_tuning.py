@@ -98,6 +98,29 @@ def test_chosen_database_schedules_exactly_the_kernels_metaschedule_won(tuned):
     assert summary["kernels"] == kernels and summary["trials"] == TRIALS and summary["chosen_in_model"]
 
 
+def test_metaschedule_logging_set_up_works_with_an_unnamed_handler_on_its_logger(tmp_path):
+    """MetaSchedule's logging set-up (run by every tune) fails on a handler without a name on its logger,
+    which pytest's log capture or a user's logging attaches once a first tune made it non-propagating:
+    ptool sets such handlers aside while it tunes."""
+    import logging
+
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+
+    from ptool.backends.tvm_tuning import METASCHEDULE_LOGGER, _unnamed_log_handlers_set_aside
+
+    logger, handler = logging.getLogger(METASCHEDULE_LOGGER), logging.NullHandler()
+    with _unnamed_log_handlers_set_aside():  # pytest's own handler is there already after an earlier tune
+        get_loggers_from_work_dir(str(tmp_path), ["first"])  # as a first tune: the logger stops propagating
+    logger.addHandler(handler)
+    try:
+        with _unnamed_log_handlers_set_aside():
+            loggers = get_loggers_from_work_dir(str(tmp_path), ["second"])
+        assert handler in logger.handlers and not logger.propagate
+        assert [lg.name for lg in loggers] == [f"{METASCHEDULE_LOGGER}.logging.task_0_second"]
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_kernel_winner_is_the_faster_schedule_in_the_model_when_timed_there():
     assert KernelTuning("k", 1, 10.0, 8.0, ptool_model_ms=1.0, tuned_model_ms=1.2).winner == "ptool"
     assert KernelTuning("k", 1, 10.0, 12.0, ptool_model_ms=1.2, tuned_model_ms=1.0).winner == "metaschedule"

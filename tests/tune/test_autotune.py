@@ -163,6 +163,31 @@ def test_budget_stops_starting_candidates(tmp_path):
     assert not more.reused and more.status == "complete"  # a bigger one goes on measuring
 
 
+def test_a_resumed_search_measures_no_finished_row_again(tmp_path):
+    """Ctrl-C once every row is finished, the approximate pass's excluded row included: the rerun takes
+    every row from the record as it is (that row used to be checked and timed again)."""
+    from ptool.tune.tuner import TuningInterrupted
+
+    model, x, held = mlp()
+    kw = dict(backends=["onnxruntime"], variants={"onnxruntime": [{}]}, passes=["quantize"], max_error=1e-7,
+              held_out_inputs=held, record_dir=tmp_path, repeat=3)
+
+    def stop_at_the_end(done, total, label):
+        if label == "done":
+            raise KeyboardInterrupt
+
+    with pytest.raises(TuningInterrupted) as stopped:
+        ptool.autotune(model, (x,), progress=stop_at_the_end, **kw)
+    first = stopped.value.result
+    assert first.status == "interrupted" and [r.status for r in first.table] == [Status.OK, Status.EXCLUDED]
+    assert first.table[1].label == "quantize | (any backend)" and first.table[1].median_ms > 0
+    checks = []
+    again = ptool.autotune(model, (x,), progress=lambda done, total, label: checks.append(label), **kw)
+    assert again.status == "complete" and not any(label.startswith("checking") for label in checks)
+    assert [r.to_dict() for r in again.table] == [r.to_dict() for r in first.table]  # timings included
+    assert "2 rows reused from an unfinished record of the same run" in again.notes
+
+
 def test_a_tie_within_noise_goes_to_the_lower_error_then_the_simpler_config():
     def row(label, ms, err, passes=("dce",), options=None):
         r = Row(label, {"passes": list(passes), "backend": "torch", "options": options or {}}, True, Status.OK, "")
