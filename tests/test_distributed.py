@@ -1,0 +1,140 @@
+"""Data-parallel conversion: the share and weighting helpers, and torchrun against one process.
+
+The torchrun cases launch ``tools/convert_parallel.py`` (hedgehog conversion, attention transfer
+then distillation) in one process and in two under ``python -m torch.distributed.run``, and
+compare the trained kernel weights; shapes are chosen so that neither stage splits evenly (3 rows
+per batch, 3 calls per distillation step over 2 processes).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptool.distributed import DataParallelError, World, rows, world
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "convert_parallel.py"
+
+
+# -- shares and weights ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("count,size", [(3, 2), (5, 3), (8, 2), (1, 2), (2, 3)])
+def test_shares_cover_the_items_once_and_weights_add_to_one(count, size):
+    parts = [World(rank, size).part(count) for rank in range(size)]
+    taken = [i for part, _ in parts for i in range(count)[part]]
+    assert taken == list(range(count))
+    assert max(len(range(count)[p]) for p, _ in parts) - min(len(range(count)[p]) for p, _ in parts) <= 1
+    assert sum(w for _, w in parts) == pytest.approx(1.0)
+    for part, weight in parts:
+        assert weight == len(range(count)[part]) / count
+
+
+@pytest.mark.parametrize("count,size", [(3, 2), (7, 3), (1, 2)])
+def test_weighted_shares_of_mean_losses_sum_to_the_global_mean(count, size):
+    losses = torch.rand(count, generator=torch.Generator().manual_seed(count), dtype=torch.float64) * 10
+    shares = []
+    for rank in range(size):
+        part, weight = World(rank, size).part(count)
+        if weight:
+            shares.append(weight * losses[part].mean())
+    assert float(sum(shares)) == pytest.approx(float(losses.mean()), abs=1e-12)
+    if count % size and count >= size:  # the plain average of the processes' means is not the global mean
+        means = [losses[World(r, size).part(count)[0]].mean() for r in range(size)]
+        assert abs(float(sum(means) / size) - float(losses.mean())) > 1e-3
+
+
+def test_rows_split_the_batch_and_pass_broadcast_masks_through():
+    x = torch.arange(12.0).reshape(3, 4)
+    part, _ = World(1, 2).part(3)
+    assert torch.equal(rows(x, part, 3), x[2:])
+    mask = torch.ones(1, 1, 1, 4)
+    assert rows(mask, part, 3) is mask
+    assert rows(None, part, 3) is None
+    assert rows(torch.ones(3, 1, 1, 4), part, 3).shape == (1, 1, 1, 4)
+
+
+def test_one_process_is_a_world_of_one_and_reduce_is_the_identity(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    here = world()
+    assert (here.rank, here.size, here.parallel, here.writes) == (0, 1, False, True)
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 3.0)
+    assert float(here.reduce([p], torch.tensor(2.5))) == 2.5
+    assert torch.equal(p.grad, torch.full((2,), 3.0))
+    assert here.total([1.0, 2.0]) == [1.0, 2.0]
+
+
+def test_a_failed_collective_is_one_line_naming_the_run():
+    def lost(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:1234\nmore backend detail")
+
+    with pytest.raises(DataParallelError, match=r"over 2 processes: rank 1 lost its peers .*Connection closed") as e:
+        World(1, 2)._collective(lost)
+    assert "\n" not in str(e.value)
+
+
+# -- torchrun against one process ---------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PTOOL_CHECKPOINT_DIR": "off"}
+
+
+def _convert(out: Path, processes: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    launch = [] if processes == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+                                        "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+    return subprocess.run([sys.executable, *launch, str(TOOL), "-o", str(out), *args], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _compare(tmp_path: Path, args: list[str]) -> tuple[dict, dict]:
+    runs = {}
+    for n in (1, 2):
+        done = _convert(tmp_path / f"{n}.pt", n, args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[n] = torch.load(tmp_path / f"{n}.pt")
+    one, two = runs[1], runs[2]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["notes"]["transfer_processes"] == 2 and two["notes"]["distill_processes"] == 2
+    assert one["weights"].keys() == two["weights"].keys() and one["weights"]
+    for name, w in one["weights"].items():
+        assert (w - two["weights"][name]).abs().max() <= 1e-5, name
+        moved = (w - torch.eye(w.shape[-2], w.shape[-1])).abs().max()  # hedgehog maps start at the identity
+        assert moved > 1e-3, f"{name} barely trained ({moved}): the comparison would prove nothing"
+    for key in ("transfer_last_loss", "distill_mse_before", "distill_mse_after"):
+        assert two["notes"][key] == pytest.approx(one["notes"][key], rel=1e-5), key
+    return one, two
+
+
+def test_torchrun_two_processes_train_the_weights_one_process_trains(tmp_path):
+    _compare(tmp_path, ["--model", "tiny", "--rows", "3", "--seq", "16", "--batches", "3", "--transfer-steps", "4",
+                        "--distill-steps", "4", "--distill-batch", "3"])
+
+
+def test_a_failing_rank_fails_the_run_without_hanging(tmp_path):
+    start = time.monotonic()
+    done = _convert(tmp_path / "x.pt", 2, ["--model", "tiny", "--rows", "3", "--seq", "16", "--batches", "2",
+                                           "--fail-rank", "1"], timeout=240)
+    assert done.returncode != 0
+    assert "rank 1 failed on purpose" in done.stderr
+    assert not (tmp_path / "x.pt").exists()
+    assert time.monotonic() - start < 200
+
+
+@pytest.mark.slow
+def test_torchrun_minilm_matches_one_process(tmp_path):
+    _compare(tmp_path, ["--model", "minilm", "--rows", "4", "--seq", "32", "--batches", "2", "--transfer-steps", "2",
+                        "--distill-steps", "2", "--distill-batch", "2"])

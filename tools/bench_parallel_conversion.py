@@ -1,0 +1,109 @@
+"""Measure data-parallel attention conversion: torchrun with 2 processes against 1 process, on all-MiniLM-L6-v2.
+
+    PYTHONPATH=. python tools/bench_parallel_conversion.py     # writes the ``parallel-conversion`` section
+
+Runs ``tools/convert_parallel.py`` (hedgehog, attention transfer then distillation, same pass spec,
+seed and calibration data) once in one process and once under ``torchrun --nproc-per-node 2``, and
+reports the largest difference between the two runs' trained kernel weights, how far training moved
+them (the scale the difference is small against), the losses, and both wall times: of the
+``transform`` call, and of the whole command (interpreter, imports, process group, capture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+
+TOOL = ROOT / "tools" / "convert_parallel.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(processes: int, out: Path, args: list[str]) -> tuple[dict, float]:
+    """One conversion: the saved result and the command's wall seconds."""
+    import torch
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PTOOL_CHECKPOINT_DIR": "off"}
+    launch = [] if processes == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+                                        "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *launch, str(TOOL), "-o", str(out), *args], env=env, cwd=ROOT, check=True)
+    return torch.load(out), time.perf_counter() - start
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--transfer-steps", type=int, default=8)
+    p.add_argument("--distill-steps", type=int, default=8)
+    p.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
+    a = p.parse_args()
+    import torch
+
+    args = ["--model", "minilm", "--rows", "8", "--seq", "64", "--batches", "4", "--distill-batch", "2",
+            "--transfer-steps", str(a.transfer_steps), "--distill-steps", str(a.distill_steps)]
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as d:
+        one, one_wall = run(1, Path(d) / "one.pt", args)
+        two, two_wall = run(2, Path(d) / "two.pt", args)
+    diff = max(float((w - two["weights"][k]).abs().max()) for k, w in one["weights"].items())
+    moved = max(float((w - torch.eye(w.shape[-2], w.shape[-1])).abs().max()) for w in one["weights"].values())
+    data = {"transfer_steps": a.transfer_steps, "distill_steps": a.distill_steps, "rows": 8, "seq": 64,
+            "batches": 4, "distill_batch": 2, "max_abs_weight_diff": diff, "max_weight_moved": moved,
+            "tensors": len(one["weights"]), "parameters": sum(w.numel() for w in one["weights"].values()),
+            "load_before": load0, "load_after": os.getloadavg()[0], "threads": torch.get_num_threads(),
+            "runs": {str(n): {"transform_s": r["seconds"], "wall_s": wall, "notes": r["notes"]}
+                     for n, (r, wall) in {1: (one, one_wall), 2: (two, two_wall)}.items()}}
+    md = render(data)
+    print(md)
+    if not a.no_write:
+        from _sections import write_section
+
+        write_section("parallel-conversion", md, data)
+    return 0
+
+
+def render(d: dict) -> str:
+    one, two = d["runs"]["1"], d["runs"]["2"]
+    rows = [("`transform` wall s", one["transform_s"], two["transform_s"], ".1f"),
+            ("whole command wall s", one["wall_s"], two["wall_s"], ".1f"),
+            ("last transfer loss", one["notes"]["transfer_last_loss"], two["notes"]["transfer_last_loss"], ".6g"),
+            ("distillation MSE after", one["notes"]["distill_mse_after"], two["notes"]["distill_mse_after"], ".6g")]
+    spec = (f"linear-attention:feature_map=hedgehog,transfer_steps={d['transfer_steps']},"
+            f"distill_steps={d['distill_steps']},distill_batch={d['distill_batch']}")
+    return "\n".join([
+        "### Data-parallel conversion: torchrun 2 processes vs 1 (`tools/bench_parallel_conversion.py`)",
+        "",
+        f"Hedgehog conversion of all-MiniLM-L6-v2 (`{spec}`; {d['batches']} calibration batches of {d['rows']} x "
+        f"{d['seq']} tokens of the Python manual), same seed and effective batch: one process, then `torchrun "
+        "--nproc-per-node 2` (each transfer step's rows and each distillation step's calls split across the "
+        f"processes, gradients summed before every Adam step). {d['parameters']:,} trained parameters in "
+        f"{d['tensors']} tensors.",
+        "",
+        "| | 1 process | 2 processes |",
+        "|---|---:|---:|",
+        *(f"| {label} | {a:{fmt}} | {b:{fmt}} |" for label, a, b, fmt in rows),
+        "",
+        f"Largest difference between the two runs' trained weights: **{d['max_abs_weight_diff']:.2g}** "
+        f"(training moved them by up to {d['max_weight_moved']:.3g}). One process used {d['threads']} threads, "
+        f"the two processes one each (torchrun's default). 1-minute load {d['load_before']:.2f} before, "
+        f"{d['load_after']:.2f} after: the machine (2 cores) was shared with other jobs, so the seconds are "
+        "noisy; the weight difference is not.",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
