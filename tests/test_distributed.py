@@ -81,6 +81,60 @@ def test_a_failed_collective_is_one_line_naming_the_run():
     assert "\n" not in str(e.value)
 
 
+# -- the trainers' shares add up to the one-process loss (and gradient) ------------------------------
+
+def _shares_match_whole(loss_of, params) -> None:
+    """``loss_of(world)`` in one process vs summed over the two ranks' shares: loss and gradients."""
+    whole = loss_of(World())
+    grads = torch.autograd.grad(whole, params)
+    shares = [loss_of(World(rank, 2)) for rank in range(2)]
+    total = sum(shares)
+    share_grads = torch.autograd.grad(total, params)
+    assert float(total.detach()) == pytest.approx(float(whole.detach()), rel=1e-6)
+    for g, h in zip(grads, share_grads):
+        assert torch.allclose(g, h, rtol=1e-5, atol=1e-7)
+    halves = [float(s.detach()) / float(whole.detach()) for s in shares]
+    assert all(abs(h - 0.5) > 1e-3 for h in halves), halves  # the ranks' shares really differ
+
+
+def test_attention_transfer_shares_sum_to_the_whole_step():
+    from ptool.passes.attention.convert import _teacher, _transfer_share
+    from ptool.passes.attention.kernel import SiteShape
+    from ptool.passes.attention.linear import HedgehogKernel
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 8, 4, generator=g) * 2 for _ in range(3))  # 3 rows over 2 ranks
+    mask = torch.zeros(3, 1, 1, 8)
+    mask[0, ..., 5:] = -1e9
+    kernel = HedgehogKernel(SiteShape.of(q, k, v))
+    with torch.no_grad():
+        for p in kernel.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    batch = (q, k, v, mask)
+    teacher = _teacher(batch, kernel.shape)
+    _shares_match_whole(lambda w: _transfer_share(w, {0: kernel}, {0: batch}, {0: teacher}, 1.0),
+                        list(kernel.parameters()))
+
+
+def test_learned_rotation_shares_sum_to_the_whole_objective():
+    from ptool.passes.quant._learn import _loss, _Transform
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2, 4, generator=g)  # 5 tokens, 2 blocks of 4
+    wrs = [torch.randn(6, 2, 4, generator=g)]
+    targets = [x.flatten(-2) @ wrs[0].flatten(-2).t()]
+    norms = [targets[0].pow(2).sum()]
+    module = _Transform(4)
+    with torch.no_grad():
+        module.log_s.copy_(0.3 * torch.randn(4, generator=g))
+
+    def loss_of(w: World) -> torch.Tensor:
+        part, _ = w.part(x.shape[0])
+        return _loss(module, x[part], wrs, [t[part] for t in targets], 4, 4, norms)
+
+    _shares_match_whole(loss_of, list(module.parameters()))
+
+
 # -- torchrun against one process ---------------------------------------------------------------------
 
 def _free_port() -> int:

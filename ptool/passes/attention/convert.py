@@ -56,6 +56,20 @@ def _teacher(batch: SiteBatch, shape: SiteShape) -> _Teacher:
     return _Teacher(weights, out, out.pow(2).mean().clamp_min(1e-12))
 
 
+def _transfer_share(world: distributed.World, kernels: dict[int, AttentionKernel], batches: dict[int, SiteBatch],
+                    teachers: dict[int, _Teacher], mse_weight: float) -> torch.Tensor:
+    """This process's share of one transfer step's loss: at every site, the loss on its rows of the
+    batch times ``rows / batch rows`` (the whole loss in one process; the shares sum to it)."""
+    total = torch.zeros(())
+    for i, kernel in kernels.items():
+        count = batches[i][0].shape[0]
+        part, weight = world.part(count)
+        if weight:
+            mine = tuple(distributed.rows(t, part, count) for t in batches[i])
+            total = total + weight * _site_loss(kernel, mine, _rows(teachers[i], part, count), mse_weight)
+    return total
+
+
 def _rows(teacher: _Teacher, part: slice, count: int) -> _Teacher:
     """The rows ``part`` of a teacher of ``count`` rows; the normalizing power stays the whole batch's."""
     return _Teacher(distributed.rows(teacher.weights, part, count), distributed.rows(teacher.out, part, count),
@@ -131,16 +145,9 @@ def transfer(kernels: dict[int, AttentionKernel], data: dict[int, list[SiteBatch
 
     world = distributed.world()
 
-    def loss_at(step: int) -> torch.Tensor:  # this process's rows of the step's batch (all rows alone)
-        total = torch.zeros(())
-        for i, kernel in trainable.items():
-            batch, teacher = data[i][step % len(data[i])], teachers[i][step % len(data[i])]
-            count = batch[0].shape[0]
-            part, weight = world.part(count)
-            if weight:
-                mine = tuple(distributed.rows(t, part, count) for t in batch)
-                total = total + weight * _site_loss(kernel, mine, _rows(teacher, part, count), mse_weight)
-        return total
+    def loss_at(step: int) -> torch.Tensor:
+        return _transfer_share(world, trainable, {i: data[i][step % len(data[i])] for i in trainable},
+                               {i: teachers[i][step % len(data[i])] for i in trainable}, mse_weight)
 
     trained = train([p for k in trainable.values() for p in k.parameters()], steps=steps, lr=lr, loss_at=loss_at,
                     desc="attention transfer", sharded=True,
