@@ -70,10 +70,14 @@ class World:
         return slice(start, stop), (stop - start) / count if count else 0.0
 
     def reduce(self, params: Sequence[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-        """Sum ``params``' gradients over the processes, in place (a missing gradient counts as
-        zeros and is set), and return ``loss`` summed over them (detached)."""
+        """Sum ``params``' gradients over the processes, in place, and return ``loss`` summed over
+        them (detached). A gradient missing in some processes counts as zeros there; one missing in
+        all stays ``None``, as in one process (Adam skips such a parameter)."""
         if not self.parallel:
             return loss.detach()
+        present = torch.tensor([float(p.grad is not None) for p in params] + [float(loss.detach())],
+                               dtype=torch.float64)
+        self._collective(torch.distributed.all_reduce, present)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -85,9 +89,10 @@ class World:
             self._collective(torch.distributed.all_reduce, flat)
             for g, part in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(part.view_as(g))
-        total = loss.detach().reshape(1).clone()
-        self._collective(torch.distributed.all_reduce, total)
-        return total.reshape(())
+        for p, seen in zip(params, present.tolist()):
+            if not seen:
+                p.grad = None
+        return present[-1].to(loss.dtype)
 
     def broadcast(self, params: Sequence[torch.Tensor]) -> None:
         """Give every process rank 0's values of ``params`` (in place)."""

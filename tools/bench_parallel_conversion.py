@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -33,16 +34,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(processes: int, out: Path, args: list[str]) -> tuple[dict, float]:
-    """One conversion: the saved result and the command's wall seconds."""
+def _cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(processes: int, out: Path, args: list[str]) -> tuple[dict, float, float]:
+    """One conversion: the saved result, the command's wall seconds and its CPU seconds (all its
+    processes: robust to a machine that pauses or starves the run, which wall time is not)."""
     import torch
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PTOOL_CHECKPOINT_DIR": "off"}
     launch = [] if processes == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                                         "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_of_children()
     subprocess.run([sys.executable, *launch, str(TOOL), "-o", str(out), *args], env=env, cwd=ROOT, check=True)
-    return torch.load(out), time.perf_counter() - start
+    return torch.load(out), time.perf_counter() - start, _cpu_of_children() - cpu
 
 
 def main() -> int:
@@ -57,16 +64,16 @@ def main() -> int:
             "--transfer-steps", str(a.transfer_steps), "--distill-steps", str(a.distill_steps)]
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
-        one, one_wall = run(1, Path(d) / "one.pt", args)
-        two, two_wall = run(2, Path(d) / "two.pt", args)
+        one, one_wall, one_cpu = run(1, Path(d) / "one.pt", args)
+        two, two_wall, two_cpu = run(2, Path(d) / "two.pt", args)
     diff = max(float((w - two["weights"][k]).abs().max()) for k, w in one["weights"].items())
     moved = max(float((w - torch.eye(w.shape[-2], w.shape[-1])).abs().max()) for w in one["weights"].values())
     data = {"transfer_steps": a.transfer_steps, "distill_steps": a.distill_steps, "rows": 8, "seq": 64,
             "batches": 4, "distill_batch": 2, "max_abs_weight_diff": diff, "max_weight_moved": moved,
             "tensors": len(one["weights"]), "parameters": sum(w.numel() for w in one["weights"].values()),
             "load_before": load0, "load_after": os.getloadavg()[0], "threads": torch.get_num_threads(),
-            "runs": {str(n): {"transform_s": r["seconds"], "wall_s": wall, "notes": r["notes"]}
-                     for n, (r, wall) in {1: (one, one_wall), 2: (two, two_wall)}.items()}}
+            "runs": {str(n): {"transform_s": r["seconds"], "wall_s": wall, "cpu_s": cpu, "notes": r["notes"]}
+                     for n, (r, wall, cpu) in {1: (one, one_wall, one_cpu), 2: (two, two_wall, two_cpu)}.items()}}
     md = render(data)
     print(md)
     if not a.no_write:
@@ -80,6 +87,7 @@ def render(d: dict) -> str:
     one, two = d["runs"]["1"], d["runs"]["2"]
     rows = [("`transform` wall s", one["transform_s"], two["transform_s"], ".1f"),
             ("whole command wall s", one["wall_s"], two["wall_s"], ".1f"),
+            ("whole command CPU s (all processes)", one["cpu_s"], two["cpu_s"], ".1f"),
             ("last transfer loss", one["notes"]["transfer_last_loss"], two["notes"]["transfer_last_loss"], ".6g"),
             ("distillation MSE after", one["notes"]["distill_mse_after"], two["notes"]["distill_mse_after"], ".6g")]
     spec = (f"linear-attention:feature_map=hedgehog,transfer_steps={d['transfer_steps']},"
@@ -100,8 +108,8 @@ def render(d: dict) -> str:
         f"Largest difference between the two runs' trained weights: **{d['max_abs_weight_diff']:.2g}** "
         f"(training moved them by up to {d['max_weight_moved']:.3g}). One process used {d['threads']} threads, "
         f"the two processes one each (torchrun's default). 1-minute load {d['load_before']:.2f} before, "
-        f"{d['load_after']:.2f} after: the machine (2 cores) was shared with other jobs, so the seconds are "
-        "noisy; the weight difference is not.",
+        f"{d['load_after']:.2f} after: the machine (2 cores) was shared with other jobs, which also paused "
+        "this run at times, so the wall seconds are noisy (the CPU seconds less so); the weight difference is not.",
     ])
 
 
