@@ -72,6 +72,21 @@ def test_one_process_is_a_world_of_one_and_reduce_is_the_identity(monkeypatch):
     assert here.total([1.0, 2.0]) == [1.0, 2.0]
 
 
+def test_reduce_sums_gradients_and_keeps_a_gradient_no_process_has_none(tmp_path):
+    # a one-member gloo group: the collectives are the identity, the bookkeeping around them is real
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert world() == World(0, 1)
+        a, b, c = (torch.nn.Parameter(torch.zeros(2, 2)) for _ in range(3))
+        a.grad = torch.full((2, 2), 1.5)
+        total = World(0, 2).reduce([a, b, c], torch.tensor(0.25))
+        assert float(total) == 0.25
+        assert torch.equal(a.grad, torch.full((2, 2), 1.5))
+        assert b.grad is None and c.grad is None
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_a_failed_collective_is_one_line_naming_the_run():
     def lost(*args, **kwargs):
         raise RuntimeError("Connection closed by peer [127.0.0.1]:1234\nmore backend detail")
