@@ -3,7 +3,8 @@
 The torchrun cases launch ``tools/convert_parallel.py`` (hedgehog conversion, attention transfer
 then distillation) in one process and in two under ``python -m torch.distributed.run``, and
 compare the trained kernel weights; shapes are chosen so that neither stage splits evenly (3 rows
-per batch, 3 calls per distillation step over 2 processes).
+per batch, 3 calls per distillation step over 2 processes). all-MiniLM-L6-v2 is measured by
+``tools/bench_parallel_conversion.py`` (minutes here, too slow for the suite).
 """
 
 from __future__ import annotations
@@ -188,11 +189,13 @@ def _compare(tmp_path: Path, args: list[str]) -> tuple[dict, dict]:
     return one, two
 
 
+@pytest.mark.slow  # three interpreters start and capture the model: tens of seconds
 def test_torchrun_two_processes_train_the_weights_one_process_trains(tmp_path):
     _compare(tmp_path, ["--model", "tiny", "--rows", "3", "--seq", "16", "--batches", "3", "--transfer-steps", "4",
                         "--distill-steps", "4", "--distill-batch", "3"])
 
 
+@pytest.mark.slow
 def test_a_failing_rank_fails_the_run_without_hanging(tmp_path):
     start = time.monotonic()
     done = _convert(tmp_path / "x.pt", 2, ["--model", "tiny", "--rows", "3", "--seq", "16", "--batches", "2",
@@ -202,8 +205,3 @@ def test_a_failing_rank_fails_the_run_without_hanging(tmp_path):
     assert not (tmp_path / "x.pt").exists()
     assert time.monotonic() - start < 200
 
-
-@pytest.mark.slow
-def test_torchrun_minilm_matches_one_process(tmp_path):
-    _compare(tmp_path, ["--model", "minilm", "--rows", "4", "--seq", "32", "--batches", "2", "--transfer-steps", "2",
-                        "--distill-steps", "2", "--distill-batch", "2"])
