@@ -39,12 +39,13 @@ def _cpu_of_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(processes: int, out: Path, args: list[str]) -> tuple[dict, float, float]:
+def run(processes: int, out: Path, args: list[str], threads: int | None = None) -> tuple[dict, float, float]:
     """One conversion: the saved result, the command's wall seconds and its CPU seconds (all its
     processes: robust to a machine that pauses or starves the run, which wall time is not)."""
     import torch
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PTOOL_CHECKPOINT_DIR": "off"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PTOOL_CHECKPOINT_DIR": "off",
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     launch = [] if processes == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                                         "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
     start, cpu = time.perf_counter(), _cpu_of_children()
@@ -66,14 +67,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         one, one_wall, one_cpu = run(1, Path(d) / "one.pt", args)
         two, two_wall, two_cpu = run(2, Path(d) / "two.pt", args)
-    diff = max(float((w - two["weights"][k]).abs().max()) for k, w in one["weights"].items())
+        # one process on one thread: the rounding floor (vs several threads) and the fair time on a busy machine
+        single, single_wall, single_cpu = run(1, Path(d) / "single.pt", args, threads=1)
+
+    def diff(a: dict, b: dict) -> float:
+        return max(float((w - b["weights"][k]).abs().max()) for k, w in a["weights"].items())
+
     moved = max(float((w - torch.eye(w.shape[-2], w.shape[-1])).abs().max()) for w in one["weights"].values())
     data = {"transfer_steps": a.transfer_steps, "distill_steps": a.distill_steps, "rows": 8, "seq": 64,
-            "batches": 4, "distill_batch": 2, "max_abs_weight_diff": diff, "max_weight_moved": moved,
+            "batches": 4, "distill_batch": 2, "max_abs_weight_diff": diff(one, two),
+            "threads_weight_diff": diff(one, single), "max_weight_moved": moved,
             "tensors": len(one["weights"]), "parameters": sum(w.numel() for w in one["weights"].values()),
             "load_before": load0, "load_after": os.getloadavg()[0], "threads": torch.get_num_threads(),
             "runs": {str(n): {"transform_s": r["seconds"], "wall_s": wall, "cpu_s": cpu, "notes": r["notes"]}
-                     for n, (r, wall, cpu) in {1: (one, one_wall, one_cpu), 2: (two, two_wall, two_cpu)}.items()}}
+                     for n, (r, wall, cpu) in {"1": (one, one_wall, one_cpu), "1x1": (single, single_wall, single_cpu),
+                                               "2": (two, two_wall, two_cpu)}.items()}}
     md = render(data)
     print(md)
     if not a.no_write:
@@ -84,12 +92,12 @@ def main() -> int:
 
 
 def render(d: dict) -> str:
-    one, two = d["runs"]["1"], d["runs"]["2"]
-    rows = [("`transform` wall s", one["transform_s"], two["transform_s"], ".1f"),
-            ("whole command wall s", one["wall_s"], two["wall_s"], ".1f"),
-            ("whole command CPU s (all processes)", one["cpu_s"], two["cpu_s"], ".1f"),
-            ("last transfer loss", one["notes"]["transfer_last_loss"], two["notes"]["transfer_last_loss"], ".6g"),
-            ("distillation MSE after", one["notes"]["distill_mse_after"], two["notes"]["distill_mse_after"], ".6g")]
+    runs = [d["runs"][k] for k in ("1", "1x1", "2")]
+    rows = [("`transform` wall s", [r["transform_s"] for r in runs], ".1f"),
+            ("whole command wall s", [r["wall_s"] for r in runs], ".1f"),
+            ("whole command CPU s (all processes)", [r["cpu_s"] for r in runs], ".1f"),
+            ("last transfer loss", [r["notes"]["transfer_last_loss"] for r in runs], ".6g"),
+            ("distillation MSE after", [r["notes"]["distill_mse_after"] for r in runs], ".6g")]
     spec = (f"linear-attention:feature_map=hedgehog,transfer_steps={d['transfer_steps']},"
             f"distill_steps={d['distill_steps']},distill_batch={d['distill_batch']}")
     return "\n".join([
@@ -101,13 +109,15 @@ def render(d: dict) -> str:
         f"processes, gradients summed before every Adam step). {d['parameters']:,} trained parameters in "
         f"{d['tensors']} tensors.",
         "",
-        "| | 1 process | 2 processes |",
-        "|---|---:|---:|",
-        *(f"| {label} | {a:{fmt}} | {b:{fmt}} |" for label, a, b, fmt in rows),
+        f"| | 1 process ({d['threads']} threads) | 1 process (1 thread) | 2 processes (1 thread each) |",
+        "|---|---:|---:|---:|",
+        *(f"| {label} | " + " | ".join(f"{v:{fmt}}" for v in values) + " |" for label, values, fmt in rows),
         "",
-        f"Largest difference between the two runs' trained weights: **{d['max_abs_weight_diff']:.2g}** "
-        f"(training moved them by up to {d['max_weight_moved']:.3g}). One process used {d['threads']} threads, "
-        f"the two processes one each (torchrun's default). 1-minute load {d['load_before']:.2f} before, "
+        f"Largest difference of the trained weights, 2 processes vs 1 process on {d['threads']} threads: "
+        f"**{d['max_abs_weight_diff']:.2g}** (training moved them by up to {d['max_weight_moved']:.3g}); 1 process on "
+        f"1 thread vs on {d['threads']} threads: {d['threads_weight_diff']:.2g}. Both are float rounding (a split "
+        "batch, or another thread count, sums in another order), which Adam's first steps amplify in weights whose gradient is near 0 (its "
+        f"update there is g / (|g| + 1e-8)). 1-minute load {d['load_before']:.2f} before, "
         f"{d['load_after']:.2f} after: the machine (2 cores) was shared with other jobs, which also paused "
         "this run at times, so the wall seconds are noisy (the CPU seconds less so); the weight difference is not.",
     ])
