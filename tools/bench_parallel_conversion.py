@@ -116,8 +116,9 @@ def render(d: dict) -> str:
         f"Largest difference of the trained weights, 2 processes vs 1 process on {d['threads']} threads: "
         f"**{d['max_abs_weight_diff']:.2g}** (training moved them by up to {d['max_weight_moved']:.3g}); 1 process on "
         f"1 thread vs on {d['threads']} threads: {d['threads_weight_diff']:.2g}. Both are float rounding (a split "
-        "batch, or another thread count, sums in another order), which Adam's first steps amplify in weights whose gradient is near 0 (its "
-        f"update there is g / (|g| + 1e-8)). 1-minute load {d['load_before']:.2f} before, "
+        "batch, or another thread count, sums in another order), which Adam's first steps amplify in weights "
+        "whose gradient is near 0 (its update there is g / (|g| + 1e-8)). "
+        f"1-minute load {d['load_before']:.2f} before, "
         f"{d['load_after']:.2f} after: the machine (2 cores) was shared with other jobs, which also paused "
         "this run at times, so the wall seconds are noisy (the CPU seconds less so); the weight difference is not.",
     ])
