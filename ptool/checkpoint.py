@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from ptool import distributed
+
 __all__ = ["Checkpoint", "Finished", "Interrupted", "Policy", "configured", "finished_units", "interrupts_deferred",
            "open_checkpoint", "policy", "run_key"]
 
@@ -249,9 +251,10 @@ class Finished:
         return state["result"]
 
     def put(self, result: Any, *unit: Any) -> None:
-        """Store ``result`` (tensors, numbers, containers of them) for the unit named by ``unit``."""
+        """Store ``result`` (tensors, numbers, containers of them) for the unit named by ``unit``
+        (under torchrun rank 0 stores it; every process reads it)."""
         ckpt = self._unit(unit)
-        if ckpt is None:
+        if ckpt is None or not distributed.world().writes:
             return
         try:
             ckpt.save({"result": result})
@@ -260,8 +263,8 @@ class Finished:
             self.directory = None
 
     def complete(self) -> None:
-        """The stage finished: delete its folder."""
-        if self.directory is not None:
+        """The stage finished: delete its folder (rank 0's job under torchrun)."""
+        if self.directory is not None and distributed.world().writes:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 

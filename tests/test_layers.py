@@ -17,7 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "ptool"
 #: (tier, unit, module prefixes), bottom to top; units of one tier are siblings.
 LAYERS = [
     (0, "core", ("ptool.errors", "ptool.options", "ptool.verify", "ptool.report", "ptool.progress",
-                 "ptool.staging", "ptool.checkpoint", "ptool.inputs", "ptool.transformed")),
+                 "ptool.staging", "ptool.checkpoint", "ptool.inputs", "ptool.transformed",
+                 "ptool.distributed")),
     (1, "ir", ("ptool.ir",)),
     (2, "ops", ("ptool.ops",)),
     (3, "passes", ("ptool.passes",)),

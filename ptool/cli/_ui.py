@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import sys
 import time
 import warnings
@@ -63,6 +64,8 @@ class UI:
 
     @property
     def live(self) -> bool:
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 draws on the shared terminal
+            return False
         try:
             return self._stderr.isatty()
         except (AttributeError, ValueError):

@@ -7,6 +7,10 @@ with the original torch model's; the output file appears only if everything succ
 Long steps (attention transfer, distillation, repbn's fine-tune, the learned rotation) checkpoint:
 after Ctrl-C the command exits 130 and says where the state is; rerunning the same command
 resumes there (see :mod:`ptool.checkpoint`; ``--no-checkpoint`` turns this off).
+
+Under ``torchrun --nproc-per-node N -m ptool.cli convert ...`` the training passes run
+data-parallel (:mod:`ptool.distributed`); rank 0 prints the report and writes the output, the
+other ranks exit 0.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace, ui) -> int:
     from ptool import checkpoint
     from ptool.cli._dynamic import dynamic_call, parse_dynamic
     from ptool.cli._model import resolve_from_args
+    from ptool.distributed import world
     from ptool.errors import UsageError
     from ptool.passes.registry import parse_pipeline
     from ptool.staging import move_into_place, staging_folder
@@ -117,8 +122,13 @@ def run(args: argparse.Namespace, ui) -> int:
         ui.err(f"ptool: interrupted: rerun the same command to resume (checkpoint in {e.path})")
         return 130
 
+    here = world()
+    if not here.writes:  # data-parallel under torchrun: rank 0 reports and writes the output
+        return 0
     ui.out(f"model: {src.label}")
     ui.out(f"pipeline: {' '.join(specs) or '(none)'}")
+    if here.parallel:
+        ui.out(f"data-parallel: {here.describe()} (torchrun)")
     ui.out(str(m2.report))
     missed = [r for r in m2.report if not r.within_contract]
     if missed and not args.accept_lossy:

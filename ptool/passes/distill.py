@@ -4,6 +4,8 @@ checkpoints, so an interrupted run resumes where it stopped (:mod:`ptool.checkpo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -12,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from ptool import distributed
 from ptool.progress import steps as progress
 from ptool.verify import flatten_outputs
 
@@ -42,10 +45,14 @@ def teacher_outputs(model: torch.nn.Module, calls: Sequence[tuple[tuple, dict]])
 
 def mean_distill_loss(model: torch.nn.Module, kind: DistillLoss, calls: Sequence[tuple[tuple, dict]],
                       teacher: Sequence[list[torch.Tensor]]) -> float:
-    """:func:`distill_loss` of ``model`` against ``teacher``, averaged over ``calls`` (no grad)."""
+    """:func:`distill_loss` of ``model`` against ``teacher``, averaged over ``calls`` (no grad).
+    Under a process group each process evaluates its share of the calls."""
+    world = distributed.world()
+    part, _ = world.part(len(calls))
     with torch.no_grad():
-        return sum(float(distill_loss(kind, float_leaves(model(*a, **k)), t))
-                   for (a, k), t in zip(calls, teacher)) / len(calls)
+        mine = sum(float(distill_loss(kind, float_leaves(model(*a, **k)), t))
+                   for (a, k), t in zip(calls[part], teacher[part]))
+    return world.total([mine])[0] / len(calls)
 
 
 @dataclass(frozen=True)
@@ -58,17 +65,22 @@ class Trained:
         resumed_from: the step a checkpoint of an interrupted run resumed at (None: started at 0).
         stopped_at: the step whose loss or gradient was not finite, where the run stopped with the
             parameters of the steps before (None: it ran all ``steps``).
+        processes: how many processes trained data-parallel (1: this one alone).
     """
 
     loss: float
     steps: int
     resumed_from: int | None = None
     stopped_at: int | None = None
+    processes: int = 1
 
     def notes(self, prefix: str) -> dict[str, str]:
         """What a pass's notes should say of the run: ``<prefix>_resumed`` if it resumed from a
-        checkpoint, ``<prefix>_stopped`` if it stopped at a non-finite step; else ``{}``."""
+        checkpoint, ``<prefix>_stopped`` if it stopped at a non-finite step, ``<prefix>_processes``
+        if it ran data-parallel; else ``{}``."""
         notes = {}
+        if self.processes > 1:
+            notes[f"{prefix}_processes"] = self.processes
         if self.resumed_from is not None:
             notes[f"{prefix}_resumed"] = f"resumed from step {self.resumed_from} of {self.steps}"
         if self.stopped_at is not None:
@@ -86,7 +98,7 @@ def _finite(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> bool:
 
 def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_at: Callable[[int], torch.Tensor],
           desc: str, postfix: Callable[[], dict[str, str]] | None = None, identity: Any = None,
-          anneal: bool = True) -> Trained:
+          anneal: bool = True, sharded: bool = False) -> Trained:
     """Minimize ``loss_at(step)`` over ``params`` for ``steps`` Adam steps.
 
     The step size is cosine-annealed to 0 (unless ``anneal=False``), so the last steps settle
@@ -96,6 +108,15 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
     A step whose loss or gradient is not finite (the run diverged) is not taken: the run stops
     there, keeping the parameters of the steps before, says so on stderr and in
     :attr:`Trained.stopped_at`.
+
+    Under a process group (:func:`ptool.distributed.world`: torchrun) every process runs this loop.
+    With ``sharded=True`` the run is data-parallel: ``loss_at(step)`` returns this process's share
+    of the step's loss (the sum of its items' losses over the step's item count,
+    :meth:`~ptool.distributed.World.part`), the gradients and losses are summed over the processes
+    before each step, and rank 0's starting ``params`` are broadcast first; every process ends
+    with the parameters one process would get. Without it every process computes the whole loss
+    (same result, no speed-up). Either way only rank 0 shows progress, says what happened and
+    writes the checkpoint; every process resumes from it.
 
     The run checkpoints (:mod:`ptool.checkpoint`): its key hashes ``desc``, ``steps``, ``lr``, the
     starting ``params``, ``identity`` and the first loss, so a rerun of the same call finds the
@@ -114,6 +135,7 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
         identity: what else decides the result (the data, the loss's options): hashed into the
             checkpoint key, so a changed input never resumes another run.
         anneal: cosine-anneal the learning rate (else constant).
+        sharded: ``loss_at`` returns this process's share of the loss (above).
 
     Returns:
         :class:`Trained`: the last loss, the step a checkpoint resumed at, the step it stopped at.
@@ -126,12 +148,19 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
     if steps <= 0:
         return Trained(math.nan, steps)
     params = list(params)
+    world = distributed.world()
+    together = sharded and world.parallel  # gradients summed over the processes
+    if together:
+        world.broadcast(params)
     optimizer = torch.optim.Adam(params, lr=lr)
     annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if anneal else None
     with torch.enable_grad():
         first = loss_at(0)  # step 0's loss, and a fingerprint of everything the loss depends on
     rules = checkpoint.policy()
-    ckpt = checkpoint.open_checkpoint(desc, steps, lr, anneal, params, identity, float(first.detach()))
+    if not world.writes:
+        rules = dataclasses.replace(rules, announce=lambda text: None)
+    fingerprint = world.total([float(first.detach())])[0] if together else float(first.detach())
+    ckpt = checkpoint.open_checkpoint(desc, steps, lr, anneal, params, identity, fingerprint)
     start, last, resumed, stopped = 0, math.nan, None, None
     state = ckpt.load() if ckpt is not None else None
     if state is not None and _restore(state, params, optimizer, annealing, steps):
@@ -146,6 +175,9 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
 
     def save() -> bool:
         nonlocal saved
+        if not world.writes:  # rank 0 writes the one checkpoint every process resumes from
+            saved = done
+            return True
         try:
             ckpt.save({"step": done, "steps": steps, "loss": last, "rng": rng,
                        "params": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
@@ -158,12 +190,16 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
 
     saved_at = time.monotonic()
     try:
-        with torch.enable_grad(), progress(steps, desc, initial=start) as bar:
+        shown = progress(steps, desc, initial=start) if world.writes else contextlib.nullcontext(None)
+        with torch.enable_grad(), shown as bar:
             for step in range(start, steps):
                 loss = first if step == 0 else loss_at(step)
                 first = None
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss.requires_grad or not together:  # a process with an empty share has no graph
+                    loss.backward()
+                if together:
+                    loss = world.reduce(params, loss)
                 if not _finite(loss, params):
                     stopped = step
                     rules.announce(f"{desc}: stopped at step {step} of {steps}, its loss or gradient is not finite "
@@ -181,7 +217,8 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
                         saved_at = time.monotonic()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last:.4g}", **(postfix() if postfix else {}))
+                    bar.set_postfix(loss=f"{last:.4g}", **(postfix() if postfix else {}),
+                                    **({"processes": world.size} if together else {}))
     except KeyboardInterrupt as e:
         if ckpt is None or (done > saved and not save()) or not ckpt.path.is_file():
             raise  # nothing to resume from (checkpoints off, unwritable, or no step finished)
@@ -189,9 +226,9 @@ def train(params: Sequence[torch.nn.Parameter], *, steps: int, lr: float, loss_a
     finally:
         for p in params:
             p.grad = None
-    if ckpt is not None:
+    if ckpt is not None and world.writes:
         ckpt.remove()
-    return Trained(last, steps, resumed, stopped)
+    return Trained(last, steps, resumed, stopped, world.size if together else 1)
 
 
 def _restore(state: dict, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ptool import distributed
 from ptool.checkpoint import policy
 from ptool.passes.attention.kernel import AttentionKernel, SiteShape, softmax_weights
 from ptool.passes.distill import DistillLoss, distill_loss, float_leaves, mean_distill_loss, train
@@ -53,6 +54,26 @@ def _teacher(batch: SiteBatch, shape: SiteShape) -> _Teacher:
     weights = softmax_weights(q.float(), k.float(), mask, shape.scale, shape.causal)
     out = weights @ v.float()
     return _Teacher(weights, out, out.pow(2).mean().clamp_min(1e-12))
+
+
+def _transfer_share(world: distributed.World, kernels: dict[int, AttentionKernel], batches: dict[int, SiteBatch],
+                    teachers: dict[int, _Teacher], mse_weight: float) -> torch.Tensor:
+    """This process's share of one transfer step's loss: at every site, the loss on its rows of the
+    batch times ``rows / batch rows`` (the whole loss in one process; the shares sum to it)."""
+    total = torch.zeros(())
+    for i, kernel in kernels.items():
+        count = batches[i][0].shape[0]
+        part, weight = world.part(count)
+        if weight:
+            mine = tuple(distributed.rows(t, part, count) for t in batches[i])
+            total = total + weight * _site_loss(kernel, mine, _rows(teachers[i], part, count), mse_weight)
+    return total
+
+
+def _rows(teacher: _Teacher, part: slice, count: int) -> _Teacher:
+    """The rows ``part`` of a teacher of ``count`` rows; the normalizing power stays the whole batch's."""
+    return _Teacher(distributed.rows(teacher.weights, part, count), distributed.rows(teacher.out, part, count),
+                    teacher.power)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,12 +143,14 @@ def transfer(kernels: dict[int, AttentionKernel], data: dict[int, list[SiteBatch
         return {"transfer_cosine": before}
     teachers = {i: [_teacher(b, trainable[i].shape) for b in data[i]] for i in trainable}
 
+    world = distributed.world()
+
     def loss_at(step: int) -> torch.Tensor:
-        return sum(_site_loss(kernel, data[i][step % len(data[i])], teachers[i][step % len(data[i])], mse_weight)
-                   for i, kernel in trainable.items())
+        return _transfer_share(world, trainable, {i: data[i][step % len(data[i])] for i in trainable},
+                               {i: teachers[i][step % len(data[i])] for i in trainable}, mse_weight)
 
     trained = train([p for k in trainable.values() for p in k.parameters()], steps=steps, lr=lr, loss_at=loss_at,
-                    desc="attention transfer",
+                    desc="attention transfer", sharded=True,
                     identity=(mse_weight, {i: repr(k) for i, k in trainable.items()}, {i: data[i] for i in trainable}))
     return {"transfer_cosine_before": before, "transfer_cosine_after": output_cosine(kernels, data),
             "transfer_last_loss": trained.loss, **({"fitted": fitted} if fitted else {}),
@@ -142,18 +165,23 @@ def softmax_output(batch: SiteBatch, shape: SiteShape) -> torch.Tensor:
 def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls: Sequence[tuple[tuple, dict]],
             teacher: Sequence[list[torch.Tensor]], *, steps: int, lr: float, loss: DistillLoss,
             kernels: dict[int, AttentionKernel] | None = None,
-            site_outputs: dict[int, list[torch.Tensor]] | None = None, site_weight: float = 0.0) -> dict:
+            site_outputs: dict[int, list[torch.Tensor]] | None = None, site_weight: float = 0.0,
+            batch: int = 1) -> dict:
     """Stage 2: train ``params`` so ``model`` reproduces the ``teacher`` outputs on ``calls``.
 
     Args:
         model: the converted model (its kernels are submodules).
         params: what Adam trains.
         calls: the calibration calls; ``teacher``: the original model's outputs on them.
-        steps, lr: Adam steps (one call each) and learning rate (cosine-annealed).
+        steps, lr: Adam steps and learning rate (cosine-annealed).
         loss: ``mse`` or ``cosine`` on the outputs.
         kernels, site_outputs, site_weight: the layer-wise term: with ``site_weight > 0``, each
             kernel's output (captured by a forward hook) is pulled towards ``site_outputs[i][call]``
             (the original attention output at that site), ``site_weight * mean_i MSE / mean(t^2)``.
+        batch: calls per step (the next ``batch`` calls, cyclically), their losses averaged. Under
+            a process group (torchrun) each process runs its share of a step's calls and the
+            gradients are summed (:func:`ptool.passes.distill.train`): with ``batch`` a multiple of
+            the process count every process works; with fewer calls than processes some idle.
 
     A run that ends with its objective (output loss plus the layer-wise term) higher than it
     started, on the calibration data it trained on, diverged: its parameters are put back as they
@@ -175,12 +203,18 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls:
         terms = [(captured[i].float() - site_outputs[i][j]).pow(2).mean() / powers[i][j] for i in site_outputs]
         return torch.stack(terms).mean()
 
-    def loss_at(step: int) -> torch.Tensor:
-        j = step % len(calls)
+    def call_loss(j: int) -> torch.Tensor:
         args, kwargs = calls[j]
         captured.clear()
         value = distill_loss(loss, float_leaves(model(*args, **kwargs)), teacher[j])
         return value + site_weight * site_term(j) if layerwise else value
+
+    world = distributed.world()
+
+    def loss_at(step: int) -> torch.Tensor:  # this process's calls of the step, over the step's count
+        part, _ = world.part(batch)
+        mine = [call_loss((step * batch + i) % len(calls)) for i in range(batch)[part]]
+        return sum(mine[1:], mine[0]) / batch if mine else torch.zeros(())
 
     def mean_site_term() -> float:
         with torch.no_grad():
@@ -196,8 +230,8 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls:
         before = mean_distill_loss(model, loss, calls, teacher)
         if layerwise:
             notes["distill_site_mse_before"] = mean_site_term()
-        trained = train(params, steps=steps, lr=lr, loss_at=loss_at, desc="attention distillation",
-                        identity=(loss, calls, teacher, site_weight if layerwise else 0.0))
+        trained = train(params, steps=steps, lr=lr, loss_at=loss_at, desc="attention distillation", sharded=True,
+                        identity=(loss, calls, teacher, site_weight if layerwise else 0.0, batch))
         after = mean_distill_loss(model, loss, calls, teacher)
         if layerwise:
             notes["distill_site_mse_after"] = mean_site_term()
@@ -213,6 +247,7 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], calls:
         notes["distill_reverted"] = (f"the distillation objective rose from {objective[0]:.4g} to "
                                      f"{objective[1]:.4g} on the calibration data; the model before it is "
                                      "kept (a lower distill_lr may help)")
-        policy().announce(f"attention distillation: {notes['distill_reverted']}")
+        if world.writes:
+            policy().announce(f"attention distillation: {notes['distill_reverted']}")
     return {f"distill_{loss}_before": before, f"distill_{loss}_after": after, **notes, "distill_steps": steps,
             **trained.notes("distill")}

@@ -67,6 +67,9 @@ class AttentionSwap(Pass):
             next to the attention-row cross-entropy in the transfer loss.
         distill_steps: end-to-end distillation steps against the original model (0: none).
         distill_lr: Adam learning rate of the distillation.
+        distill_batch: calibration calls per distillation step (their losses averaged). Under
+            torchrun the processes split each step's calls (and each transfer step's rows), so a
+            multiple of the process count keeps every process busy.
         distill_params: what distillation trains: the new ``kernels``, ``all`` parameters, or
             ``lora``: the kernels plus rank-``distill_rank`` adapters on the q/k/v projections feeding
             each replaced site and the output projection reading it (LoLCATs); the adapters are
@@ -93,6 +96,7 @@ class AttentionSwap(Pass):
     transfer_mse_weight: float = 1.0
     distill_steps: int = 0
     distill_lr: float = 1e-3
+    distill_batch: int = 1
     distill_params: Literal["kernels", "all", "lora"] = "kernels"
     distill_rank: int = 8
     distill_loss: Literal["mse", "cosine"] = "mse"
@@ -110,6 +114,8 @@ class AttentionSwap(Pass):
             raise ValueError(f"transfer_mse_weight must be >= 0, got {self.transfer_mse_weight}")
         if not self.distill_site_weight >= 0:
             raise ValueError(f"distill_site_weight must be >= 0, got {self.distill_site_weight}")
+        if self.distill_batch < 1:
+            raise ValueError(f"distill_batch must be >= 1, got {self.distill_batch}")
         if self.distill_rank < 1:
             raise ValueError(f"distill_rank must be >= 1, got {self.distill_rank}")
 
@@ -218,7 +224,8 @@ class AttentionSwap(Pass):
         try:
             result.notes.update(convert.distill(gm, params, calls, teacher, steps=self.distill_steps,
                                                 lr=self.distill_lr, loss=self.distill_loss, kernels=kernels,
-                                                site_outputs=sites, site_weight=self.distill_site_weight))
+                                                site_outputs=sites, site_weight=self.distill_site_weight,
+                                                batch=self.distill_batch))
         finally:
             if attached:
                 adapters.merge_adapters(gm, attached)

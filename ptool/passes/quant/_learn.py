@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal as orthogonal_parametrization
 
+from ptool import distributed
 from ptool.checkpoint import Finished
 from ptool.passes.distill import train
 from ptool.passes.quant.quantizers import IntRange
@@ -99,15 +100,19 @@ def _blocks(z: torch.Tensor, blocks: int) -> torch.Tensor:
 
 
 def _loss(module: _Transform, xr: torch.Tensor, wrs: list[torch.Tensor], targets: list[torch.Tensor],
-          weight_bits: int, act_bits: int) -> torch.Tensor:
-    """``xr = x R0`` and ``wrs = W R0`` per reader, as ``(.., blocks, k)``."""
+          weight_bits: int, act_bits: int, norms: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``xr = x R0`` and ``wrs = W R0`` per reader, as ``(.., blocks, k)``; each reader's squared
+    error over ``norms`` (default: its targets' squared sum). A sum over tokens (activations are
+    quantized per token): with the whole batch's ``norms``, the losses of a split of the tokens add
+    up to the loss of all of them."""
     s = module.log_s.exp()
     xt = (module.rotate(xr) / s).flatten(-2)
     xq = _fake_quantize(xt, act_bits)
     total = xt.new_zeros(())
-    for wr, y in zip(wrs, targets):
+    for j, (wr, y) in enumerate(zip(wrs, targets)):
         wq = _fake_quantize((module.rotate(wr) * s).flatten(-2), weight_bits)
-        total = total + (xq @ wq.t() - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)
+        norm = norms[j] if norms is not None else y.pow(2).sum().clamp_min(1e-30)
+        total = total + (xq @ wq.t() - y).pow(2).sum() / norm
     return total
 
 
@@ -165,9 +170,15 @@ def _learn(x: torch.Tensor, weights: list[torch.Tensor], init: torch.Tensor, *, 
         module.log_s.copy_(smoothing_scales(act_max.amax(0), w_max.amax(0), 0.5).log().float())
         if not float(objective()) < start:
             module.log_s.zero_()
+    part, _ = distributed.world().part(xr.shape[0])  # under torchrun: this process's tokens
+    norms = [y.pow(2).sum().clamp_min(1e-30) for y in targets]
+
+    def share() -> torch.Tensor:
+        return _loss(module, xr[part], wrs, [y[part] for y in targets], weight_bits, act_bits, norms)
+
     # plain Adam (no annealing); checkpointed, so an interrupted site resumes mid-training
-    train(list(module.parameters()), steps=steps, lr=lr, loss_at=lambda step: objective(), desc="learned rotation",
-          anneal=False, identity=(xr, wrs, targets, blocks, weight_bits, act_bits, rotate))
+    train(list(module.parameters()), steps=steps, lr=lr, loss_at=lambda step: share(), desc="learned rotation",
+          anneal=False, identity=(xr, wrs, targets, blocks, weight_bits, act_bits, rotate), sharded=True)
     with torch.no_grad():
         end = float(objective())
     if not end < start:
