@@ -25,13 +25,14 @@ token's own projection, in place of ``x_t``).
   tokens (GLA and DeltaNet: at most :data:`GLA_CHUNK`). GLA/RetNet: inside a chunk the masked
   ``C x C`` decayed scores (RetNet: ``gamma^(i-j)``; GLA: ``(q_i exp(b_i)) . (k_j exp(-b_j))`` with
   ``b`` the in-chunk cumulative log-decay, in float32's range thanks to :data:`GLA_LOG_DECAY_MIN`),
-  across chunks the state of all earlier chunks from an ``nc x nc`` decay matrix (loop-free: plain
-  MatMul / CumSum / Exp, every exponent <= 0). DeltaNet: the WY / UT transform per chunk,
-  ``T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta)``, ``W = T K``, ``U = T V``; ONNX has no
-  triangular solve, so ``(I + L) X = R`` is solved by a forward substitution unrolled over the
-  chunk's ``C`` rows (static shapes, no Loop); the states at the chunk starts follow
-  ``S <- (I - K^T W) S + K^T U``, one MatMul per chunk, unrolled over the ``N / C`` chunks
-  (static too). Then ``O = Q S_0 + tril(Q K^T) (U - W S_0)``.
+  across chunks the state at each chunk's start: RetNet from an ``nc x nc`` decay matrix (one
+  MatMul), GLA by ``S <- exp(b_C) S + summary`` per chunk, unrolled over the ``N / C`` chunks
+  (plain MatMul / CumSum / Exp, every exponent <= 0, static shapes, no Loop). DeltaNet: the WY /
+  UT transform per chunk, ``T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta)``, ``W = T K``,
+  ``U = T V``; ONNX has no triangular solve, so the unit lower-triangular inverse is built by
+  blocks (:func:`_unit_lower_inverse`: ``log2 C`` rounds of batched MatMuls); the chunk-start states
+  follow ``S <- S + K^T (U - W S)``, two small MatMuls per chunk, unrolled over the chunks. Then
+  ``O = Q S_0 + tril(Q K^T) (U - W S_0)``.
 * *quadratic* (:func:`gated_quadratic`, :func:`delta_quadratic`): the materialised ``N x N``
   matrix (DeltaNet's through ``torch.linalg.solve_triangular`` over the whole sequence) in
   float64 - the reference of the tests.
@@ -41,7 +42,10 @@ token's own projection, in place of ``x_t``).
 **Non-causal sites** (encoders, ViTs) scan both ways with the same parameters: GLA / RetNet
 ``o = fwd + bwd - (phi(q_i) . phi(k_i)) v_i`` (RetNet's ``gamma^|i-j|``; the token itself once),
 DeltaNet ``o = fwd + bwd`` (each direction's delta rule includes the token; the output norm
-makes the sum an average). ``bwd`` is the causal form run on the reversed sequence.
+makes the sum an average). ``bwd`` is the causal form run on the reversed sequence; both scans
+run as one call, the reversed sequence stacked on the batch. RetNet's fixed decay has a parallel
+form, used up to :data:`PARALLEL_MAX_LEN` tokens: ``((phi(Q) phi(K)^T) * D) V`` with the decay
+matrix ``D_ij = gamma^|i-j|`` (:func:`decay_parallel`), one ``N x N`` score matrix.
 
 **Padding**: a padded key gets zero features, a zero log-decay (``alpha = 1``) and ``beta = 0``:
 it neither writes to the state nor decays it, so it has no influence in either direction.
@@ -75,8 +79,8 @@ GLA_TEMPERATURE = 16.0
 """``alpha = sigmoid(.)^(1/16)``: the log-gate is divided by this."""
 GLA_CHUNK = 16
 """GLA's (and DeltaNet's) longest chunk: GLA's in-chunk scores factor ``exp(b_i - b_j)`` into
-``exp(b_i) exp(-b_j)``, which must stay in float32's range; DeltaNet's forward substitution is
-unrolled over the chunk."""
+``exp(b_i) exp(-b_j)``, which must stay in float32's range; DeltaNet's in-chunk inverse is built
+in ``log2 C`` rounds."""
 GLA_LOG_DECAY_MIN = -5.0
 """GLA's per-token ``log alpha`` is clamped here (``alpha >= 0.0067``): 16 tokens then decay by at
 most ``exp(-80)``, inside float32's range. It binds only where the gate's pre-activation is below
@@ -233,7 +237,7 @@ def delta_chunked(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, beta: tor
     Args:
         fq, fk: ``(B, H, N, m)`` L2-normalised features (padded keys zero); v: ``(B, H, N, Dv)``.
         beta: ``(B, H, N, 1)`` write strengths (0 for padded keys).
-        chunk: chunk length ``C`` (the forward substitution is unrolled over it).
+        chunk: chunk length ``C``.
 
     Returns:
         ``(B, H, N, Dv)`` float32.
