@@ -25,13 +25,14 @@ token's own projection, in place of ``x_t``).
   tokens (GLA and DeltaNet: at most :data:`GLA_CHUNK`). GLA/RetNet: inside a chunk the masked
   ``C x C`` decayed scores (RetNet: ``gamma^(i-j)``; GLA: ``(q_i exp(b_i)) . (k_j exp(-b_j))`` with
   ``b`` the in-chunk cumulative log-decay, in float32's range thanks to :data:`GLA_LOG_DECAY_MIN`),
-  across chunks the state of all earlier chunks from an ``nc x nc`` decay matrix (loop-free: plain
-  MatMul / CumSum / Exp, every exponent <= 0). DeltaNet: the WY / UT transform per chunk,
-  ``T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta)``, ``W = T K``, ``U = T V``; ONNX has no
-  triangular solve, so ``(I + L) X = R`` is solved by a forward substitution unrolled over the
-  chunk's ``C`` rows (static shapes, no Loop); the states at the chunk starts follow
-  ``S <- (I - K^T W) S + K^T U``, one MatMul per chunk, unrolled over the ``N / C`` chunks
-  (static too). Then ``O = Q S_0 + tril(Q K^T) (U - W S_0)``.
+  across chunks the state at each chunk's start: RetNet from an ``nc x nc`` decay matrix (one
+  MatMul), GLA by ``S <- exp(b_C) S + summary`` per chunk, unrolled over the ``N / C`` chunks
+  (plain MatMul / CumSum / Exp, every exponent <= 0, static shapes, no Loop). DeltaNet: the WY /
+  UT transform per chunk, ``T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta)``, ``W = T K``,
+  ``U = T V``; ONNX has no triangular solve, so the unit lower-triangular inverse is built by
+  blocks (:func:`_unit_lower_inverse`: ``log2 C`` rounds of batched MatMuls); the chunk-start states
+  follow ``S <- S + K^T (U - W S)``, two small MatMuls per chunk, unrolled over the chunks. Then
+  ``O = Q S_0 + tril(Q K^T) (U - W S_0)``.
 * *quadratic* (:func:`gated_quadratic`, :func:`delta_quadratic`): the materialised ``N x N``
   matrix (DeltaNet's through ``torch.linalg.solve_triangular`` over the whole sequence) in
   float64 - the reference of the tests.
@@ -41,7 +42,10 @@ token's own projection, in place of ``x_t``).
 **Non-causal sites** (encoders, ViTs) scan both ways with the same parameters: GLA / RetNet
 ``o = fwd + bwd - (phi(q_i) . phi(k_i)) v_i`` (RetNet's ``gamma^|i-j|``; the token itself once),
 DeltaNet ``o = fwd + bwd`` (each direction's delta rule includes the token; the output norm
-makes the sum an average). ``bwd`` is the causal form run on the reversed sequence.
+makes the sum an average). ``bwd`` is the causal form run on the reversed sequence; both scans
+run as one call, the reversed sequence stacked on the batch. RetNet's fixed decay has a parallel
+form, used up to :data:`PARALLEL_MAX_LEN` tokens: ``((phi(Q) phi(K)^T) * D) V`` with the decay
+matrix ``D_ij = gamma^|i-j|`` (:func:`decay_parallel`), one ``N x N`` score matrix.
 
 **Padding**: a padded key gets zero features, a zero log-decay (``alpha = 1``) and ``beta = 0``:
 it neither writes to the state nor decays it, so it has no influence in either direction.
@@ -66,7 +70,7 @@ from ptool.passes.attention.kernel import AttentionKernel, SiteShape, key_keep, 
 
 __all__ = [
     "GATED_KERNELS", "GATED_FEATURE_MAPS", "DeltaKernel", "GLAKernel", "GatedKernel", "RetNetKernel", "StateDecoder",
-    "delta_chunked", "delta_quadratic", "gated_chunked", "gated_quadratic",
+    "decay_parallel", "delta_chunked", "delta_quadratic", "gated_chunked", "gated_quadratic",
 ]
 
 GLA_RANK = 16
@@ -75,8 +79,8 @@ GLA_TEMPERATURE = 16.0
 """``alpha = sigmoid(.)^(1/16)``: the log-gate is divided by this."""
 GLA_CHUNK = 16
 """GLA's (and DeltaNet's) longest chunk: GLA's in-chunk scores factor ``exp(b_i - b_j)`` into
-``exp(b_i) exp(-b_j)``, which must stay in float32's range; DeltaNet's forward substitution is
-unrolled over the chunk."""
+``exp(b_i) exp(-b_j)``, which must stay in float32's range; DeltaNet's in-chunk inverse is built
+in ``log2 C`` rounds."""
 GLA_LOG_DECAY_MIN = -5.0
 """GLA's per-token ``log alpha`` is clamped here (``alpha >= 0.0067``): 16 tokens then decay by at
 most ``exp(-80)``, inside float32's range. It binds only where the gate's pre-activation is below
@@ -90,6 +94,11 @@ GATED_FEATURE_MAPS = ("elu", "performer", "hedgehog")
 
 
 # -- the forms -----------------------------------------------------------------------------------
+
+
+PARALLEL_MAX_LEN = 512
+"""RetNet on a non-causal site runs the parallel form (one ``N x N`` decayed score matrix) up to this
+many tokens, the two chunked scans beyond."""
 
 
 def _pad_to(x: torch.Tensor, total: int) -> torch.Tensor:
@@ -123,25 +132,51 @@ def gated_chunked(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay
     vc, gc = v.reshape(b, h, nc, c, dv), log_decay.reshape(b, h, nc, c, gm)
     cum = gc.cumsum(3)  # (B, H, nc, C, gm) inclusive in-chunk log-decay
     last = cum[:, :, :, c - 1:c]  # (B, H, nc, 1, gm): the whole chunk's
+    qe = qc * torch.exp(cum)  # queries with the decay since their chunk's start
     tri = torch.ones(c, c, dtype=fq.dtype, device=fq.device).tril()
     if gm == 1:  # one decay per head: the exact C x C decay matrix
         diff = (cum - cum.transpose(-1, -2)).clamp(max=0.0)  # (B, H, nc, C_i, C_j): b_i - b_j
         scores = (qc @ kc.transpose(-1, -2)) * torch.exp(diff) * tri
     else:  # per feature: exp(b_i - b_j) = exp(b_i) exp(-b_j), in range while the chunk's log-decay is >= -87
-        scores = ((qc * torch.exp(cum)) @ (kc * torch.exp(-cum)).transpose(-1, -2)) * tri
+        scores = (qe @ (kc * torch.exp(-cum)).transpose(-1, -2)) * tri
     intra = scores @ vc
     summary = (kc * torch.exp(last - cum)).transpose(-1, -2) @ vc  # (B, H, nc, m, Dv): a chunk's state increment
-    through = last.squeeze(-2).cumsum(2)  # (B, H, nc, gm): log-decay through the end of each chunk
-    before = through - last.squeeze(-2)  # ... up to each chunk's start
-    strict = torch.ones(nc, nc, dtype=fq.dtype, device=fq.device).tril(-1)
-    # state at the start of chunk c: sum_{p<c} exp(before_c - through_p) * summary_p
-    carry = torch.exp((before.unsqueeze(3) - through.unsqueeze(2)).clamp(max=0.0))  # (B, H, nc_c, nc_p, gm)
-    if gm == 1:
-        states = ((carry.squeeze(-1) * strict) @ summary.reshape(b, h, nc, m * dv)).reshape(b, h, nc, m, dv)
-    else:
-        states = torch.einsum("bhcpd,bhpdv->bhcdv", carry * strict.unsqueeze(-1), summary)
-    inter = (qc * torch.exp(cum)) @ states
+    if gm == 1:  # state at the start of chunk c: sum_{p<c} exp(before_c - through_p) * summary_p, one MatMul
+        through = last.squeeze(-2).cumsum(2)  # (B, H, nc, 1): log-decay through the end of each chunk
+        before = through - last.squeeze(-2)  # ... up to each chunk's start
+        strict = torch.ones(nc, nc, dtype=fq.dtype, device=fq.device).tril(-1)
+        carry = torch.exp((before - through.transpose(-1, -2)).clamp(max=0.0)) * strict  # (B, H, nc_c, nc_p)
+        states = (carry @ summary.reshape(b, h, nc, m * dv)).reshape(b, h, nc, m, dv)
+    else:  # per feature: S_c = exp(last_{c-1}) S_{c-1} + summary_{c-1}, over the nc chunks (unrolled on export)
+        decays, summaries = torch.exp(last).transpose(-1, -2).unbind(2), summary.unbind(2)  # (B, H, m, 1), ...
+        state, starts = torch.zeros_like(summaries[0]), []
+        for i in range(nc):
+            starts.append(state)
+            if i + 1 < nc:
+                state = decays[i] * state + summaries[i]
+        states = torch.stack(starts, dim=2)
+    inter = qe @ states
     return (intra + inter).reshape(b, h, total, dv)[:, :, :n]
+
+
+def decay_parallel(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """Both directions of a per-head decay at once: ``((fq fk^T) * D) v`` with the decay matrix
+    ``D_ij = exp(b_i - b_j)`` for ``j <= i``, ``exp(b_{j-1} - b_{i-1})`` for ``j > i`` (``b`` the cumulative
+    log-decay: RetNet's ``gamma^|i-j|``, padded keys decaying nothing), the token itself once.
+
+    Args:
+        fq, fk: ``(B, H, N, m)`` float32 features; v: ``(B, H, N, Dv)``.
+        log_decay: ``(B, H, N, 1)`` ``log gamma_t <= 0``.
+
+    Returns:
+        ``(B, H, N, Dv)`` float32, what the forward plus the backward scan less the diagonal give.
+    """
+    cum = log_decay.cumsum(-2)  # (B, H, N, 1)
+    prev = cum - log_decay
+    n = fq.shape[-2]
+    lower = torch.ones(n, n, dtype=torch.bool, device=fq.device).tril()
+    expo = torch.where(lower, cum - cum.transpose(-1, -2), prev.transpose(-1, -2) - prev)
+    return ((fq @ fk.transpose(-1, -2)) * torch.exp(expo.clamp(max=0.0))) @ v
 
 
 def gated_quadratic(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, *,
@@ -166,17 +201,33 @@ def gated_quadratic(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_dec
     return a @ v
 
 
-def _solve_unit_lower(lower: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``X`` with ``(I + lower) X = rhs`` for a strictly lower-triangular ``lower`` ``(..., C, C)``.
+def _unit_lower_inverse(fk: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``(I + tril(diag(beta) K K^T, -1))^-1`` per chunk, ``(..., C, C)``, from ``fk`` ``(..., C, m)`` and
+    ``beta`` ``(..., C, 1)``.
 
-    Forward substitution unrolled over the ``C`` rows: static shapes, no triangular-solve op
-    (ONNX has none), exact up to float rounding.
+    Block by block (the recursive triangular inverse): with the inverses ``A^-1``, ``D^-1`` of the two
+    diagonal halves of a block, ``[[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]``, all blocks
+    of one size in one batched MatMul, ``log2 C`` rounds (the chunk is zero-padded to a power of two:
+    the padded rows are the identity's). Static shapes, no triangular-solve op (ONNX has none), exact
+    up to float rounding.
     """
-    rows = [rhs[..., 0:1, :]]
-    for i in range(1, lower.shape[-1]):
-        done = torch.cat(rows, dim=-2)  # (..., i, F)
-        rows.append(rhs[..., i:i + 1, :] - lower[..., i:i + 1, :i] @ done)
-    return torch.cat(rows, dim=-2)
+    c, m = fk.shape[-2], fk.shape[-1]
+    size = 1 << max(0, (c - 1).bit_length())
+    lead = fk.shape[:-2]
+    if size != c:
+        fk, beta = _pad_to(fk, size), _pad_to(beta, size)
+    inv = torch.ones(*lead, size, 1, 1, dtype=fk.dtype, device=fk.device)  # the 1 x 1 diagonal blocks
+    s = 1
+    while s < size:
+        nb = size // (2 * s)
+        first, second = fk.reshape(*lead, nb, 2, s, m).unbind(-3)
+        low = (second * beta.reshape(*lead, nb, 2, s, 1).unbind(-3)[1]) @ first.transpose(-1, -2)  # B
+        a_inv, d_inv = inv.reshape(*lead, nb, 2, s, s).unbind(-3)
+        top = torch.cat([a_inv, torch.zeros_like(a_inv)], dim=-1)
+        bottom = torch.cat([-(d_inv @ low) @ a_inv, d_inv], dim=-1)
+        inv = torch.cat([top, bottom], dim=-2)  # (..., nb, 2s, 2s)
+        s *= 2
+    return inv.reshape(*lead, size, size)[..., :c, :c]
 
 
 def delta_chunked(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
@@ -186,7 +237,7 @@ def delta_chunked(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, beta: tor
     Args:
         fq, fk: ``(B, H, N, m)`` L2-normalised features (padded keys zero); v: ``(B, H, N, Dv)``.
         beta: ``(B, H, N, 1)`` write strengths (0 for padded keys).
-        chunk: chunk length ``C`` (the forward substitution is unrolled over it).
+        chunk: chunk length ``C``.
 
     Returns:
         ``(B, H, N, Dv)`` float32.
@@ -199,20 +250,20 @@ def delta_chunked(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, beta: tor
     nc, dv = total // c, v.shape[-1]
     qc, kc = fq.reshape(b, h, nc, c, m), fk.reshape(b, h, nc, c, m)
     vc, bc = v.reshape(b, h, nc, c, dv), beta.reshape(b, h, nc, c, 1)
-    strict = torch.ones(c, c, dtype=fq.dtype, device=fq.device).tril(-1)
-    lower = ((kc * bc) @ kc.transpose(-1, -2)) * strict  # beta_i k_i . k_j, j < i
-    wu = _solve_unit_lower(lower, torch.cat([kc * bc, vc * bc], dim=-1))
-    w, u = wu[..., :m], wu[..., m:]
-    transition = torch.eye(m, dtype=fq.dtype, device=fq.device) - kc.transpose(-1, -2) @ w  # (B, H, nc, m, m)
-    increment = kc.transpose(-1, -2) @ u  # (B, H, nc, m, Dv)
+    inverse = _unit_lower_inverse(kc, bc)  # (I + tril(diag(beta) K K^T, -1))^-1
+    w, u = inverse @ (kc * bc), inverse @ (vc * bc)
+    # chunk by chunk (unrolled on export): S_{c+1} = S_c + K_c^T (U_c - W_c S_c)
+    keys_t, ws, us = kc.transpose(-1, -2).unbind(2), w.unbind(2), u.unbind(2)
     state = fq.new_zeros(b, h, m, dv)
-    starts = []
-    for i in range(nc):  # static count: unrolled on export
+    starts, fresh = [], []
+    for i in range(nc):
         starts.append(state)
-        state = transition[:, :, i] @ state + increment[:, :, i]
+        fresh.append(us[i] - ws[i] @ state)  # what chunk c writes, net of what the state already predicts
+        if i + 1 < nc:
+            state = state + keys_t[i] @ fresh[-1]
     s0 = torch.stack(starts, dim=2)  # (B, H, nc, m, Dv)
     scores = (qc @ kc.transpose(-1, -2)) * torch.ones(c, c, dtype=fq.dtype, device=fq.device).tril()
-    out = qc @ s0 + scores @ (u - w @ s0)
+    out = qc @ s0 + scores @ torch.stack(fresh, dim=2)
     return out.reshape(b, h, total, dv)[:, :, :n]
 
 
@@ -296,13 +347,20 @@ class GatedKernel(AttentionKernel):
         fq, fk = self._features(q, k, keep)
         v32 = v.float() if keep is None else v.float() * keep
         q32, k32 = q.float(), k.float()
-        out = self._mix_causal(fq, fk, v32, q32, k32, keep)
         if self.shape.causal:
-            return out
-        flip = None if keep is None else _reverse(keep)
-        back = self._mix_causal(_reverse(fq), _reverse(fk), _reverse(v32), _reverse(q32), _reverse(k32), flip)
-        out = out + _reverse(back)
-        twice = self._self_term(fq, fk, v32, q32, k32, keep)
+            return self._mix_causal(fq, fk, v32, q32, k32, keep)
+        return self._mix_both(fq, fk, v32, q32, k32, keep)
+
+    def _mix_both(self, fq, fk, v, q, k, keep) -> torch.Tensor:
+        """A non-causal site: the forward and the backward scan in one call (the reversed sequence stacked
+        on the batch), the token itself counted once."""
+        batch = fq.shape[0]
+        if keep is not None:
+            keep = keep.expand(batch, *keep.shape[1:])
+        both = (None if x is None else torch.cat([x, _reverse(x)], dim=0) for x in (fq, fk, v, q, k, keep))
+        scans = self._mix_causal(*both)
+        out = scans[:batch] + _reverse(scans[batch:])
+        twice = self._self_term(fq, fk, v, q, k, keep)
         return out if twice is None else out - twice
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -406,6 +464,11 @@ class RetNetKernel(GatedKernel):
 
     def _mix_causal(self, fq, fk, v, q, k, keep):
         return gated_chunked(fq, fk, v, self.log_decay(k, keep), chunk=self.chunk_size)
+
+    def _mix_both(self, fq, fk, v, q, k, keep):
+        if fq.shape[-2] > PARALLEL_MAX_LEN:
+            return super()._mix_both(fq, fk, v, q, k, keep)
+        return decay_parallel(fq, fk, v, self.log_decay(k, keep))
 
     def _step(self, fq, fk, v, q, k, state):
         state = torch.exp(self.log_gamma).view(1, -1, 1, 1) * state + fk.transpose(-1, -2) @ v

@@ -84,6 +84,29 @@ def test_chunked_form_matches_quadratic(mixer, causal, chunk_size):
     assert out.shape == (B, H, N, D) and torch.isfinite(out).all()
 
 
+def test_retnet_scans_both_ways_beyond_the_parallel_length(monkeypatch):
+    """Past PARALLEL_MAX_LEN a non-causal RetNet site runs the two chunked scans: the same numbers."""
+    kernel = _kernel("retnet", False)
+    q, k, v = _qkv()
+    mask = _mask(False)
+    with torch.no_grad():
+        parallel = kernel.mix(q, k, v, mask)
+        monkeypatch.setattr(G, "PARALLEL_MAX_LEN", N - 1)
+        scans = kernel.mix(q, k, v, mask)
+    assert _err(parallel, _quadratic(kernel, q, k, v, mask)) <= 1e-5 and _err(scans, parallel) <= 1e-5
+
+
+@pytest.mark.parametrize("size", [1, 5, 16])
+def test_unit_lower_inverse_by_blocks_is_the_inverse(size):
+    """DeltaNet's (I + tril(diag(beta) K K^T, -1))^-1 by blocks, on positive unit features (dot products
+    near 1: the badly conditioned case), against float64's inverse."""
+    g = torch.Generator().manual_seed(size)
+    fk = torch.nn.functional.normalize(torch.rand(3, 4, size, 12, generator=g), dim=-1)
+    beta = torch.rand(3, 4, size, 1, generator=g)
+    system = torch.eye(size, dtype=torch.float64) + ((fk * beta) @ fk.transpose(-1, -2)).double().tril(-1)
+    assert _err(G._unit_lower_inverse(fk, beta), torch.linalg.inv(system)) <= 1e-5
+
+
 @pytest.mark.parametrize("feature_map", ["elu", "performer"])
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_other_feature_maps(mixer, feature_map):
