@@ -218,6 +218,8 @@ def autotune(
     if not held:
         held = [Call(args, kwargs)]
         notes.append("no held-out inputs given: fidelity measured on the example call only")
+    if not calib:
+        calib = _example_as_calibration(approximate, Call(args, kwargs), notes)
     calib_items = [c.args if not c.kwargs else c.kwargs for c in calib] or None
 
     fp = device_fingerprint(device)
@@ -335,6 +337,19 @@ def autotune(
     if status == "interrupted":
         raise TuningInterrupted(result)
     return result
+
+
+def _example_as_calibration(approximate: Sequence[str], example: Call, notes: list[str]) -> list[Call]:
+    """Without calibration data, the candidates that need it (``quantize:mode=auto``: its per-layer
+    sensitivity) calibrate on the example call rather than fail; the notes say so."""
+    from ptool.passes.registry import parse_pass
+
+    needing = [p for p in approximate if parse_pass(p).uses_calibration]
+    if not needing:
+        return []
+    notes.append(f"no calibration data given: {', '.join(needing)} calibrate{'s' if len(needing) == 1 else ''} "
+                 "on the example call")
+    return [example]
 
 
 def _disconnect(owned: bool) -> None:

@@ -115,7 +115,8 @@ class Quantize(Pass):
     family: ClassVar[Family] = Family.QUANTIZATION
     numerics: ClassVar[Numerics] = Lossy("cosine", 0.97)
     tuning_candidates: ClassVar[tuple[str, ...]] = ("quantize", "quantize:activations=per-token",
-                                                    "quantize:mode=int4-weight")
+                                                    "quantize:mode=int4-weight", "quantize:mode=auto,budget=0.25",
+                                                    "quantize:mode=auto,budget=0.5")
 
     mode: Mode = "int8-dynamic"
     granularity: Literal["per-channel", "per-tensor"] = "per-channel"
@@ -172,6 +173,10 @@ class Quantize(Pass):
             if self.method != "rtn" or self.keep_float or self.granularity != "per-channel":
                 raise ValueError("mode=auto chooses per layer itself: method, keep_float and granularity=per-tensor "
                                  "do not apply to it")
+
+    @property
+    def uses_calibration(self) -> bool:
+        return self.mode in ("int8-static", "auto") or self.keep_float > 0 or self.method != "rtn"
 
     # -----------------------------------------------------------------------------------------
 
