@@ -280,6 +280,7 @@ def benchmark_generation(
     prefill_repeat: int = 1,
     variants: Sequence[tuple[str, str, str]] | None = None,
     log: Callable[[str], None] | None = None,
+    on_row: Callable[[list[GenerationRow]], None] | None = None,
 ) -> list[GenerationRow]:
     """Greedy generation of ``model`` on every backend x precision x KV dtype, beside eager torch.
 
@@ -293,6 +294,7 @@ def benchmark_generation(
             ``(backend, precision, kv_dtype)`` triples instead).
         prefill_repeat: pre-fill runs per context (median quoted).
         log: progress lines.
+        on_row: called with the rows so far after each one is done (a long run's figures kept as they come).
 
     Returns:
         The eager baseline row first, then one row per variant (a variant that failed to build or run
@@ -333,6 +335,8 @@ def benchmark_generation(
     after = memory_snapshot().rss_mb
     base.rss_delta_mb = after - before if before is not None and after is not None else None
     rows.append(base)
+    if on_row is not None:
+        on_row(rows)
     with tempfile.TemporaryDirectory(prefix="ptool-generate-") as tmp:
         for backend, precision, kv in grid:
             row = GenerationRow(backend, precision, kv)
@@ -353,6 +357,8 @@ def benchmark_generation(
                 log(f"{row.label}: {row.error}")
             steps = None
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             for f in Path(tmp).iterdir():
                 f.unlink()
     return rows
