@@ -196,9 +196,13 @@ def main() -> None:
     p.add_argument("--big-variants", type=variants_arg, default=variants_arg(BIG_VARIANTS),
                    help=f"its rows (default {BIG_VARIANTS})")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--render-only", action="store_true", help="rewrite the section from BENCHMARKS.json, measure nothing")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     record = Recorder(not a.no_write)
+    if a.render_only:
+        print(record(lambda data: None))
+        return
     if a.part in ("small", "all"):
         run_small(a, record)
     if a.part in ("big", "all"):
