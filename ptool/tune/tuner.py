@@ -138,7 +138,8 @@ def autotune(
             specs join the base. Default: the candidates the registered passes declare.
         held_out_inputs: input tuples fidelity is measured on (never the calibration ones).
             Default: the example call alone (the result notes it).
-        calibration: input tuples for passes that need data.
+        calibration: input tuples for passes that need data (without any, the candidates that need
+            it, such as ``quantize:mode=auto``, calibrate on the example call; the notes say so).
         record_dir: where the record is looked up and saved (default ``~/.cache/ptool/tuning``).
         force: measure again even when a matching record exists.
         tvm_trials: MetaSchedule trials for a tuned TVM variant (0: untuned TVM only).
