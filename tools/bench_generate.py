@@ -199,6 +199,7 @@ def main() -> None:
     p.add_argument("--render-only", action="store_true", help="rewrite the section from BENCHMARKS.json, measure nothing")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))  # TVM's pool too: CPU time is then one thread's work
     record = Recorder(not a.no_write)
     if a.render_only:
         print(record(lambda data: None))
@@ -241,7 +242,10 @@ def markdown(data: dict) -> str:
         "ops decomposed into float aten ops (dequantize, then a float matmul; constant folding may fold the "
         "stored weights back to float), so its int8 / int4 rows measure that, not integer arithmetic (a row that "
         "did not build says why). "
-        "tok/s = 1000 / median decode step; 'x eager' = tok/s over the baseline's; 'same tokens' = greedy tokens "
+        "tok/s = 1000 / median decode step (wall time); 'x eager' = tok/s over the baseline's; 'CPU tok/s' = the "
+        "same from the process's CPU time per step (one thread everywhere, so it is the step's own cost: on this "
+        "shared 2-core machine other jobs stretch the wall time at random, the CPU time much less; compare the CPU "
+        "columns); 'same tokens' = greedy tokens "
         "equal to the baseline's, in order (a quantized variant may branch off); RSS delta = process growth while "
         "the row was built and run; KV cache = its buffers' bytes (the baseline's at the longest context). The "
         "static cache's decode cost is that of its full length at every context; an int8 cache is dequantized whole "
