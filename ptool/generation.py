@@ -63,6 +63,7 @@ class GenerationRow:
     kv_dtype: str
     prefill_ms: dict[int, float] = field(default_factory=dict)
     decode_ms: dict[int, float] = field(default_factory=dict)
+    decode_cpu_ms: dict[int, float] = field(default_factory=dict)
     same_tokens: dict[int, int] = field(default_factory=dict)
     tokens: dict[int, list[int]] = field(default_factory=dict)
     build_s: float = 0.0
@@ -79,10 +80,15 @@ class GenerationRow:
     def tokens_per_s(self, context: int) -> float:
         return 1e3 / self.decode_ms[context] if self.decode_ms.get(context) else float("nan")
 
+    def cpu_tokens_per_s(self, context: int) -> float:
+        """Tokens per second of the process's CPU time: what a step costs, whatever else shares the cores."""
+        return 1e3 / self.decode_cpu_ms[context] if self.decode_cpu_ms.get(context) else float("nan")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["label"] = self.label
         d["tokens_per_s"] = {c: self.tokens_per_s(c) for c in self.decode_ms}
+        d["cpu_tokens_per_s"] = {c: self.cpu_tokens_per_s(c) for c in self.decode_cpu_ms}
         return d
 
 
@@ -113,26 +119,47 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+#: ``(wall ms, process CPU ms)`` of one timed piece of work.
+Timing = tuple[float, float]
+#: What a generator's ``run(prompt, new_tokens)`` returns: the pre-fill's timing, each decode step's, the tokens.
+Generated = tuple[Timing, list[Timing], list[int]]
+
+
+class _Clock:
+    """Wall and process-CPU milliseconds since it was started (or last read). On a shared machine the
+    CPU time is the step's own cost, the wall time includes the waits for a core."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> Timing:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = ((wall - self.wall) * 1e3, (cpu - self.cpu) * 1e3)
+        self.wall, self.cpu = wall, cpu
+        return out
+
+
 def _argmax_last(logits: Any) -> torch.Tensor:
     t = torch.as_tensor(logits)
     return t[:, -1].float().argmax(-1, keepdim=True)  # (B, 1)
 
 
-def eager_generate(model: torch.nn.Module) -> Callable[[torch.Tensor, int], tuple[float, list[float], list[int]]]:
-    """``run(prompt, new_tokens) -> (prefill ms, decode ms per step, tokens)`` with Hugging Face's own cache."""
+def eager_generate(model: torch.nn.Module) -> Callable[[torch.Tensor, int], Generated]:
+    """``run(prompt, new_tokens) -> (prefill timing, timing per decode step, tokens)`` with Hugging Face's
+    own cache (timings: ``(wall ms, CPU ms)``)."""
 
-    def run(prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float], list[int]]:
+    def run(prompt: torch.Tensor, new_tokens: int) -> Generated:
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            clock = _Clock()
             out = model(input_ids=prompt, use_cache=True)
             tok = _argmax_last(out.logits)
-            prefill = (time.perf_counter() - t0) * 1e3
+            prefill = clock.lap()
             cache, tokens, steps = out.past_key_values, [int(tok[0, 0])], []
             for _ in range(new_tokens - 1):
-                t0 = time.perf_counter()
+                clock = _Clock()
                 out = model(input_ids=tok, past_key_values=cache, use_cache=True)
                 tok = _argmax_last(out.logits)
-                steps.append((time.perf_counter() - t0) * 1e3)
+                steps.append(clock.lap())
                 cache = out.past_key_values
                 tokens.append(int(tok[0, 0]))
         return prefill, steps, tokens
@@ -201,7 +228,7 @@ class _OrtSteps:
         return torch.from_numpy(outs[0])
 
 
-def step_generator(steps: Any, chunk: int) -> Callable[[torch.Tensor, int], tuple[float, list[float], list[int]]]:
+def step_generator(steps: Any, chunk: int) -> Callable[[torch.Tensor, int], Generated]:
     """``run(prompt, new_tokens)`` over a static-cache runner: pre-fill chunk by chunk, then decode."""
 
     def call(key: str, ids: torch.Tensor, pos: int) -> torch.Tensor:
@@ -209,19 +236,19 @@ def step_generator(steps: Any, chunk: int) -> Callable[[torch.Tensor, int], tupl
             return steps.step(key, ids, pos)
         return steps.step(steps.prefill_fn if key == "prefill" else steps.decode_fn, ids, pos)
 
-    def run(prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float], list[int]]:
+    def run(prompt: torch.Tensor, new_tokens: int) -> Generated:
         c = prompt.shape[1]
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            clock = _Clock()
             for s in range(0, c, chunk):
                 logits = call("prefill", prompt[:, s:s + chunk], s)
             tok = _argmax_last(logits)
-            prefill = (time.perf_counter() - t0) * 1e3
+            prefill = clock.lap()
             tokens, times = [int(tok[0, 0])], []
             for i in range(new_tokens - 1):
-                t0 = time.perf_counter()
+                clock = _Clock()
                 tok = _argmax_last(call("decode", tok, c + i))
-                times.append((time.perf_counter() - t0) * 1e3)
+                times.append(clock.lap())
                 tokens.append(int(tok[0, 0]))
         return prefill, times, tokens
 
@@ -280,6 +307,7 @@ def benchmark_generation(
     prefill_repeat: int = 1,
     variants: Sequence[tuple[str, str, str]] | None = None,
     log: Callable[[str], None] | None = None,
+    on_row: Callable[[list[GenerationRow]], None] | None = None,
 ) -> list[GenerationRow]:
     """Greedy generation of ``model`` on every backend x precision x KV dtype, beside eager torch.
 
@@ -293,6 +321,7 @@ def benchmark_generation(
             ``(backend, precision, kv_dtype)`` triples instead).
         prefill_repeat: pre-fill runs per context (median quoted).
         log: progress lines.
+        on_row: called with the rows so far after each one is done (a long run's figures kept as they come).
 
     Returns:
         The eager baseline row first, then one row per variant (a variant that failed to build or run
@@ -316,12 +345,14 @@ def benchmark_generation(
         run(prompt[:, :chunk], 2)  # warm-up: lazy initialization, allocator growth
         for c in contexts:
             runs = [run(prompt[:, :c], new_tokens) for _ in range(prefill_repeat)]
-            row.prefill_ms[c] = statistics.median(r[0] for r in runs)
-            row.decode_ms[c] = statistics.median(runs[-1][1])
-            row.tokens[c] = runs[-1][2]
+            row.prefill_ms[c] = statistics.median(prefill[0] for prefill, _, _ in runs)
+            _, steps, row.tokens[c] = runs[-1]
+            row.decode_ms[c] = statistics.median(wall for wall, _ in steps)
+            row.decode_cpu_ms[c] = statistics.median(cpu for _, cpu in steps)
             if rows:
                 row.same_tokens[c] = _same_prefix(rows[0].tokens[c], row.tokens[c])
-            log(f"{row.label}: context {c}: pre-fill {row.prefill_ms[c]:.1f} ms, decode {row.decode_ms[c]:.2f} ms/token")
+            log(f"{row.label}: context {c}: pre-fill {row.prefill_ms[c]:.1f} ms, decode {row.decode_ms[c]:.2f} ms/token "
+                f"({row.decode_cpu_ms[c]:.2f} ms CPU)")
 
     _trim()
     before = memory_snapshot().rss_mb
@@ -333,6 +364,8 @@ def benchmark_generation(
     after = memory_snapshot().rss_mb
     base.rss_delta_mb = after - before if before is not None and after is not None else None
     rows.append(base)
+    if on_row is not None:
+        on_row(rows)
     with tempfile.TemporaryDirectory(prefix="ptool-generate-") as tmp:
         for backend, precision, kv in grid:
             row = GenerationRow(backend, precision, kv)
@@ -353,6 +386,8 @@ def benchmark_generation(
                 log(f"{row.label}: {row.error}")
             steps = None
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             for f in Path(tmp).iterdir():
                 f.unlink()
     return rows
@@ -364,11 +399,13 @@ def _mib(nbytes: float) -> str:
 
 def format_table(rows: Sequence[GenerationRow], contexts: Sequence[int], new_tokens: int) -> str:
     """A Markdown table: per row the build time, RSS growth, KV-cache bytes, and per context the
-    pre-fill ms, decode tokens/s (and its ratio to eager) and the greedy tokens that match eager's."""
+    pre-fill ms, decode tokens/s by wall time and by the process's CPU time (each with its ratio to
+    eager's) and the greedy tokens that match eager's."""
     base = rows[0]
     head = ["backend / weights / KV", "build s", "RSS delta", "KV cache"]
     for c in contexts:
-        head += [f"pre-fill {c} ms", f"tok/s @{c}", f"x eager @{c}", f"same tokens @{c}"]
+        head += [f"pre-fill {c} ms", f"tok/s @{c}", f"x eager @{c}", f"CPU tok/s @{c}", f"x eager CPU @{c}",
+                 f"same tokens @{c}"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         if r.error:
@@ -377,8 +414,9 @@ def format_table(rows: Sequence[GenerationRow], contexts: Sequence[int], new_tok
         rss = f"{r.rss_delta_mb:.0f} MiB" if r.rss_delta_mb is not None else "-"
         cells = [r.label, f"{r.build_s:.1f}", rss, _mib(r.kv_cache_bytes)]
         for c in contexts:
-            speed = r.tokens_per_s(c)
+            speed, cpu = r.tokens_per_s(c), r.cpu_tokens_per_s(c)
             cells += [f"{r.prefill_ms[c]:.1f}", f"{speed:.1f}", f"{speed / base.tokens_per_s(c):.2f}",
+                      f"{cpu:.1f}", f"{cpu / base.cpu_tokens_per_s(c):.2f}",
                       "-" if r is base else f"{r.same_tokens.get(c, 0)}/{new_tokens}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

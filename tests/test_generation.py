@@ -65,16 +65,21 @@ def test_generation_grid_on_a_small_decoder():
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     prompt = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(0))
+    seen = []
     rows = benchmark_generation(model, prompt, contexts=(16, 32), new_tokens=4, chunk=16,
-                                variants=[("torch", "fp32", "float32"), ("torch", "fp32", "int8")])
+                                variants=[("torch", "fp32", "float32"), ("torch", "fp32", "int8")],
+                                on_row=lambda so_far: seen.append([r.label for r in so_far]))
+    assert seen == [[r.label for r in rows[:n]] for n in (1, 2, 3)]  # each row handed over as it finishes
     eager, fp32, kv8 = rows
     assert [r.error for r in rows] == [None, None, None]
     assert fp32.same_tokens == {16: 4, 32: 4}  # the same greedy tokens as Hugging Face's own cache
     assert all(r.prefill_ms[c] > 0 and r.tokens_per_s(c) > 0 for r in rows for c in (16, 32))
+    assert all(0 < r.decode_cpu_ms[c] < 10 * r.decode_ms[c] for r in rows for c in (16, 32))  # one thread's CPU time
     assert fp32.kv_cache_bytes == 2 * 2 * 2 * 36 * 16 * 4  # k and v, 2 layers, 2 kv heads, 36 slots, dim 16
     assert kv8.kv_cache_bytes == 2 * 2 * 2 * 36 * (16 + 4)
     table = format_table(rows, (16, 32), 4)
     assert "torch eager (HF DynamicCache)" in table and "torch fp32 kv-int8" in table
+    assert f"| {fp32.cpu_tokens_per_s(32):.1f} | {fp32.cpu_tokens_per_s(32) / eager.cpu_tokens_per_s(32):.2f} |" in table
 
 
 def _fixture(tmp_path, monkeypatch):

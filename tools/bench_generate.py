@@ -2,13 +2,15 @@
 
 Writes the "Generation" section of ``BENCHMARKS.md`` (key ``generation``).
 
-Models:
+Models (``--part small`` / ``big`` / ``all``; each part rewrites only its own tables, row by row as
+they are measured, so a run stopped early keeps what it measured):
 
 - the byte-level Llama-style decoder trained by ``tools/train_decoder.py`` (4 layers, hidden 128,
   4 / 2 query / KV heads of 32, RoPE; reused from ``~/.cache/ptool/decoder/``), prompts from its
   held-out text;
 - a Qwen2-0.5B-like configuration with random weights (hidden 896, 24 layers, 14 / 2 heads of 64,
-  MLP 4864, vocabulary 151936, tied head: 494 M parameters), random prompt ids.
+  MLP 4864, vocabulary 151936, tied head: 494 M parameters), random prompt ids. A table is kept per
+  layer count (``--big-layers``).
 
 Each is measured by :func:`ptool.generation.benchmark_generation` (the code behind
 ``ptool bench --generate``): greedy generation, eager torch with Hugging Face's ``DynamicCache``
@@ -21,7 +23,8 @@ int8 KV cache: held-out perplexity of the trained decoder with its keys and valu
 token and head (a float32 scale beside each), in torch and on ONNX Runtime (the exported step), vs
 the float cache; and the cache's bytes at equal context.
 
-    .venv/bin/python tools/bench_generate.py [--no-write] [--threads 2] [--big-layers 24] [--skip-big]
+    .venv/bin/python tools/bench_generate.py [--part small|big|all] [--threads 1] [--variants torch:int8,...]
+        [--big-layers 24] [--big-contexts 64,256] [--big-new-tokens 8] [--big-variants ...] [--no-write]
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import train_decoder as td  # noqa: E402
-from _sections import write_section  # noqa: E402
+from _sections import update_section  # noqa: E402
 
 import ptool  # noqa: E402
+from ptool.errors import UsageError  # noqa: E402
 from ptool.frontends.decoder import DecodeStep  # noqa: E402
-from ptool.generation import benchmark_generation, format_table  # noqa: E402
+from ptool.generation import PRECISIONS, benchmark_generation, check_generation_args, format_table  # noqa: E402
 
-BATCH = 8
+BATCH = td.EVAL_BATCH
 
 
 def log(text: str) -> None:
@@ -83,94 +87,195 @@ def big_model(layers: int):
     return Qwen2ForCausalLM(config).eval()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime / TVM threads (default 2)")
-    p.add_argument("--big-layers", type=int, default=2,
-                   help="layers of the 0.5B-class model (default 2 of its 24: one 24-layer ONNX export took 11 min "
-                        "on a busy 2-core machine)")
-    p.add_argument("--full", action="store_true",
-                   help="the trained decoder on every backend x precision x KV dtype (torch's bf16 / int8 / int4 "
-                        "graphs and TVM's builds are slow)")
-    p.add_argument("--skip-big", action="store_true", help="the trained decoder only")
-    p.add_argument("--no-write", action="store_true")
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
+#: Every backend x weight variant (torch first, then TVM's reduced-precision builds, then ONNX Runtime),
+#: then the int8 KV cache on torch and ONNX Runtime.
+SMALL_VARIANTS = ",".join([f"torch:{p}" for p in PRECISIONS] + [f"tvm:{p}" for p in PRECISIONS if p != "fp32"] +
+                          [f"onnxruntime:{p}" for p in PRECISIONS] + ["tvm:fp32", "torch:fp32:int8",
+                                                                      "onnxruntime:fp32:int8"])
+BIG_VARIANTS = "torch:fp32,torch:bf16,torch:int8,torch:int4,onnxruntime:fp32,onnxruntime:int8,onnxruntime:int4"
+
+
+def variants_arg(text: str) -> list[tuple[str, str, str]]:
+    """``backend:precision[:kv],...`` -> ``(backend, precision, kv dtype)`` triples (checked)."""
+    out = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) not in (2, 3):
+            raise argparse.ArgumentTypeError(f"a variant is backend:precision[:kv], got '{item}'")
+        out.append((parts[0], parts[1], {"int8": "int8"}.get(parts[2] if len(parts) == 3 else "", "float32")))
+    try:
+        check_generation_args((1,), 2, 1, [v[1] for v in out], [v[0] for v in out], [v[2] for v in out])
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return out
+
+
+def contexts_arg(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in text.split(","))
+
+
+class Recorder:
+    """Merges one part's figures into the section's data and rewrites the section (kept as rows come)."""
+
+    def __init__(self, write: bool) -> None:
+        self.write = write
+
+    def __call__(self, update) -> str:
+        def render(data: dict) -> tuple[str, dict]:
+            data = dict(data)
+            if "big" in data:  # a record written before the big model's runs were kept per layer count
+                old = data.pop("big")
+                data.setdefault("big_runs", {})[str(old["layers"])] = {"threads": data.get("threads"), **old}
+            update(data)
+            return markdown(data), data
+
+        if not self.write:
+            return render({})[0]
+        return update_section("generation", render)
+
+
+def run_small(a, record: Recorder) -> None:
     start = time.perf_counter()
-    data: dict = {"threads": a.threads, "machine": platform.machine(), "torch": torch.__version__}
-
     model, meta = td.load()
-    _, held = td.corpus(td.Recipe().heldout_every)
-    heldout = td.windows(held)
-    heldout = heldout[: heldout.shape[0] // BATCH * BATCH]
-    data["small"] = {"meta": meta, "heldout_windows": heldout.shape[0]}
-    data["kv"] = kv_perplexity(model, heldout)
-
+    _, held, heldout = td.evaluation_split(BATCH)
     small = dict(contexts=(128, 512), new_tokens=16, chunk=128)
     prompt = held[: max(small["contexts"])].view(1, -1)
-    if a.full:  # every backend x precision, the int8 cache on every backend
-        variants = [(b, p, "float32") for p in ("fp32", "bf16", "int8", "int4") for b in ("torch", "onnxruntime", "tvm")]
-        variants += [(b, "fp32", "int8") for b in ("torch", "onnxruntime", "tvm")]
-    else:  # what fits a busy 2-core machine: torch's bf16 / int8 / int4 graphs and TVM's are slow to build or run
-        variants = [("torch", "fp32", "float32")] + [("onnxruntime", p, "float32") for p in ("fp32", "bf16", "int8", "int4")]
-        variants += [("tvm", "fp32", "float32"), ("torch", "fp32", "int8"), ("onnxruntime", "fp32", "int8")]
-    rows = benchmark_generation(model, prompt, variants=variants, log=log, prefill_repeat=3, **small)
-    data["small"].update(small, rows=[r.to_dict() for r in rows], table=format_table(rows, small["contexts"],
-                                                                                    small["new_tokens"]))
-    data["wall_s"] = time.perf_counter() - start
-    if not a.no_write:  # the trained decoder's part lands even if the big model's is cut short
-        write_section("generation", markdown(data), data)
-    if not a.skip_big:
-        big = dict(contexts=(64, 256), new_tokens=8, chunk=64)
-        model = big_model(a.big_layers)
-        data["big"] = {"layers": a.big_layers, "parameters": sum(t.numel() for t in model.parameters()), **big}
-        prompt = torch.randint(0, model.config.vocab_size, (1, max(big["contexts"])),
-                               generator=torch.Generator().manual_seed(0))
-        variants = [("torch", "fp32", "float32"), ("onnxruntime", "fp32", "float32"), ("onnxruntime", "int4", "float32"),
-                    ("onnxruntime", "fp32", "int8")]
-        rows = benchmark_generation(model, prompt, variants=variants, log=log, **big)
-        data["big"].update(rows=[r.to_dict() for r in rows], table=format_table(rows, big["contexts"],
-                                                                                big["new_tokens"]))
-    data["wall_s"] = time.perf_counter() - start
-    data["load_average"] = os.getloadavg()[0]  # a shared machine's noise, stated beside the figures
-    data["cpus"] = os.cpu_count()
-    log(f"done in {data['wall_s']:.0f} s")
-    md = markdown(data)
-    print(md if a.no_write else write_section("generation", md, data))
+    part = {"meta": meta, "heldout_windows": heldout.shape[0], "threads": a.threads, **small,
+            "planned": len(a.variants) + 1}
+
+    def update(data: dict) -> None:
+        if data.get("small") is not part and _complete(data.get("small")):  # kept until this run is complete
+            data["small_previous"] = data["small"]
+        if _complete(part):
+            data.pop("small_previous", None)
+        data.update(small=part, machine=platform.machine(), torch=torch.__version__)
+
+    def keep(rows) -> None:
+        part.update(rows=[r.to_dict() for r in rows], table=format_table(rows, small["contexts"], small["new_tokens"]),
+                    wall_s=time.perf_counter() - start, load_average=os.getloadavg()[0])
+        record(update)
+
+    benchmark_generation(model, prompt, variants=a.variants, log=log, prefill_repeat=3, on_row=keep, **small)
+    kv = kv_perplexity(model, heldout)  # after the rows: until it lands, the last run's figures stand
+    record(lambda data: data.update(kv=kv))
+
+
+def _complete(part: dict | None) -> bool:
+    return bool(part) and len(part["rows"]) >= part.get("planned", 0)
+
+
+def run_big(a, record: Recorder) -> None:
+    start = time.perf_counter()
+    big = dict(contexts=a.big_contexts, new_tokens=a.big_new_tokens, chunk=min(a.big_contexts))
+    model = big_model(a.big_layers)
+    part = {"layers": a.big_layers, "parameters": sum(t.numel() for t in model.parameters()), "threads": a.threads,
+            **big, "planned": len(a.big_variants) + 1}
+    prompt = torch.randint(0, model.config.vocab_size, (1, max(big["contexts"])),
+                           generator=torch.Generator().manual_seed(0))
+
+    def keep(rows) -> None:
+        part.update(rows=[r.to_dict() for r in rows], table=format_table(rows, big["contexts"], big["new_tokens"]),
+                    wall_s=time.perf_counter() - start, load_average=os.getloadavg()[0])
+        record(lambda data: data.setdefault("big_runs", {}).__setitem__(str(a.big_layers), part))
+
+    benchmark_generation(model, prompt, variants=a.big_variants, log=log, on_row=keep, **big)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=("small", "big", "all"), default="all",
+                   help="the trained decoder (with the KV-cache perplexity), the 0.5B-class model, or both; each "
+                        "part replaces only its own tables")
+    p.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime / TVM threads (default 1)")
+    p.add_argument("--variants", type=variants_arg, default=variants_arg(SMALL_VARIANTS),
+                   help="the trained decoder's rows: backend:precision[:kv],... (default: every backend x fp32 / "
+                        "bf16 / int8 / int4, and torch and onnxruntime fp32 with the int8 cache)")
+    p.add_argument("--big-layers", type=int, default=24, help="layers of the 0.5B-class model (default 24)")
+    p.add_argument("--big-contexts", type=contexts_arg, default=(64, 256), help="its prompt lengths (default 64,256)")
+    p.add_argument("--big-new-tokens", type=int, default=8, help="its new tokens per prompt (default 8)")
+    p.add_argument("--big-variants", type=variants_arg, default=variants_arg(BIG_VARIANTS),
+                   help=f"its rows (default {BIG_VARIANTS})")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--render-only", action="store_true", help="rewrite the section from BENCHMARKS.json, measure nothing")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))  # TVM's pool too: CPU time is then one thread's work
+    record = Recorder(not a.no_write)
+    if a.render_only:
+        print(record(lambda data: None))
+        return
+    if a.part in ("small", "all"):
+        run_small(a, record)
+    if a.part in ("big", "all"):
+        run_big(a, record)
+    log("done")
+
+
+def _run_line(part: dict) -> str:
+    """How the part ran: threads, rows done of those planned, wall time, the machine's load."""
+    done, planned = len(part["rows"]), part.get("planned", len(part["rows"]))
+    cut = "" if done >= planned else (f" **Partial: {done} of {planned} rows** (the run was stopped there for time "
+                                      "on this machine; the rows shown were measured).")
+    load = (f"; 1-minute load average {part['load_average']:.1f} at the last row (other jobs shared the 2-core "
+            "machine: compare within a table)") if part.get("load_average") is not None else ""
+    wall = f"{part['wall_s'] / 60:.1f} min" if part.get("wall_s") else "-"
+    threads = part.get("threads") or 1
+    return f"{threads} thread{'s' if threads > 1 else ''}, {wall} for this table{load}.{cut}"
 
 
 def markdown(data: dict) -> str:
-    kv, small = data["kv"], data["small"]
-    recipe = small["meta"]["recipe"]
-    ref = kv["reference"]
     lines = [
         "## Generation: pre-fill, decode tokens/s, memory; int8 KV cache (`tools/bench_generate.py`)", "",
-        f"Greedy generation, batch 1, {data['threads']} thread{'s' if data['threads'] > 1 else ''} (torch, ONNX Runtime "
-        "and TVM alike), one process (`ptool bench --generate` runs the same "
-        "code). Baseline: the Hugging Face model in eager torch with its growing `DynamicCache`. The other rows run "
+        "Greedy generation, batch 1, one process per table, torch, ONNX Runtime and TVM on the same thread count "
+        "(`ptool bench --generate` runs the same code). Baseline: the Hugging Face model in eager torch with its "
+        "growing `DynamicCache`, measured in the same run as the rows beside it. The other rows run "
         "ptool's decode-step graph (`ptool.frontends.decoder.DecodeStep`): a static, preallocated KV cache of "
         "max context + new tokens slots, a pre-fill graph of one chunk and a one-token decode graph, every shape "
         "static (TVM compiles each once); ONNX Runtime through IO binding, the cache buffers bound once as "
         "`OrtValue`s and updated in place. Weight variants: bf16 = `precision:dtype=bf16`, int8 = "
         "`quantize:mode=int8-dynamic`, int4 = `quantize:mode=int4-weight,group_size=32` (embeddings float). "
-        "tok/s = 1000 / median decode step; 'x eager' = tok/s over the baseline's; 'same tokens' = greedy tokens "
+        "What the quantized layers run on: torch int8 = `torch._int_mm` (int8 x int8 -> int32, the activation "
+        "quantized per call); torch int4 = ptool's reference op, which unpacks the whole 4-bit weight to float32 "
+        "on every call and multiplies in float (ptool has no packed int4 kernel for torch); ONNX Runtime int8 = "
+        "`DynamicQuantizeLinear` + `MatMulInteger` (fused to `DynamicQuantizeMatMul`), int4 = "
+        "`com.microsoft.MatMulNBits`; TVM has no integer kernels for them here: ptool hands it the quantized "
+        "ops decomposed into float aten ops (dequantize, then a float matmul; constant folding may fold the "
+        "stored weights back to float), so its int8 / int4 rows measure that, not integer arithmetic (a row that "
+        "did not build says why). "
+        "tok/s = 1000 / median decode step (wall time); 'x eager' = tok/s over the baseline's; 'CPU tok/s' = the "
+        "same from the process's CPU time per step (one thread everywhere, so it is the step's own cost: on this "
+        "shared 2-core machine other jobs stretch the wall time at random, the CPU time much less; compare the CPU "
+        "columns); 'same tokens' = greedy tokens "
         "equal to the baseline's, in order (a quantized variant may branch off); RSS delta = process growth while "
         "the row was built and run; KV cache = its buffers' bytes (the baseline's at the longest context). The "
         "static cache's decode cost is that of its full length at every context; an int8 cache is dequantized whole "
         "inside the step (every slot, every token), which costs decode time: what it saves is memory.", "",
-        f"### Trained byte-level decoder ({recipe['layers']} layers, hidden {recipe['hidden']}, "
-        f"{recipe['heads']}/{recipe['kv_heads']} heads, {small['meta']['parameters'] / 1e6:.2f} M parameters), "
-        f"prompts from held-out text", "",
-        small["table"], "",
     ]
-    if "big" in data:
-        big = data["big"]
-        cut = "" if big["layers"] == 24 else f" (**{big['layers']} of 24 layers**: time on this machine)"
+    small = data.get("small")
+    if small:
+        recipe = small["meta"]["recipe"]
+        lines += [f"### Trained byte-level decoder ({recipe['layers']} layers, hidden {recipe['hidden']}, "
+                  f"{recipe['heads']}/{recipe['kv_heads']} heads, {small['meta']['parameters'] / 1e6:.2f} M parameters), "
+                  f"prompts from held-out text", "", _run_line(small), "", small["table"], ""]
+        previous = data.get("small_previous")
+        if previous:
+            lines += ["The previous complete run of this table (shown until the run above completes):", "",
+                      _run_line(previous) if "wall_s" in previous else "1 thread.", "", previous["table"], ""]
+    for layers, big in sorted(data.get("big_runs", {}).items(), key=lambda kv: -int(kv[0])):
+        cut = "" if big["layers"] == 24 else f" (**{big['layers']} of 24 layers**)"
         lines += [f"### Qwen2-0.5B-like config, random weights{cut}: hidden 896, 14/2 heads of 64, MLP 4864, "
                   f"vocabulary 151936, tied head, {big['parameters'] / 1e6:.0f} M parameters", "",
-                  big["table"], ""]
-    b128 = kv["bytes@4096"]
-    lines += [
+                  _run_line(big) if "wall_s" in big else "1 thread.", "", big["table"], ""]
+    kv = data.get("kv")
+    if kv and small:
+        lines += _kv_lines(kv, small)
+    return "\n".join(lines)
+
+
+def _kv_lines(kv: dict, small: dict) -> list[str]:
+    recipe = small["meta"]["recipe"]
+    b4096 = kv["bytes@4096"]
+    lines = [
         "### int8 KV cache (per token and head, float32 scale beside it)", "",
         f"Held-out perplexity of the trained decoder ({small['heldout_windows']} windows of {recipe['seq']} bytes, "
         "each pre-filled in one call: with the int8 cache the new tokens' keys and values are rounded before they are "
@@ -179,21 +284,17 @@ def markdown(data: dict) -> str:
         "vs float32 |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for kvd, label, nbytes in (("float32", "float32", b128["float32"]), ("int8", "int8 + fp32 scale", b128["int8"])):
+    for kvd, label, nbytes in (("float32", "float32", b4096["float32"]), ("int8", "int8 + fp32 scale", b4096["int8"])):
         t, o = kv[f"torch {kvd}"], kv[f"onnxruntime {kvd}"]
         lines.append(f"| {label} | {t:.5f} | {t - kv['torch float32']:+.5f} | {o:.5f} | "
                      f"{o - kv['onnxruntime float32']:+.5f} | {nbytes / 2**20:.2f} MiB | "
-                     f"{b128['float32'] / nbytes:.2f}x smaller |")
-    lines.append(f"| (bf16, for scale) | | | | | {b128['bf16'] / 2**20:.2f} MiB | 2.00x smaller |")
-    lines += ["", f"Reference perplexity (the model's own forward): {ref:.5f}. int8 vs bf16 cache: "
-              f"{b128['bf16'] / b128['int8']:.2f}x smaller (head dim {recipe['hidden'] // recipe['heads']}: "
-              f"{recipe['hidden'] // recipe['heads']} + 4 bytes per token-head vs "
-              f"{4 * recipe['hidden'] // recipe['heads']}; head dim 64 gives 3.76x, 128 gives 3.88x).",
-              "", f"Whole run: {data['wall_s'] / 60:.1f} min"
-              + (f"; 1-minute load average at its end {data['load_average']:.1f} on {data['cpus']} cores (other jobs "
-                 "shared the machine: single figures are noisy, compare within a table)." if "load_average" in data
-                 else ".")]
-    return "\n".join(lines)
+                     f"{b4096['float32'] / nbytes:.2f}x smaller |")
+    lines.append(f"| (bf16, for scale) | | | | | {b4096['bf16'] / 2**20:.2f} MiB | 2.00x smaller |")
+    head = recipe["hidden"] // recipe["heads"]
+    lines += ["", f"Reference perplexity (the model's own forward): {kv['reference']:.5f}. int8 vs bf16 cache: "
+              f"{b4096['bf16'] / b4096['int8']:.2f}x smaller (head dim {head}: {head} + 4 bytes per token-head vs "
+              f"{4 * head}; head dim 64 gives 3.76x, 128 gives 3.88x)."]
+    return lines
 
 
 if __name__ == "__main__":

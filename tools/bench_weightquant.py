@@ -41,7 +41,7 @@ from _sections import write_section  # noqa: E402
 
 import ptool  # noqa: E402
 
-BATCH = 8
+BATCH = td.EVAL_BATCH
 #: Why ORT's GPTQ rows match its RTN rows, as read in onnxruntime 1.32's bundled copy of Intel Neural
 #: Compressor (``quantization/neural_compressor/weight_only.py``, ``gptq``): the error of a quantized
 #: row is fed to the rows after it through ``Hinv1[i:, i]`` and ``Hinv[i2:, i1:i2]``, the lower half of
@@ -145,9 +145,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model, meta = td.load()
     net = td.Logits(model).eval()
-    train, held = td.corpus(td.Recipe().heldout_every)
-    heldout = td.windows(held)
-    heldout = heldout[: heldout.shape[0] // BATCH * BATCH]
+    train, _, heldout = td.evaluation_split(BATCH)
     gen = torch.Generator().manual_seed(0)
     starts = torch.randint(0, train.numel() - td.SEQ, (a.calibration,), generator=gen).tolist()
     calib_windows = torch.stack([train[s:s + td.SEQ] for s in starts])

@@ -14,7 +14,7 @@ parameters (every Linear width a multiple of 128, so int4 groups of 32 and 128 b
 
     .venv/bin/python tools/train_decoder.py [--steps 1500] [--force]
 
-As a module: :func:`load` (train if needed) and :func:`perplexity`, :func:`windows`.
+As a module: :func:`load` (train if needed) and :func:`perplexity`, :func:`windows`, :func:`evaluation_split`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from torch import nn
 
 CACHE = pathlib.Path.home() / ".cache" / "ptool" / "decoder"
 SEQ = 128
+#: Windows per perplexity call.
+EVAL_BATCH = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,14 @@ def windows(data: torch.Tensor, seq: int = SEQ, count: int | None = None) -> tor
     return data[: n * seq].view(n, seq)
 
 
+def evaluation_split(batch: int = EVAL_BATCH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train bytes, held-out bytes, held-out windows)``: the windows cut to a multiple of ``batch``, so
+    every :func:`perplexity` call has one shape (what the benchmarks measure held-out perplexity on)."""
+    train, held = corpus(Recipe().heldout_every)
+    heldout = windows(held)
+    return train, held, heldout[: heldout.shape[0] // batch * batch]
+
+
 def build(recipe: Recipe) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,7 +105,7 @@ class Logits(nn.Module):
         return self.model(input_ids=ids, use_cache=False).logits
 
 
-def perplexity(run: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, batch: int = 8) -> float:
+def perplexity(run: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, batch: int = EVAL_BATCH) -> float:
     """``exp(mean NLL)`` of every next byte inside each window (``data``: ``(n, seq)``, ``n`` a multiple
     of ``batch``: every call has one shape)."""
     total, count = 0.0, 0

@@ -115,6 +115,12 @@ class Pass:
     """Specs the autotuner tries (approximate passes; exact ones are always applied). A pass joins
     the search space by declaring them here, not by an edit to the tuner."""
 
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether this configuration reads calibration data (a pass whose data need depends on its
+        options, such as ``quantize:mode=auto``, says so per instance)."""
+        return self.needs_calibration
+
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         """Rewrite ``gm`` in place and say what changed."""
         raise NotImplementedError

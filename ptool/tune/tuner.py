@@ -138,7 +138,8 @@ def autotune(
             specs join the base. Default: the candidates the registered passes declare.
         held_out_inputs: input tuples fidelity is measured on (never the calibration ones).
             Default: the example call alone (the result notes it).
-        calibration: input tuples for passes that need data.
+        calibration: input tuples for passes that need data (without any, the candidates that need
+            it, such as ``quantize:mode=auto``, calibrate on the example call; the notes say so).
         record_dir: where the record is looked up and saved (default ``~/.cache/ptool/tuning``).
         force: measure again even when a matching record exists.
         tvm_trials: MetaSchedule trials for a tuned TVM variant (0: untuned TVM only).
@@ -218,6 +219,8 @@ def autotune(
     if not held:
         held = [Call(args, kwargs)]
         notes.append("no held-out inputs given: fidelity measured on the example call only")
+    if not calib:
+        calib = _example_as_calibration(approximate, Call(args, kwargs), notes)
     calib_items = [c.args if not c.kwargs else c.kwargs for c in calib] or None
 
     fp = device_fingerprint(device)
@@ -335,6 +338,19 @@ def autotune(
     if status == "interrupted":
         raise TuningInterrupted(result)
     return result
+
+
+def _example_as_calibration(approximate: Sequence[str], example: Call, notes: list[str]) -> list[Call]:
+    """Without calibration data, the candidates that need it (``quantize:mode=auto``: its per-layer
+    sensitivity) calibrate on the example call rather than fail; the notes say so."""
+    from ptool.passes.registry import parse_pass
+
+    needing = [p for p in approximate if parse_pass(p).uses_calibration]
+    if not needing:
+        return []
+    notes.append(f"no calibration data given: {', '.join(needing)} calibrate{'s' if len(needing) == 1 else ''} "
+                 "on the example call")
+    return [example]
 
 
 def _disconnect(owned: bool) -> None:

@@ -371,3 +371,24 @@ def test_the_table_prints_as_a_table_not_as_row_objects(tuned):
     assert "candidate" in lines[0] and "median ms" in lines[0]
     assert sum("exact | onnxruntime" in line for line in lines) == 2  # one line per candidate
     assert isinstance(first.table, list) and len(first.table) == 4 and first.table[0].label  # still a list of rows
+
+
+def test_mixed_precision_search_is_a_candidate_on_every_backend_with_its_fidelity(tmp_path):
+    """quantize:mode=auto joins the search on each backend; without calibration data it calibrates on the
+    example call (noted), and its rows carry the fidelity the same transform gives outside the tuner."""
+    model, x, held = mlp()
+    specs = ["quantize:mode=auto,budget=0.5", "quantize:mode=auto,budget=0.25"]
+    result = ptool.autotune(model, (x,), backends=["torch", "onnxruntime"], variants={"torch": [{}], "onnxruntime": [{}]},
+                            passes=specs, max_error=0.05, held_out_inputs=held, record_dir=tmp_path, repeat=3,
+                            progress=False)
+    assert any("calibrate on the example call" in n and specs[0] in n for n in result.notes)
+    rows = {r.label: r for r in result.table}
+    for spec in specs:
+        m2 = ptool.transform(model, [spec], (x,), calibration=[(x,)])
+        with torch.no_grad():
+            cos = min(float(nn.functional.cosine_similarity(m2(*h).flatten(), model(*h).flatten(), dim=0)) for h in held)
+        assert 0 < 1 - cos < 0.05  # quantized: not exact, within the bound
+        for backend in ("torch", "onnxruntime"):
+            row = rows[f"{spec} | {backend}"]
+            assert row.status == Status.OK and row.median_ms > 0
+            assert row.cosine == pytest.approx(cos, abs=2e-4)  # ONNX Runtime's int kernels round a little differently

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +45,7 @@ import torch.utils._pytree as pytree
 from ptool.errors import PassError
 from ptool.ir.graph import attr_users, eliminate_dead_code, remove_unused_attributes
 from ptool.passes.base import PassContext, PassResult
+from ptool.passes.quant._quant_sites import BIAS, LayerSite, Stored, X, find_sites, merged_site, replace_group
 from ptool.progress import steps as progress
 
 #: Calibration calls each sensitivity probe runs (the first ones).
@@ -71,7 +71,7 @@ class Option:
 
 @dataclass
 class Layer:
-    site: object  # quantize._Site
+    site: LayerSite
     options: list[Option]
 
     @property
@@ -97,29 +97,16 @@ def _quantizers(q) -> dict:
                                         **base)}
 
 
-@dataclass(frozen=True)
-class QuantizeParts:
-    """What the search uses of the ``quantize`` pass, handed over by it: the pass imports this module,
-    so this module does not import the pass back."""
-
-    find_sites: Callable[[fx.GraphModule], list]
-    merged: Callable  # (gm, group) -> the merged site of layers sharing an input
-    replace: Callable  # (gm, group, new node) -> None
-    stored: type  # the class of a tensor the quantized op stores
-    x: object  # placeholder for the site's activation in an op's arguments
-    bias: object  # placeholder for the site's bias
+def _op_bytes(args: tuple) -> int:
+    return sum(a.value.numel() * a.value.element_size() for a in args if isinstance(a, Stored))
 
 
-def _op_bytes(args: tuple, parts: QuantizeParts) -> int:
-    return sum(a.value.numel() * a.value.element_size() for a in args if isinstance(a, parts.stored))
-
-
-def _probe(op: tuple, parts: QuantizeParts):
+def _probe(op: tuple):
     """``(x, bias) -> y``: the quantized op computing a site from its inputs."""
     target, template = op
 
     def run(x, bias=None):
-        resolved = [x if a is parts.x else bias if a is parts.bias else a.value if isinstance(a, parts.stored)
+        resolved = [x if a is X else bias if a is BIAS else a.value if isinstance(a, Stored)
                     else a for a in template]
         return target(*resolved)
 
@@ -137,8 +124,8 @@ class _Switchboard:
     ``error(choices)``: ``sum ||y_q - y||^2 / sum ||y||^2`` over the model's float outputs on the calls.
     """
 
-    def __init__(self, gm: fx.GraphModule, layers: list[Layer], calls: list, parts: QuantizeParts) -> None:
-        self.gm, self.calls, self.layers, self.parts = gm, calls, layers, parts
+    def __init__(self, gm: fx.GraphModule, layers: list[Layer], calls: list) -> None:
+        self.gm, self.calls, self.layers = gm, calls, layers
         self.active: dict[int, object] = {}
         self.switches: list[tuple[fx.Node, fx.Node]] = []
         active = self.active
@@ -170,7 +157,7 @@ class _Switchboard:
 
     def error(self, ops: dict[int, tuple]) -> float:
         self.active.clear()
-        self.active.update({i: _probe(op, self.parts) for i, op in ops.items()})
+        self.active.update({i: _probe(op) for i, op in ops.items()})
         err = 0.0
         try:
             with torch.no_grad():
@@ -248,7 +235,7 @@ class Knapsack:
         return out
 
 
-def run_auto(q, gm: fx.GraphModule, ctx: PassContext, parts: QuantizeParts) -> PassResult:
+def run_auto(q, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """``quantize:mode=auto`` (see the module docstring); ``q`` is the ``Quantize`` pass."""
 
     calls = ctx.require_calibration_calls(f"{q.name}:mode=auto")[:PROBE_CALLS]
@@ -256,7 +243,7 @@ def run_auto(q, gm: fx.GraphModule, ctx: PassContext, parts: QuantizeParts) -> P
     total_before = stored_bytes(gm)
     budget = q.budget if q.budget is not None else 1.0
     capacity_total = math.floor(budget * total_before)
-    sites = [s for s in parts.find_sites(gm) if s.kind == "linear" or q.embeddings]
+    sites = [s for s in find_sites(gm) if s.kind == "linear" or q.embeddings]
     floats = q._excluded(sites, result)
     quantizers = _quantizers(q)
     layers: list[Layer] = []
@@ -277,7 +264,7 @@ def run_auto(q, gm: fx.GraphModule, ctx: PassContext, parts: QuantizeParts) -> P
             if quantizer._unsupported(site) is not None:
                 continue
             op = quantizer._quantized(site)
-            options.append(Option(choice, _op_bytes(op[1], parts), op=op))
+            options.append(Option(choice, _op_bytes(op[1]), op=op))
         if not options:
             result.skip(site.label, f"kept float: no choice among {'+'.join(q.choices)} applies to it "
                                     f"(width {site.weight.shape[1]} is not a multiple of group_size {q.group_size})")
@@ -293,7 +280,7 @@ def run_auto(q, gm: fx.GraphModule, ctx: PassContext, parts: QuantizeParts) -> P
         raise PassError(f"pass '{q.name}': budget={budget:g} is below the smallest size the choices "
                         f"{'+'.join(q.choices)} reach on this model ({smallest:.4f} of its {total_before} weight "
                         f"bytes); raise budget to at least {math.ceil(smallest * 1e4) / 1e4:g}")
-    with _Switchboard(gm, layers, calls, parts) as board:
+    with _Switchboard(gm, layers, calls) as board:
         probes = [(i, o) for i, layer in enumerate(layers) for o in layer.options if o.op is not None]
         with progress(len(probes), f"{q.name}: measuring sensitivity") as bar:
             for i, o in probes:
@@ -337,10 +324,10 @@ def run_auto(q, gm: fx.GraphModule, ctx: PassContext, parts: QuantizeParts) -> P
     for choice in ("int8", "int4"):
         quantizer = quantizers[choice]
         for group in quantizer._groups(gm, by_choice.get(choice, [])):
-            site = group[0] if len(group) == 1 else parts.merged(gm, group)
+            site = group[0] if len(group) == 1 else merged_site(gm, group)
             op = ops[group[0].node] if len(group) == 1 else None  # the levels measured above, not computed again
             new, _ = quantizer._rewrite(gm, site, None, op=op)
-            parts.replace(gm, group, new)
+            replace_group(gm, group, new)
             result.hit(len(group))
             if len(group) > 1:
                 result.notes.setdefault("fused", []).append(" + ".join(s.node.name for s in group))

@@ -53,83 +53,32 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
-from ptool.ir.graph import (
-    add_tensor,
-    attr_tensor,
-    eliminate_dead_code,
-    is_op,
-    mark,
-    module_path,
-    owner_of,
-    remove_unused_attributes,
-)
+from ptool.ir.graph import add_tensor, eliminate_dead_code, mark, remove_unused_attributes
 from ptool.ir.record import record_values
 from ptool.ops.quant import pack_nibbles  # also registers torch.ops.ptool_quant.*
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.passes.quant import quantizers as qz
+from ptool.passes.quant._quant_sites import (
+    BIAS,
+    LayerSite,
+    Stored,
+    X,
+    bias_tensor,
+    find_sites,
+    input_of,
+    merged_site,
+    replace_group,
+)
 from ptool.passes.quant._sites import exclude_pattern
 from ptool.passes.quant.gptq import Levels
 from ptool.passes.quant.int8_attention import quantize_attention
+from ptool.passes.quant.mixed import run_auto
 from ptool.progress import steps as progress
 from ptool.verify import Lossy, Numerics
-
-aten = torch.ops.aten
 
 Mode = Literal["int8-dynamic", "int8-static", "int4-weight", "auto"]
 Choice = Literal["float", "int8", "int4"]
 Method = Literal["rtn", "gptq", "awq"]
-
-
-#: Placeholders in :meth:`Quantize._quantized`'s op arguments: the site's activation (or indices) and its bias.
-_X, _BIAS = object(), object()
-
-
-@dataclass(frozen=True)
-class _Stored:
-    """A tensor the quantized op stores (a buffer named ``name`` on the site's module)."""
-
-    name: str
-    value: torch.Tensor
-
-
-@dataclass
-class _Site:
-    """One layer to quantize: a linear (weight normalized to ``(out, in)``) or an embedding table."""
-
-    node: fx.Node
-    kind: Literal["linear", "embedding"]
-    x: fx.Node  # the activation (linear) or the indices (embedding)
-    weight_node: fx.Node
-    weight: torch.Tensor  # (out, in) for linears, (vocab, dim) for embeddings
-    bias: fx.Node | None = None
-    owner: str = ""  # module path the quantized tensors are stored on
-
-    def __post_init__(self) -> None:
-        self.owner = self.owner or owner_of(self.weight_node.target)
-
-    @property
-    def label(self) -> str:
-        return f"{self.node.name} ({module_path(self.node)})"
-
-
-def find_sites(gm: fx.GraphModule) -> list[_Site]:
-    """Linears with a stored 2-D weight (``linear``, ``addmm`` with alpha = beta = 1) and embedding tables."""
-    sites = []
-    for node in gm.graph.nodes:
-        if is_op(node, aten.linear):
-            w = attr_tensor(gm, node.args[1])
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            if w is not None and w.dim() == 2 and w.is_floating_point():
-                sites.append(_Site(node, "linear", node.args[0], node.args[1], w.detach(), bias))
-        elif is_op(node, aten.addmm) and len(node.args) == 3 and not node.kwargs:
-            w = attr_tensor(gm, node.args[2])
-            if w is not None and w.dim() == 2 and w.is_floating_point():
-                sites.append(_Site(node, "linear", node.args[1], node.args[2], w.detach().T, node.args[0]))
-        elif is_op(node, aten.embedding):
-            w = attr_tensor(gm, node.args[0])
-            if w is not None and w.dim() == 2 and w.is_floating_point():
-                sites.append(_Site(node, "embedding", node.args[1], node.args[0], w.detach()))
-    return sites
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,7 +119,8 @@ class Quantize(Pass):
     family: ClassVar[Family] = Family.QUANTIZATION
     numerics: ClassVar[Numerics] = Lossy("cosine", 0.97)
     tuning_candidates: ClassVar[tuple[str, ...]] = ("quantize", "quantize:activations=per-token",
-                                                    "quantize:mode=int4-weight")
+                                                    "quantize:mode=int4-weight", "quantize:mode=auto,budget=0.25",
+                                                    "quantize:mode=auto,budget=0.5")
 
     mode: Mode = "int8-dynamic"
     granularity: Literal["per-channel", "per-tensor"] = "per-channel"
@@ -229,6 +179,10 @@ class Quantize(Pass):
                 raise ValueError("mode=auto chooses per layer itself: method, keep_float and granularity=per-tensor "
                                  "do not apply to it")
 
+    @property
+    def uses_calibration(self) -> bool:
+        return self.mode in ("int8-static", "auto") or self.keep_float > 0 or self.method != "rtn"
+
     # -----------------------------------------------------------------------------------------
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -239,9 +193,7 @@ class Quantize(Pass):
 
     def _quantize_layers(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.mode == "auto":
-            from ptool.passes.quant.mixed import QuantizeParts, run_auto
-
-            return run_auto(self, gm, ctx, QuantizeParts(find_sites, _merged, _replace, _Stored, _X, _BIAS))
+            return run_auto(self, gm, ctx)
         if self.method != "rtn":
             ctx.require_calibration(f"{self.name}:method={self.method}")
         result = PassResult()
@@ -273,12 +225,12 @@ class Quantize(Pass):
             todo, levels = self._calibrated_levels(gm, ctx, todo, result)
         before = after = 0
         for group in self._groups(gm, todo):
-            site = group[0] if len(group) == 1 else _merged(gm, group)
+            site = group[0] if len(group) == 1 else merged_site(gm, group)
             before += sum(s.weight.numel() * s.weight.element_size() for s in group)
             stored_levels = _concat([levels[s.node] for s in group]) if all(s.node in levels for s in group) else None
             new, stored = self._rewrite(gm, site, stats.get(group[0].node), stored_levels)
             after += stored
-            _replace(gm, group, new)
+            replace_group(gm, group, new)
             result.hit(len(group))
             if len(group) > 1:
                 result.notes.setdefault("fused", []).append(" + ".join(s.node.name for s in group))
@@ -290,16 +242,16 @@ class Quantize(Pass):
             result.notes["layer_error"] = {s.label: stats[s.node].error for s in linears}
         return result
 
-    def _groups(self, gm: fx.GraphModule, sites: list[_Site]) -> list[list[_Site]]:
+    def _groups(self, gm: fx.GraphModule, sites: list[LayerSite]) -> list[list[LayerSite]]:
         """Sites in rewrite units: linears reading one input fused (``fuse_shared_inputs``), else one each."""
-        groups: dict[object, list[_Site]] = {}
+        groups: dict[object, list[LayerSite]] = {}
         for site in sites:
-            fusable = self.fuse_shared_inputs and site.kind == "linear" and _bias_tensor(gm, site) is not False
+            fusable = self.fuse_shared_inputs and site.kind == "linear" and bias_tensor(gm, site) is not False
             groups.setdefault(site.x if fusable else site.node, []).append(site)
         return list(groups.values())
 
-    def _calibrated_levels(self, gm: fx.GraphModule, ctx: PassContext, todo: list[_Site], result: PassResult
-                           ) -> tuple[list[_Site], dict[fx.Node, Levels]]:
+    def _calibrated_levels(self, gm: fx.GraphModule, ctx: PassContext, todo: list[LayerSite], result: PassResult
+                           ) -> tuple[list[LayerSite], dict[fx.Node, Levels]]:
         """GPTQ levels, or AWQ's scales folded (which edits weights and inputs: the sites are found
         again) and its clipped levels, for the linears in ``todo``; the notes say per layer what was done."""
         from ptool.passes.quant import awq, gptq
@@ -319,7 +271,7 @@ class Quantize(Pass):
         fresh = {s.node: s for s in find_sites(gm)}  # the folds replaced weights and may have added a mul
         return [fresh.get(s.node, s) for s in todo], levels
 
-    def _excluded(self, sites: list[_Site], result: PassResult) -> set[fx.Node]:
+    def _excluded(self, sites: list[LayerSite], result: PassResult) -> set[fx.Node]:
         out = set()
         for s in sites:
             pattern = exclude_pattern(s.node, self.exclude)
@@ -328,7 +280,7 @@ class Quantize(Pass):
                 result.skip(s.label, f"kept float: matches exclude pattern '{pattern}'")
         return out
 
-    def _unsupported(self, site: _Site) -> str | None:
+    def _unsupported(self, site: LayerSite) -> str | None:
         width = site.weight.shape[1]
         if self.mode == "int4-weight" and width % self.group_size:
             return f"kept float: width {width} is not a multiple of group_size {self.group_size}"
@@ -337,7 +289,7 @@ class Quantize(Pass):
     # -----------------------------------------------------------------------------------------
     # calibration: activation ranges (static) and per-layer sensitivity (keep_float)
 
-    def _calibrate(self, gm: fx.GraphModule, ctx: PassContext, linears: list[_Site]) -> dict[fx.Node, _LayerStats]:
+    def _calibrate(self, gm: fx.GraphModule, ctx: PassContext, linears: list[LayerSite]) -> dict[fx.Node, _LayerStats]:
         calls = ctx.require_calibration_calls(f"{self.name}:mode={self.mode}" if self.mode == "int8-static" else
                                               f"{self.name}:keep_float={self.keep_float}")
         stats = {s.node: _LayerStats(qz.Observer(self.observer, self.percentile)) for s in linears}
@@ -358,7 +310,7 @@ class Quantize(Pass):
                     bar.update(1)
         return stats
 
-    def _simulate(self, site: _Site, stats: _LayerStats):
+    def _simulate(self, site: LayerSite, stats: _LayerStats):
         """``x -> quantized layer(x)`` without bias, in float: the sensitivity probe."""
         w_hat = self._fake_weight(site.weight)
         if self.mode == "int8-dynamic" and self.activations == "per-token":
@@ -386,22 +338,22 @@ class Quantize(Pass):
     # -----------------------------------------------------------------------------------------
     # rewriting
 
-    def _rewrite(self, gm: fx.GraphModule, site: _Site, stats: _LayerStats | None,
+    def _rewrite(self, gm: fx.GraphModule, site: LayerSite, stats: _LayerStats | None,
                  levels: Levels | None = None, op: tuple | None = None) -> tuple[fx.Node, int]:
         """Insert the quantized op computing ``site`` (before it); return it and the bytes it stores.
         ``levels``: int4 levels chosen beforehand (``method=gptq|awq``), else round to nearest;
         ``op``: the whole ``(target, args)`` of :meth:`_quantized`, computed beforehand."""
-        site.x = _input_of(site.node)  # an earlier rewrite may have replaced the node it reads (Linear -> Linear)
+        site.x = input_of(site.node)  # an earlier rewrite may have replaced the node it reads (Linear -> Linear)
         target, args = op or self._quantized(site, stats, levels)
         stored = 0
 
         def resolve(a):
             nonlocal stored
-            if a is _X:
+            if a is X:
                 return site.x
-            if a is _BIAS:
+            if a is BIAS:
                 return site.bias
-            if isinstance(a, _Stored):
+            if isinstance(a, Stored):
                 stored += a.value.numel() * a.value.element_size()
                 return add_tensor(gm, site.owner, a.name, a.value, parameter=False, before=site.node)
             return a
@@ -412,34 +364,34 @@ class Quantize(Pass):
         new.meta = {**site.node.meta, "ptool.from_pass": self.name}
         return new, stored
 
-    def _quantized(self, site: _Site, stats: _LayerStats | None = None, levels: Levels | None = None
+    def _quantized(self, site: LayerSite, stats: _LayerStats | None = None, levels: Levels | None = None
                    ) -> tuple[object, tuple]:
-        """``(op, args)`` of the quantized layer computing ``site``: ``args`` hold :data:`_X` (the
-        activation or indices), :data:`_BIAS` (the site's bias) and :class:`_Stored` tensors."""
+        """``(op, args)`` of the quantized layer computing ``site``: ``args`` hold :data:`X` (the
+        activation or indices), :data:`BIAS` (the site's bias) and :class:`Stored` tensors."""
         ops = torch.ops.ptool_quant
         w = site.weight.float()
         if site.kind == "embedding":
             if self.mode == "int4-weight":
-                return ops.embedding_int4.default, (_X, *self._int4_stored(w), w.shape[1])
+                return ops.embedding_int4.default, (X, *self._int4_stored(w), w.shape[1])
             q, scales = qz.quantize_weight(w, 8)
-            return ops.embedding_int8.default, (_X, _Stored("qweight", q), _Stored("qscale", scales.squeeze(-1)))
+            return ops.embedding_int8.default, (X, Stored("qweight", q), Stored("qscale", scales.squeeze(-1)))
         if self.mode == "int4-weight":
-            return ops.linear_int4.default, (_X, *self._int4_stored(w, levels), _BIAS, w.shape[1])
+            return ops.linear_int4.default, (X, *self._int4_stored(w, levels), BIAS, w.shape[1])
         q, scales = self._int8_weight(w)
-        weight_t, weight_scale = _Stored("qweight_t", q.T.contiguous()), _Stored("qscale", scales)
+        weight_t, weight_scale = Stored("qweight_t", q.T.contiguous()), Stored("qscale", scales)
         if self.mode == "int8-dynamic":
             target = ops.linear_token_int8 if self.activations == "per-token" else ops.linear_dynamic_int8
-            return target.default, (_X, weight_t, weight_scale, _BIAS)
+            return target.default, (X, weight_t, weight_scale, BIAS)
         x_scale, x_zero = stats.observer.qparams(qz.IntRange(8, signed=False))
-        return ops.linear_static_int8.default, (_X, _Stored("x_scale", x_scale.reshape(())),
-                                                _Stored("x_zero", x_zero.reshape(())), weight_t, weight_scale, _BIAS)
+        return ops.linear_static_int8.default, (X, Stored("x_scale", x_scale.reshape(())),
+                                                Stored("x_zero", x_zero.reshape(())), weight_t, weight_scale, BIAS)
 
-    def _int4_stored(self, w: torch.Tensor, chosen: Levels | None = None) -> tuple[_Stored, _Stored, _Stored]:
+    def _int4_stored(self, w: torch.Tensor, chosen: Levels | None = None) -> tuple[Stored, Stored, Stored]:
         if chosen is not None:
             levels, scales, zeros = chosen.levels, chosen.scales, chosen.zeros
         else:
             levels, scales, zeros = qz.quantize_weight_asymmetric(w, 4, self.group_size)
-        return _Stored("qweight", pack_nibbles(levels)), _Stored("qscale", scales), _Stored("qzero", pack_nibbles(zeros))
+        return Stored("qweight", pack_nibbles(levels)), Stored("qscale", scales), Stored("qzero", pack_nibbles(zeros))
 
     def _int8_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.granularity == "per-tensor":
@@ -455,63 +407,11 @@ def _token_fake(quantize, x: torch.Tensor) -> torch.Tensor:
     return levels * scale
 
 
-def _input_of(node: fx.Node) -> fx.Node:
-    """The activation (linear, addmm) or indices (embedding) ``node`` reads now."""
-    return node.args[1] if is_op(node, aten.addmm, aten.embedding) else node.args[0]
-
-
 def _concat(parts: list[Levels]) -> Levels:
     """The levels of linears fused side by side (output rows concatenated)."""
     if len(parts) == 1:
         return parts[0]
     return Levels(*(torch.cat([getattr(p, k) for p in parts]) for k in ("levels", "scales", "zeros")))
-
-
-def _bias_tensor(gm: fx.GraphModule, site: _Site) -> torch.Tensor | None | bool:
-    """The stored bias of a linear site, None without one, False if it is computed (not fusable)."""
-    if site.bias is None:
-        return None
-    value = attr_tensor(gm, site.bias)
-    return False if value is None else value.detach()
-
-
-def _merged(gm: fx.GraphModule, group: list[_Site]) -> _Site:
-    """One linear site computing the group's outputs side by side (weights and biases concatenated)."""
-    weight = torch.cat([s.weight for s in group])
-    biases = [_bias_tensor(gm, s) for s in group]
-    owners = [s.owner.split(".") for s in group]
-    common = []
-    for parts in zip(*owners):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    first = min(group, key=lambda s: list(gm.graph.nodes).index(s.node))
-    bias = None
-    if any(b is not None for b in biases):
-        value = torch.cat([b if b is not None else weight.new_zeros(s.weight.shape[0]) for b, s in zip(biases, group)])
-        bias = add_tensor(gm, ".".join(common), "fused_bias", value, parameter=False, before=first.node)
-    return _Site(first.node, "linear", first.x, first.weight_node, weight, bias, owner=".".join(common))
-
-
-def _replace(gm: fx.GraphModule, group: list[_Site], new: fx.Node) -> None:
-    """Point the group's users at ``new`` (split back into each site's columns if fused); drop the old nodes."""
-    import operator
-
-    if len(group) == 1:
-        outputs = [new]
-    else:
-        sizes = [s.weight.shape[0] for s in group]
-        with gm.graph.inserting_after(new):
-            split = gm.graph.call_function(aten.split_with_sizes.default, (new, sizes, -1))
-        outputs = []
-        previous = split
-        for i in range(len(group)):
-            with gm.graph.inserting_after(previous):
-                previous = gm.graph.call_function(operator.getitem, (split, i))
-            outputs.append(previous)
-    for site, out in zip(group, outputs):
-        site.node.replace_all_uses_with(out)
-        gm.graph.erase_node(site.node)
 
 
 @dataclass
