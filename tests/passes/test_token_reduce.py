@@ -246,7 +246,7 @@ def test_the_graph_carries_exact_sizes_into_the_attention(digits):
 
 
 @pytest.mark.parametrize("options", ["", ",method=transform,similarity=keys", ",method=fuse",
-                                     ",method=bipartite,similarity=keys", ",where=block,layers=0+1"])
+                                     ",method=bipartite,similarity=keys", ",where=block,layers=0+1,temperature=0.1"])
 def test_static_shapes_export_to_onnx_and_match(digits, tmp_path, options):
     x = digits.data.x_test[:BATCH]
     with dv.single_thread():
