@@ -11,12 +11,14 @@ Models:
   12 layers, 3 heads): structure and speed only (its accuracy means nothing).
 
 Accuracy: top-1 on the whole digits test split (540 images, batches of 64, the last padded), no
-training. For each method the largest ``keep`` (steps of 0.05) whose stages (before every block but the
-first) remove at least 40% of the matmul-class FLOPs (``ptool/ir/flops.py``) is used; the digits ViT,
-whose 2 blocks cannot lose 40% at any usable accuracy, also gets its best configuration within
-1 point. Speed: original vs reduced model on torch eager, ONNX Runtime and TVM (untuned default
-schedules), one thread each, timed side by side (round-robin, medians); max |diff| of ORT / TVM
-vs the reduced torch model.
+training. The defaults (inside every block after the attention, ``transform`` at temperature 0.005 on the tokens' similarity,
+proportional attention, geometric schedule) at the largest ``keep`` (steps of 0.05) that removes at
+least 40% of the matmul-class FLOPs (``ptool/ir/flops.py``); each variant (method, keys similarity, no
+proportional attention) at that keep; the constant schedule and the earlier placement (before every
+block but the first, ``prune``) at their own keep for 40%; then a few more settings. Speed: original vs
+the defaults at 40% or more, on torch eager, ONNX Runtime and TVM (untuned default schedules),
+one thread each, timed side by side (round-robin, medians); max |diff| of ORT / TVM vs the reduced
+torch model.
 
     .venv/bin/python tools/bench_token_reduce.py [--no-write] [--skip-tvm] [--only digits-vit,deit-tiny]
 
@@ -42,7 +44,13 @@ from ptool.benchmark import measure_interleaved  # noqa: E402
 
 BATCH = 64
 TARGET = 0.40
-METHODS = ("transform", "merge", "prune")
+VARIANTS = ("method=merge", "temperature=0.1", "method=prune", "method=fuse", "method=bipartite", "similarity=keys",
+            "proportional=false")
+"""Changed one at a time from the defaults (where=mlp, method=transform at temperature 0.005, similarity=hidden,
+proportional, geometric)."""
+OWN_KEEP = ("schedule=constant", "where=block,method=prune")
+"""Options whose FLOPs at a keep differ from the defaults': searched for their own keep (the second is the
+pass's earlier placement and its best method there, for comparison)."""
 
 
 def log(text: str) -> None:
@@ -50,16 +58,10 @@ def log(text: str) -> None:
 
 
 def accuracy(model, x, y) -> float:
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), BATCH):
-            xb = x[i:i + BATCH]
-            k = len(xb)
-            xb = torch.cat([xb, xb[:1].expand(BATCH - k, *xb.shape[1:])]) if k < BATCH else xb
-            out = model(xb)
-            logits = out.logits if hasattr(out, "logits") else out
-            correct += int((logits[:k].argmax(-1) == y[i:i + k]).sum())
-    return correct / len(x)
+    """Top-1 in batches of the traced size (the last one padded)."""
+    from tests.models.digits_vit import accuracy as top1
+
+    return top1(model, x, y, BATCH, pad=True)
 
 
 def _logits(out):
@@ -72,10 +74,10 @@ def reduce(make, spec: str, args):
         return ptool.transform(make(), [spec], args)
 
 
-def keep_for_target(make, method: str, args, layers: str = "") -> tuple[str, object]:
-    """The largest keep (0.95, 0.90, ...) whose FLOPs saving reaches TARGET; its spec and model."""
+def keep_for_target(make, options: str, args) -> tuple[str, object]:
+    """The largest keep (0.95, 0.90, ...) whose FLOPs saving reaches TARGET with ``options``; its spec and model."""
     def attempt(step: int):
-        spec = f"token-reduce:keep={step * 0.05:.2f},method={method}" + (f",layers={layers}" if layers else "")
+        spec = f"token-reduce:keep={step * 0.05:.2f}" + (f",{options}" if options else "")
         m = reduce(make, spec, args)
         return spec, m, m.report[0].notes.get("flops_removed", 0) >= TARGET
 
@@ -88,16 +90,20 @@ def keep_for_target(make, method: str, args, layers: str = "") -> tuple[str, obj
         else:
             hi = mid - 1
     if found is None:
-        raise RuntimeError(f"no keep reaches {TARGET:.0%} fewer FLOPs with {method}")
+        raise RuntimeError(f"no keep reaches {TARGET:.0%} fewer FLOPs with {options or 'the defaults'}")
     return found
 
 
 def accuracy_rows(name: str, make, data, extra: list[str]) -> list[dict]:
+    """The defaults at the largest keep reaching TARGET, each variant at that keep, the constant schedule and
+    the reduction before blocks (each at its own keep for TARGET), then ``extra`` specs."""
     x, y = data.x_test, data.y_test
     args = (x[:BATCH],)
     original = accuracy(make(), x, y)
     rows = []
-    candidates = [keep_for_target(make, method, args) for method in METHODS]
+    spec, m = keep_for_target(make, "", args)
+    candidates = [(spec, m)] + [(f"{spec},{v}", reduce(make, f"{spec},{v}", args)) for v in VARIANTS]
+    candidates += [keep_for_target(make, options, args) for options in OWN_KEEP]
     candidates += [(spec, reduce(make, spec, args)) for spec in extra]
     for spec, m in candidates:
         r = m.report[0]
@@ -145,10 +151,14 @@ def deit_tiny():
 
 def markdown(acc_rows: list[dict], speed: list[dict]) -> str:
     lines = ["## Token reduction (`tools/bench_token_reduce.py`)", "",
-             "`token-reduce` (Token Transforming; ToMe-style `merge` and `prune` as its special cases), training-free. "
-             "Accuracy: top-1 on the whole digits test split (540 images), before and after, no training; for "
-             "each method the largest `keep` (steps of 0.05, stages before every block but the first) that removes "
-             "at least 40% of the matmul-class FLOPs (then a few milder settings). Tokens: per block, after the stages.",
+             "`token-reduce` (Token Transforming; ToMe-style `merge`, bipartite matching and proportional attention, "
+             "EViT-style `prune` / `fuse` as its special cases), training-free. Accuracy: top-1 on the whole digits "
+             "test split (540 images), before and after, no training. First the defaults (`where=mlp`: inside every "
+             "block, after the attention; `method=transform` at `temperature=0.005`, a sharp softmax; "
+             "`similarity=hidden`, `proportional=true`, geometric schedule) at the largest `keep` (steps of 0.05) that removes at least 40% of the matmul-class FLOPs, "
+             "then one option changed at a time at that keep, then the constant schedule and the earlier placement "
+             "(`where=block`: before every block but the first) at their own keep for 40%, then other settings. "
+             "Tokens per block: `attention>MLP` where a stage sits inside the block.",
              "",
              "| model | spec | tokens per block | FLOPs removed | top-1 before | top-1 after | change (points) | "
              "cosine (logits) |", "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -202,24 +212,24 @@ def main() -> None:
     if want("digits-vit"):
         d = digits_vit(0)
         make = lambda: digits_vit(0).model  # noqa: E731
-        acc_rows += accuracy_rows("digits ViT (17 tokens, 2 blocks)", make, d.data,
-                                  ["token-reduce:keep=0.6,layers=1,method=merge"])
+        rows = accuracy_rows("digits ViT (17 tokens, 2 blocks)", make, d.data,
+                             ["token-reduce:keep=0.6,layers=1,where=block,proportional=false"])
+        acc_rows += rows
         args = (d.data.x_test[:BATCH],)
-        speed.append(speed_row("digits ViT, batch 64", make(), reduce(make, acc_rows[1]["spec"], args), args,
+        speed.append(speed_row("digits ViT, batch 64", make(), reduce(make, rows[0]["spec"], args), args,
                                tvm=not a.skip_tvm, repeat=a.repeat))
     if want("digits-deit"):
         d = digits_deit(0)
         make = lambda: digits_deit(0).model  # noqa: E731
         rows = accuracy_rows("digits DeiT (66 tokens, 6 blocks)", make, d.data,
-                             ["token-reduce:keep=0.85,method=prune", "token-reduce:keep=0.9,method=prune"])
+                             ["token-reduce:keep=0.75", "token-reduce:keep=0.7"])
         acc_rows += rows
-        best = max(rows[:3], key=lambda r: r["accuracy"])  # the best at >= 40% fewer FLOPs
         args = (d.data.x_test[:BATCH],)
-        speed.append(speed_row("digits DeiT, batch 64", make(), reduce(make, best["spec"], args), args,
+        speed.append(speed_row("digits DeiT, batch 64", make(), reduce(make, rows[0]["spec"], args), args,
                                tvm=not a.skip_tvm, repeat=a.repeat))
     if want("deit-tiny"):
         args = (torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
-        spec, m = keep_for_target(deit_tiny, "transform", args)
+        spec, m = keep_for_target(deit_tiny, "", args)
         speed.append(speed_row("DeiT-tiny shape (random weights), batch 4", deit_tiny(), m, args,
                                tvm=not a.skip_tvm, repeat=max(5, a.repeat // 2)))
     if a.no_write:

@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from tests.models.digits_vit import DigitsViT, accuracy, digits_data, single_thread
+from tests.models.digits_vit import DigitsViT, accuracy, digits_data, seeded, single_thread, train
 
 __all__ = ["deit_config", "digits_deit"]
 
@@ -43,32 +43,12 @@ def deit_config():
 def _new_model(seed: int) -> nn.Module:
     from transformers import DeiTForImageClassification
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return DeiTForImageClassification._from_config(deit_config(), attn_implementation="sdpa")
+    return seeded(DeiTForImageClassification, deit_config(), seed)
 
 
-def _fit(seed: int, log=None) -> dict[str, torch.Tensor]:
-    data = digits_data()
-    model = _new_model(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    steps_per_epoch = len(data.x_train) // BATCH
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=EPOCHS * steps_per_epoch,
-                                                pct_start=0.15)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(EPOCHS):
-        order = torch.randperm(len(data.x_train), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = order[i * BATCH:(i + 1) * BATCH]
-            loss = nn.functional.cross_entropy(model(data.x_train[idx]).logits, data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if log is not None:
-            log(f"epoch {_ + 1}: loss {loss.item():.3f}")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def _fit(seed: int) -> dict[str, torch.Tensor]:
+    return train(_new_model(seed), digits_data(), seed=seed, epochs=EPOCHS, lr=LR, weight_decay=WEIGHT_DECAY,
+                 batch=BATCH)
 
 
 @functools.lru_cache(maxsize=2)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["DigitsData", "DigitsViT", "accuracy", "digits_data", "digits_vit", "single_thread", "vit_config"]
+__all__ = ["DigitsData", "DigitsViT", "accuracy", "digits_data", "digits_vit", "seeded", "single_thread", "train",
+           "vit_config"]
 
 IMAGE = 8
 TEST_FRACTION = 0.3
@@ -89,14 +90,22 @@ def vit_config():
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
-    """Top-1 accuracy of ``model(pixel_values)`` (an HF output with ``.logits`` or a tensor)."""
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256, *, pad: bool = False) -> float:
+    """Top-1 accuracy of ``model(pixel_values)`` (an HF output with ``.logits`` or a tensor).
+
+    ``pad``: every call gets exactly ``batch`` images, the last batch padded with copies of its first
+    image (not counted): for graphs traced at a fixed batch size.
+    """
     correct = 0
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out = model(x[i:i + batch])
+            xb = x[i:i + batch]
+            k = len(xb)
+            if pad and k < batch:
+                xb = torch.cat([xb, xb[:1].expand(batch - k, *xb.shape[1:])])
+            out = model(xb)
             logits = out.logits if hasattr(out, "logits") else out
-            correct += int((logits.argmax(-1) == y[i:i + batch]).sum())
+            correct += int((logits[:k].argmax(-1) == y[i:i + k]).sum())
     return correct / len(x)
 
 
@@ -116,12 +125,18 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def seeded(model_class: type, config, seed: int) -> nn.Module:
+    """``model_class`` (a Hugging Face model) built from ``config`` with its weights drawn from ``seed``
+    (the caller's random state untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class._from_config(config, attn_implementation="sdpa")
+
+
 def _new_model(seed: int) -> nn.Module:
     from transformers import ViTForImageClassification
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ViTForImageClassification._from_config(vit_config(), attn_implementation="sdpa")
+    return seeded(ViTForImageClassification, vit_config(), seed)
 
 
 @functools.lru_cache(maxsize=4)
@@ -135,29 +150,38 @@ def _train(seed: int) -> tuple[dict[str, torch.Tensor], float, float]:
     return state, acc, time.perf_counter() - start
 
 
-def _fit(seed: int) -> tuple[dict[str, torch.Tensor], float]:
-    """AdamW + one-cycle schedule on the training split, fixed batch order per seed."""
-    data = digits_data()
-    model = _new_model(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    steps_per_epoch = len(data.x_train) // BATCH
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=EPOCHS * steps_per_epoch,
+def train(model: nn.Module, data: DigitsData, *, seed: int, epochs: int, lr: float,
+          weight_decay: float = WEIGHT_DECAY, batch: int = BATCH, log=None) -> dict[str, torch.Tensor]:
+    """AdamW + one-cycle schedule on the training split, fixed batch order per seed (the digits ViT's and
+    DeiT's training). Leaves ``model`` trained, in eval mode; returns a copy of its state dict.
+    ``log(text)``: called once per epoch with the last loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = len(data.x_train) // batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                 pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(EPOCHS):
+    for epoch in range(epochs):
         order = torch.randperm(len(data.x_train), generator=gen)
         for i in range(steps_per_epoch):
-            idx = order[i * BATCH:(i + 1) * BATCH]
-            logits = model(data.x_train[idx]).logits
-            loss = nn.functional.cross_entropy(logits, data.y_train[idx])
+            idx = order[i * batch:(i + 1) * batch]
+            loss = nn.functional.cross_entropy(model(data.x_train[idx]).logits, data.y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+        if log is not None:
+            log(f"epoch {epoch + 1}: loss {loss.item():.3f}")
     model.eval()
-    acc = accuracy(model, data.x_test, data.y_test)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, acc
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _fit(seed: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Train a fresh model on the training split; its state dict and test accuracy."""
+    data = digits_data()
+    model = _new_model(seed)
+    state = train(model, data, seed=seed, epochs=EPOCHS, lr=LR)
+    return state, accuracy(model, data.x_test, data.y_test)
 
 
 def digits_vit(seed: int = 0) -> DigitsViT:
