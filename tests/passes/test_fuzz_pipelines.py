@@ -138,7 +138,7 @@ _PATTERNS = st.lists(_OK_TEXT, max_size=3).map(tuple)
 _ATTENTION = {"layers": _SITES, "transfer_steps": _NONNEG, "transfer_lr": _POSITIVE,
               "transfer_mse_weight": _floats(0), "distill_steps": _NONNEG, "distill_lr": _POSITIVE,
               "distill_rank": st.integers(1, INT64[1]), "distill_site_weight": _floats(0),
-              "seed": st.integers(*INT64)}
+              "distill_batch": st.integers(1, INT64[1]), "seed": st.integers(*INT64)}
 
 #: Every valid value of each int / float / tuple option (bools and Literals are derived from the type).
 VALID: dict[str, dict[str, st.SearchStrategy]] = {
@@ -173,7 +173,7 @@ _NOT_POSITIVE = _floats(None, 0)
 _ATTENTION_BAD = {"layers": st.lists(_NEGATIVE, min_size=1, max_size=3).map(tuple), "transfer_steps": _NEGATIVE,
                   "transfer_lr": _NOT_POSITIVE, "transfer_mse_weight": _floats(None, 0, exclude_max=True),
                   "distill_steps": _NEGATIVE, "distill_lr": _NOT_POSITIVE, "distill_rank": st.integers(INT64[0], 0),
-                  "distill_site_weight": _floats(None, 0, exclude_max=True)}
+                  "distill_site_weight": _floats(None, 0, exclude_max=True), "distill_batch": st.integers(INT64[0], 0)}
 
 #: Values of the right type that each option must refuse (ranges from the pass docstrings).
 OUT_OF_RANGE: dict[str, dict[str, st.SearchStrategy]] = {
@@ -454,6 +454,7 @@ _SMALL = {  # options whose cost grows with the value: small in pipelines (full 
     "feature_dim": st.integers(0, 16), "chunk_size": st.integers(1, 64), "block_size": st.integers(1, 24),
     "keep_float": st.integers(0, 4), "group_size": st.sampled_from([2, 4, 8, 16, 32, 64]),
     "distill_rank": st.integers(1, 8), "distill_site_weight": st.sampled_from([0.0, 0.5, 1.0]),
+    "distill_batch": st.integers(1, 3),
     "max_growth_bytes": st.sampled_from([0, 64, 4096, 1 << 20]),
     "k": st.sampled_from([0.05, 0.25, 0.5, 1.0, 3.0, 100.0]),
     "seed": st.integers(0, 2**32), "diag_layers": st.integers(-1, 3),
