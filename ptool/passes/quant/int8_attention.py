@@ -22,7 +22,7 @@ import math
 import torch
 import torch.fx as fx
 
-from ptool.ir.graph import is_op, mark, module_path
+from ptool.ir.graph import is_op, module_path
 from ptool.passes.base import PassResult
 
 aten = torch.ops.aten
@@ -70,7 +70,7 @@ def quantize_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -
         args = (named["query"], named["key"], named["value"], named.get("attn_mask"), float(scale),
                 bool(named.get("is_causal", False)))
         with gm.graph.inserting_before(node):
-            new = mark(gm.graph.call_function(torch.ops.ptool_quant.attention_int8.default, args), pass_name)
+            new = gm.graph.call_function(torch.ops.ptool_quant.attention_int8.default, args)
         new.meta = {**node.meta, "ptool.from_pass": pass_name}
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

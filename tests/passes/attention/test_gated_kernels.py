@@ -242,24 +242,24 @@ def test_llama_chunked_equals_quadratic_and_decode_equals_parallel(mixer):
             assert _err(_decode(kernel, q, k, v), values[1][call]) <= 1e-4
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
-def test_llama_lowers_to_onnxruntime(mixer):
+def _lowered_rel_error(mixer: str, backend: str) -> float:
     fixture, m2, _, _ = _llama(mixer)
-    run = ptool.compile(m2, backend="onnxruntime")
+    run = ptool.compile(m2, backend=backend)
     args, kwargs = fixture.heldout()
     with torch.no_grad():
-        assert ptool.verify.compare(m2(*args, **kwargs), run(*args, **kwargs)).max_rel_error <= 1e-4
+        return ptool.verify.compare(m2(*args, **kwargs), run(*args, **kwargs)).max_rel_error
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_llama_lowers_to_onnxruntime(mixer):
+    assert _lowered_rel_error(mixer, "onnxruntime") <= 1e-4
 
 
 @pytest.mark.tvm
 @pytest.mark.slow
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_llama_lowers_to_tvm(mixer):
-    fixture, m2, _, _ = _llama(mixer)
-    run = ptool.compile(m2, backend="tvm")
-    args, kwargs = fixture.heldout()
-    with torch.no_grad():
-        assert ptool.verify.compare(m2(*args, **kwargs), run(*args, **kwargs)).max_rel_error <= 1e-4
+    assert _lowered_rel_error(mixer, "tvm") <= 1e-4
 
 
 # -- kernels and the decode step, lowered ----------------------------------------------------------------

@@ -43,3 +43,20 @@ def run_on_minilm(quant_pass, calibration: int):
     result = quant_pass.run(gm, PassContext(calibration=[a for a, _ in calls], calibration_calls=calls))
     gm.recompile()
     return gm, result
+
+
+def onnxruntime_rel_error(name: str, m2, path) -> "ptool.verify.Fidelity":
+    """``m2`` exported to ``path`` and run by ONNX Runtime on held-out inputs, compared with ``m2`` itself
+    (the Llama fixture's logits; the BERT fixture's hidden states and pooled output)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    f = fixture(name)
+    path = ptool.export_onnx(m2, path, example_inputs=f.example_inputs)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    args, _ = f.inputs(3)
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})
+    with torch.no_grad():
+        want = m2(*args)
+    ref = [want.logits] if name == "llama" else [want.last_hidden_state, want.pooler_output]
+    return ptool.verify.compare(ref, [torch.from_numpy(np.asarray(g)) for g in got])

@@ -19,7 +19,7 @@ from ptool.passes.quant import _flat, _sites
 from ptool.passes.quant._learn import kronecker_factors
 from ptool.passes.quant.rotate import Rotate
 from ptool.passes.quant.simulate import simulate_quantization
-from tests.passes.quant._fixtures import fixture, heldout_rel
+from tests.passes.quant._fixtures import fixture, heldout_rel, onnxruntime_rel_error
 
 RTOL = 1e-5  # METHODS 7.2: exact passes, fp32
 STEPS = 5
@@ -186,19 +186,9 @@ def _kronecker_nodes(gm) -> int:
 
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_online_kronecker_transforms_run_on_onnxruntime(name, tmp_path):
-    import numpy as np
-    import onnxruntime as ort
-
-    f, m2 = fixture(name), _flat_model(name)
+    m2 = _flat_model(name)
     rec = m2.report["rotate"]
     online = sum(v for k, v in rec.notes.items() if k.endswith("online"))
     assert _kronecker_nodes(m2.graph_module) == online  # one P_1 (x) P_2 per online site, not a dense matrix
-    path = ptool.export_onnx(m2, tmp_path / f"{name}_flatquant.onnx", example_inputs=f.example_inputs)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    args, _ = f.inputs(3)
-    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})
-    with torch.no_grad():
-        want = m2(*args)
-    ref = [want.logits] if name == "llama" else [want.last_hidden_state, want.pooler_output]
-    fid = ptool.verify.compare(ref, [torch.from_numpy(np.asarray(g)) for g in got])
+    fid = onnxruntime_rel_error(name, m2, tmp_path / f"{name}_flatquant.onnx")
     assert fid.max_rel_error <= 1e-4, fid

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from ptool.options import build_pass
 from ptool.passes.base import PassContext
 from ptool.passes.quant.hadamard import hadamard, has_hadamard, orthogonal, random_orthogonal
 from ptool.passes.quant.rotate import Rotate
-from tests.passes.quant._fixtures import fixture, heldout_rel, run_on_minilm
+from tests.passes.quant._fixtures import fixture, heldout_rel, onnxruntime_rel_error, run_on_minilm
 
 aten = torch.ops.aten
 RTOL = 1e-5  # METHODS 7.2: exact passes, fp32
@@ -195,17 +194,7 @@ def test_bad_options_raise_naming_allowed_values():
 # ------------------------------------------------------------------------------ ONNX Runtime
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_onnxruntime_matches_torch(name, tmp_path):
-    import onnxruntime as ort
-
-    f, m2 = fixture(name), _rotated(name)
-    path = ptool.export_onnx(m2, tmp_path / f"{name}_rotated.onnx", example_inputs=f.example_inputs)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    args, _ = f.inputs(3)
-    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})
-    with torch.no_grad():
-        want = m2(*args)
-    ref = [want.logits] if name == "llama" else [want.last_hidden_state, want.pooler_output]
-    fid = ptool.verify.compare(ref, [torch.from_numpy(np.asarray(g)) for g in got])
+    fid = onnxruntime_rel_error(name, _rotated(name), tmp_path / f"{name}_rotated.onnx")
     assert fid.max_rel_error <= 1e-4, fid
 
 
