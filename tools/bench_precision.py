@@ -69,6 +69,9 @@ PTOOL = {
     "ptool int8 per-token + bf16 | torch.compile+freezing": (
         ["quantize:activations=per-token", "precision:dtype=bf16"], "torch", COMPILED),
     "ptool int8 per-token | torch": (["quantize:activations=per-token"], "torch", {}),
+    "ptool int8 per-tensor | AOTInductor+freezing": (["quantize"], "torch", AOT),
+    "ptool int8 per-token + bf16 | AOTInductor+freezing": (
+        ["quantize:activations=per-token", "precision:dtype=bf16"], "torch", AOT),
     "ptool precision fp16 | onnxruntime": (["precision:dtype=fp16"], "onnxruntime", {"intra_op_threads": 2}),
     "ptool precision bf16 | onnxruntime": (["precision:dtype=bf16"], "onnxruntime", {"intra_op_threads": 2}),
     "ptool precision bf16 | tvm": (["precision:dtype=bf16"], "tvm", {}),

@@ -90,9 +90,10 @@ def compile_options(opts: Options) -> dict[str, Any]:
     return {"options": inductor, "dynamic": opts.dynamic}
 
 
-def with_traceable_kernels(module: Any) -> Any:
+def with_traceable_kernels(module: Any, freezing: bool = False) -> Any:
     """``module`` with ptool's int8 linear ops swapped for their plain-torch integer kernels
-    (:func:`ptool.ops.quant.integer_kernels`) so ``torch.compile`` traces into them.
+    (:func:`ptool.ops.quant.integer_kernels`) so ``torch.compile`` traces into them. With
+    ``freezing`` (and oneDNN on this CPU) the linears take oneDNN's pre-packed int8 matmul.
 
     The graph is copied (the weights are shared, not copied): the user's module is not touched.
     A module without those ops is returned as it is.
@@ -102,9 +103,10 @@ def with_traceable_kernels(module: Any) -> Any:
     gm = getattr(module, "graph_module", module)
     if not isinstance(gm, fx.GraphModule):
         return module
+    from ptool.ops import onednn_int8
     from ptool.ops.quant import integer_kernels
 
-    kernels = integer_kernels()
+    kernels = integer_kernels(prepacked=freezing and onednn_int8.available())
     if not any(n.op == "call_function" and n.target in kernels for n in gm.graph.nodes):
         return module
     graph = fx.Graph()
@@ -121,6 +123,27 @@ def with_traceable_kernels(module: Any) -> Any:
     return TransformedModule(copy, module.report, module.example_inputs, module.example_kwargs)
 
 
+def _frozen_calls(fn: Any, opts: Options) -> Any:
+    """``fn`` called with Inductor's global ``freezing`` config on, when ``opts`` asks for freezing.
+
+    Dynamo reads that global (not ``torch.compile``'s ``options``) when it decides whether to hand
+    the module's weights to Inductor as parameters it may freeze: with ``options`` alone nothing is
+    frozen. Every call runs under it, so a recompilation (a new shape) is frozen too.
+    """
+    if not opts.freezing:
+        return fn
+    import torch._inductor.config as inductor_config
+
+    def frozen(*args: Any, **kwargs: Any) -> Any:
+        before, inductor_config.freezing = inductor_config.freezing, True  # config.patch costs 16 us a call
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            inductor_config.freezing = before
+
+    return frozen
+
+
 def compile(module: Any, example: ExampleCall, opts: Options, device: Any = None) -> CompiledModel:  # noqa: A001
     """Wrap ``module`` (optionally ``torch.compile`` d, warmed up on the example call).
 
@@ -135,7 +158,7 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Any = None
         return _compile_aot(module, example, opts, device)
     fn = module
     if opts.compile:
-        fn = torch.compile(with_traceable_kernels(module), **compile_options(opts))
+        fn = _frozen_calls(torch.compile(with_traceable_kernels(module, opts.freezing), **compile_options(opts)), opts)
         try:
             with torch.no_grad():
                 fn(*example.args, **example.kwargs)  # compile now, so failures surface here
@@ -169,7 +192,7 @@ def _compile_aot(module: Any, example: ExampleCall, opts: Options, device: Any) 
     import torch._inductor as inductor
 
     flat_module, tensors = example.flat()
-    flat_module.inner = with_traceable_kernels(flat_module.inner)
+    flat_module.inner = with_traceable_kernels(flat_module.inner, opts.freezing)
     dynamic_shapes = None
     if opts.dynamic:
         dim = torch.export.Dim.AUTO
