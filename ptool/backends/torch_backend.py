@@ -90,10 +90,10 @@ def compile_options(opts: Options) -> dict[str, Any]:
     return {"options": inductor, "dynamic": opts.dynamic}
 
 
-def with_traceable_kernels(module: Any, freezing: bool = False) -> Any:
+def with_traceable_kernels(module: Any, prepacked: bool = False) -> Any:
     """``module`` with ptool's int8 linear ops swapped for their plain-torch integer kernels
-    (:func:`ptool.ops.quant.integer_kernels`) so ``torch.compile`` traces into them. With
-    ``freezing`` (and oneDNN on this CPU) the linears take oneDNN's pre-packed int8 matmul.
+    (:func:`ptool.ops.quant.integer_kernels`) so ``torch.compile`` traces into them. ``prepacked``:
+    the linears on oneDNN's int8 matmul with weights reordered at build time (frozen graphs only).
 
     The graph is copied (the weights are shared, not copied): the user's module is not touched.
     A module without those ops is returned as it is.
@@ -103,10 +103,9 @@ def with_traceable_kernels(module: Any, freezing: bool = False) -> Any:
     gm = getattr(module, "graph_module", module)
     if not isinstance(gm, fx.GraphModule):
         return module
-    from ptool.ops import onednn_int8
     from ptool.ops.quant import integer_kernels
 
-    kernels = integer_kernels(prepacked=freezing and onednn_int8.available())
+    kernels = integer_kernels(prepacked=prepacked)
     if not any(n.op == "call_function" and n.target in kernels for n in gm.graph.nodes):
         return module
     graph = fx.Graph()
@@ -121,6 +120,17 @@ def with_traceable_kernels(module: Any, freezing: bool = False) -> Any:
     from ptool.transformed import TransformedModule
 
     return TransformedModule(copy, module.report, module.example_inputs, module.example_kwargs)
+
+
+def _prepacked(opts: Options) -> bool:
+    """Whether ``torch.compile`` runs the int8 linears on oneDNN's pre-packed matmul: with freezing,
+    where this torch has it. Frozen, a traced ``torch._int_mm`` on constant weights is rewritten by
+    Inductor's CPU passes into a kernel that ran 2,000x slower (16 s a call on one ViT-B/16 layer);
+    oneDNN's kernel with its reordered weights runs at ``_int_mm``'s unfrozen speed. AOTInductor keeps
+    ``_int_mm``: there it is not rewritten and measured as fast (BERT-base seq 512: 229 vs 233 ms)."""
+    from ptool.ops import onednn_int8
+
+    return opts.freezing and onednn_int8.available()
 
 
 def _frozen_calls(fn: Any, opts: Options) -> Any:
@@ -158,7 +168,7 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Any = None
         return _compile_aot(module, example, opts, device)
     fn = module
     if opts.compile:
-        fn = _frozen_calls(torch.compile(with_traceable_kernels(module, opts.freezing), **compile_options(opts)), opts)
+        fn = _frozen_calls(torch.compile(with_traceable_kernels(module, _prepacked(opts)), **compile_options(opts)), opts)
         try:
             with torch.no_grad():
                 fn(*example.args, **example.kwargs)  # compile now, so failures surface here
@@ -192,7 +202,7 @@ def _compile_aot(module: Any, example: ExampleCall, opts: Options, device: Any) 
     import torch._inductor as inductor
 
     flat_module, tensors = example.flat()
-    flat_module.inner = with_traceable_kernels(flat_module.inner, opts.freezing)
+    flat_module.inner = with_traceable_kernels(flat_module.inner)
     dynamic_shapes = None
     if opts.dynamic:
         dim = torch.export.Dim.AUTO

@@ -61,10 +61,10 @@ def test_a_frozen_compile_reorders_the_weights_once_and_matches_eager(mode):
     assert "onednn::qlinear_prepack" not in calls  # folded into constants by freezing
 
 
-def test_without_freezing_the_linears_stay_on_int_mm():
+def test_unless_asked_the_linears_stay_on_int_mm():
     model, args = _mlp()
     m2 = ptool.transform(model, ["quantize:activations=per-token"], args)
     targets = {n.target for n in with_traceable_kernels(m2).graph_module.graph.nodes}
     assert quant._int8_linear_token in targets and onednn_int8.linear_token_int8 not in targets
-    targets = {n.target for n in with_traceable_kernels(m2, freezing=True).graph_module.graph.nodes}
+    targets = {n.target for n in with_traceable_kernels(m2, prepacked=True).graph_module.graph.nodes}
     assert onednn_int8.linear_token_int8 in targets
