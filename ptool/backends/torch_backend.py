@@ -103,9 +103,12 @@ def with_traceable_kernels(module: Any, prepacked: bool = False) -> Any:
     gm = getattr(module, "graph_module", module)
     if not isinstance(gm, fx.GraphModule):
         return module
+    from ptool.ops import onednn_int8
     from ptool.ops.quant import integer_kernels
 
-    kernels = integer_kernels(prepacked=prepacked)
+    kernels = integer_kernels()
+    if prepacked:
+        kernels.update(onednn_int8.prepacked_kernels())
     if not any(n.op == "call_function" and n.target in kernels for n in gm.graph.nodes):
         return module
     graph = fx.Graph()

@@ -81,3 +81,9 @@ def linear_dynamic_int8(x, weight_t, weight_scale, bias):
         levels.to(torch.uint8), x_scale, x_zero.to(torch.int32), _prepacked(weight_t), scales, zeros,
         None if bias is None else bias.float(), 1.0, 0, torch.float32, "none", [], "")
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def prepacked_kernels() -> dict:
+    """ptool's int8 linear ops -> these kernels (what replaces the ``_int_mm`` ones in a frozen graph)."""
+    ops = torch.ops.ptool_quant
+    return {ops.linear_dynamic_int8.default: linear_dynamic_int8, ops.linear_token_int8.default: linear_token_int8}

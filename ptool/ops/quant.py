@@ -356,14 +356,11 @@ def _register_gradients() -> None:
 _register_gradients()
 
 
-def integer_kernels(prepacked: bool = False) -> dict:
+def integer_kernels() -> dict:
     """The int8 linears as plain torch functions on ``torch._int_mm`` (and the quantized embedding
     gathers), for ``torch.compile``: traced through instead of called as opaque ops, so Inductor
     fuses the activation quantization, the rescale and the row gathers into the neighbouring
     element-wise kernels (and, with freezing, folds the weights' column sums into constants).
-
-    ``prepacked``: the int8 linears on oneDNN's matmul with the weights reordered for it instead
-    (:mod:`ptool.ops.onednn_int8`); only for frozen graphs, where the reorder folds into a constant.
     """
     ops = torch.ops.ptool_quant
 
@@ -371,15 +368,9 @@ def integer_kernels(prepacked: bool = False) -> dict:
         return _int8_linear_dynamic(x, weight_t, weight_scale, bias,
                                     column_sums=lambda w: w.sum(0, dtype=torch.int32))
 
-    kernels = {ops.linear_dynamic_int8.default: dynamic, ops.linear_token_int8.default: _int8_linear_token,
-               ops.embedding_int8.default: _embedding_int8, ops.embedding_int4.default: _embedding_int4,
-               ops.attention_int8.default: _int8_attention}
-    if prepacked:
-        from ptool.ops import onednn_int8
-
-        kernels.update({ops.linear_dynamic_int8.default: onednn_int8.linear_dynamic_int8,
-                        ops.linear_token_int8.default: onednn_int8.linear_token_int8})
-    return kernels
+    return {ops.linear_dynamic_int8.default: dynamic, ops.linear_token_int8.default: _int8_linear_token,
+            ops.embedding_int8.default: _embedding_int8, ops.embedding_int4.default: _embedding_int4,
+            ops.attention_int8.default: _int8_attention}
 
 
 def decompositions() -> dict:
