@@ -12,7 +12,8 @@
   variant: a pre-fill chunk of ``chunk`` tokens and a one-token decode step. ONNX Runtime runs them
   through IO binding: the cache buffers, the inputs and the outputs are bound once as ``OrtValue``
   views of host arrays, and each step only writes the new keys and values into the cache slots.
-  TVM compiles each graph once (every shape is static).
+  TVM compiles each graph once (every shape is static). torch runs the graphs eagerly through its
+  backend (``ptool.compile(..., "torch")``), which puts the int4 linears on torch's packed int4 kernel.
 
 Per context length ``c`` (a multiple of ``chunk``): the pre-fill of ``c`` prompt tokens (median of
 ``prefill_repeat`` runs), then ``new_tokens`` greedy decode steps, each timed; tokens per second =
@@ -280,10 +281,8 @@ def _build(model: torch.nn.Module, backend: str, precision: str, spec: CacheSpec
         if specs:
             module = ptool.transform(module, specs, example_inputs=example[key], copy_model=False)
         graphs[key] = module
-    if backend == "torch":
-        return _TorchSteps(graphs["prefill"], graphs["decode"], spec)
-    if backend == "tvm":
-        compiled = {k: ptool.compile(g, "tvm", example_inputs=example[k]) for k, g in graphs.items()}
+    if backend in ("torch", "tvm"):  # torch: eager, the 4-bit linears on torch's packed int4 kernel
+        compiled = {k: ptool.compile(g, backend, example_inputs=example[k]) for k, g in graphs.items()}
         return _TorchSteps(compiled["prefill"], compiled["decode"], spec)
     paths = {}
     for key, g in graphs.items():
