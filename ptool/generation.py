@@ -256,6 +256,34 @@ def step_generator(steps: Any, chunk: int) -> Callable[[torch.Tensor, int], Gene
     return run
 
 
+class BuildTimeout(Exception):
+    """A variant's build ran past its time limit."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise :class:`BuildTimeout` in the block once ``seconds`` have passed, and again every 5 s after
+    (a backend that catches the first to try another route gets stopped too). ``SIGALRM``: main thread
+    only, and only when control is back in Python; elsewhere, or with None, no limit."""
+    import signal
+    import threading
+
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise BuildTimeout(f"did not build within {seconds / 60:g} min (stopped there)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 5.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _same_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -307,6 +335,7 @@ def benchmark_generation(
     variants: Sequence[tuple[str, str, str]] | None = None,
     log: Callable[[str], None] | None = None,
     on_row: Callable[[list[GenerationRow]], None] | None = None,
+    build_timeout_s: float | None = None,
 ) -> list[GenerationRow]:
     """Greedy generation of ``model`` on every backend x precision x KV dtype, beside eager torch.
 
@@ -321,6 +350,7 @@ def benchmark_generation(
         prefill_repeat: pre-fill runs per context (median quoted).
         log: progress lines.
         on_row: called with the rows so far after each one is done (a long run's figures kept as they come).
+        build_timeout_s: a variant whose build takes longer is stopped and gets that as its error.
 
     Returns:
         The eager baseline row first, then one row per variant (a variant that failed to build or run
@@ -372,16 +402,19 @@ def benchmark_generation(
             row.kv_cache_bytes = spec.nbytes()
             _trim()
             before = memory_snapshot().rss_mb
+            steps = None
             try:
                 start = time.perf_counter()
-                steps = _build(model, backend, precision, spec, chunk, Path(tmp), threads)
+                with _time_limit(build_timeout_s):
+                    steps = _build(model, backend, precision, spec, chunk, Path(tmp), threads)
                 row.build_s = time.perf_counter() - start
                 log(f"{row.label}: built in {row.build_s:.1f} s")
                 measure(row, step_generator(steps, chunk))
                 after = memory_snapshot().rss_mb
                 row.rss_delta_mb = after - before if before is not None and after is not None else None
-            except Exception as e:  # one variant a backend cannot run: say so in its row, go on
-                row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            except Exception as e:  # one variant a backend cannot build or run: say so in its row, go on
+                what = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                row.error = f"{'not built' if steps is None else 'not run'}: {what}"
                 log(f"{row.label}: {row.error}")
             steps = None
             rows.append(row)
@@ -408,7 +441,7 @@ def format_table(rows: Sequence[GenerationRow], contexts: Sequence[int], new_tok
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.label} | not run: {r.error[:120]} |" + " |" * (len(head) - 2))
+            lines.append(f"| {r.label} | {r.error[:140]} |" + " |" * (len(head) - 2))
             continue
         rss = f"{r.rss_delta_mb:.0f} MiB" if r.rss_delta_mb is not None else "-"
         cells = [r.label, f"{r.build_s:.1f}", rss, _mib(r.kv_cache_bytes)]
