@@ -331,7 +331,7 @@ def _int4_note(part: dict) -> str:
 def _limits(part: dict) -> str:
     if not part.get("build_limit_min"):
         return ""
-    memory = f" and a {part['memory_limit_gib']:g} GiB address-space limit" if part.get("memory_limit_gib") else ""
+    memory = f" and an address-space limit of {part['memory_limit_gib']:g} GiB" if part.get("memory_limit_gib") else ""
     return (f" Builds ran under a {part['build_limit_min']:g}-minute limit{memory}: a variant past either "
             "is a row saying why it was not built.")
 
