@@ -262,9 +262,11 @@ class BuildTimeout(Exception):
 
 @contextlib.contextmanager
 def _time_limit(seconds: float | None):
-    """Raise :class:`BuildTimeout` in the block once ``seconds`` have passed, and again every 5 s after
-    (a backend that catches the first to try another route gets stopped too). ``SIGALRM``: main thread
-    only, and only when control is back in Python; elsewhere, or with None, no limit."""
+    """Raise :class:`BuildTimeout` in the block once the process has used ``seconds`` of CPU time, and
+    again every 5 s after (a backend that catches the first to try another route gets stopped too).
+    CPU time, not wall time: a process paused (``SIGSTOP``) or waiting for a busy core is not charged
+    for it. ``SIGPROF``: main thread only, and only when control is back in Python; elsewhere, or with
+    None, no limit."""
     import signal
     import threading
 
@@ -273,15 +275,15 @@ def _time_limit(seconds: float | None):
         return
 
     def expire(signum, frame):
-        raise BuildTimeout(f"did not build within {seconds / 60:g} min (stopped there)")
+        raise BuildTimeout(f"did not build within {seconds / 60:g} min of CPU time (stopped there)")
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds, 5.0)
+    previous = signal.signal(signal.SIGPROF, expire)
+    signal.setitimer(signal.ITIMER_PROF, seconds, 5.0)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
 
 
 def _same_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -350,7 +352,7 @@ def benchmark_generation(
         prefill_repeat: pre-fill runs per context (median quoted).
         log: progress lines.
         on_row: called with the rows so far after each one is done (a long run's figures kept as they come).
-        build_timeout_s: a variant whose build takes longer is stopped and gets that as its error.
+        build_timeout_s: a variant whose build takes more CPU time is stopped and gets that as its error.
 
     Returns:
         The eager baseline row first, then one row per variant (a variant that failed to build or run

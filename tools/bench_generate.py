@@ -229,8 +229,8 @@ def main() -> None:
     p.add_argument("--big-variants", type=variants_arg, default=variants_arg(BIG_VARIANTS),
                    help=f"its rows (default {BIG_VARIANTS})")
     p.add_argument("--build-limit-min", type=float, default=20,
-                   help="a 0.5B-class variant still building after this many minutes is recorded as not built "
-                        "(default 20)")
+                   help="a 0.5B-class variant still building after this many minutes of CPU time is recorded as "
+                        "not built (default 20)")
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="cap the process's address space (RLIMIT_AS): a build that needs more fails with an "
                         "allocation error in its row instead of waking the OOM killer")
@@ -332,7 +332,7 @@ def _limits(part: dict) -> str:
     if not part.get("build_limit_min"):
         return ""
     memory = f" and an address-space limit of {part['memory_limit_gib']:g} GiB" if part.get("memory_limit_gib") else ""
-    return (f" Builds ran under a {part['build_limit_min']:g}-minute limit{memory}: a variant past either "
+    return (f" Builds ran under a limit of {part['build_limit_min']:g} CPU minutes{memory}: a variant past either "
             "is a row saying why it was not built.")
 
 
