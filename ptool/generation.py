@@ -12,7 +12,8 @@
   variant: a pre-fill chunk of ``chunk`` tokens and a one-token decode step. ONNX Runtime runs them
   through IO binding: the cache buffers, the inputs and the outputs are bound once as ``OrtValue``
   views of host arrays, and each step only writes the new keys and values into the cache slots.
-  TVM compiles each graph once (every shape is static).
+  TVM compiles each graph once (every shape is static). torch runs the graphs eagerly through its
+  backend (``ptool.compile(..., "torch")``), which puts the int4 linears on torch's packed int4 kernel.
 
 Per context length ``c`` (a multiple of ``chunk``): the pre-fill of ``c`` prompt tokens (median of
 ``prefill_repeat`` runs), then ``new_tokens`` greedy decode steps, each timed; tokens per second =
@@ -255,6 +256,36 @@ def step_generator(steps: Any, chunk: int) -> Callable[[torch.Tensor, int], Gene
     return run
 
 
+class BuildTimeout(Exception):
+    """A variant's build ran past its time limit."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise :class:`BuildTimeout` in the block once the process has used ``seconds`` of CPU time, and
+    again every 5 s after (a backend that catches the first to try another route gets stopped too).
+    CPU time, not wall time: a process paused (``SIGSTOP``) or waiting for a busy core is not charged
+    for it. ``SIGPROF``: main thread only, and only when control is back in Python; elsewhere, or with
+    None, no limit."""
+    import signal
+    import threading
+
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise BuildTimeout(f"did not build within {seconds / 60:g} min of CPU time (stopped there)")
+
+    previous = signal.signal(signal.SIGPROF, expire)
+    signal.setitimer(signal.ITIMER_PROF, seconds, 5.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
 def _same_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -280,10 +311,8 @@ def _build(model: torch.nn.Module, backend: str, precision: str, spec: CacheSpec
         if specs:
             module = ptool.transform(module, specs, example_inputs=example[key], copy_model=False)
         graphs[key] = module
-    if backend == "torch":
-        return _TorchSteps(graphs["prefill"], graphs["decode"], spec)
-    if backend == "tvm":
-        compiled = {k: ptool.compile(g, "tvm", example_inputs=example[k]) for k, g in graphs.items()}
+    if backend in ("torch", "tvm"):  # torch: eager, the 4-bit linears on torch's packed int4 kernel
+        compiled = {k: ptool.compile(g, backend, example_inputs=example[k]) for k, g in graphs.items()}
         return _TorchSteps(compiled["prefill"], compiled["decode"], spec)
     paths = {}
     for key, g in graphs.items():
@@ -308,6 +337,7 @@ def benchmark_generation(
     variants: Sequence[tuple[str, str, str]] | None = None,
     log: Callable[[str], None] | None = None,
     on_row: Callable[[list[GenerationRow]], None] | None = None,
+    build_timeout_s: float | None = None,
 ) -> list[GenerationRow]:
     """Greedy generation of ``model`` on every backend x precision x KV dtype, beside eager torch.
 
@@ -322,6 +352,7 @@ def benchmark_generation(
         prefill_repeat: pre-fill runs per context (median quoted).
         log: progress lines.
         on_row: called with the rows so far after each one is done (a long run's figures kept as they come).
+        build_timeout_s: a variant whose build takes more CPU time is stopped and gets that as its error.
 
     Returns:
         The eager baseline row first, then one row per variant (a variant that failed to build or run
@@ -373,16 +404,19 @@ def benchmark_generation(
             row.kv_cache_bytes = spec.nbytes()
             _trim()
             before = memory_snapshot().rss_mb
+            steps = None
             try:
                 start = time.perf_counter()
-                steps = _build(model, backend, precision, spec, chunk, Path(tmp), threads)
+                with _time_limit(build_timeout_s):
+                    steps = _build(model, backend, precision, spec, chunk, Path(tmp), threads)
                 row.build_s = time.perf_counter() - start
                 log(f"{row.label}: built in {row.build_s:.1f} s")
                 measure(row, step_generator(steps, chunk))
                 after = memory_snapshot().rss_mb
                 row.rss_delta_mb = after - before if before is not None and after is not None else None
-            except Exception as e:  # one variant a backend cannot run: say so in its row, go on
-                row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            except Exception as e:  # one variant a backend cannot build or run: say so in its row, go on
+                what = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                row.error = f"{'not built' if steps is None else 'not run'}: {what}"
                 log(f"{row.label}: {row.error}")
             steps = None
             rows.append(row)
@@ -409,7 +443,7 @@ def format_table(rows: Sequence[GenerationRow], contexts: Sequence[int], new_tok
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.label} | not run: {r.error[:120]} |" + " |" * (len(head) - 2))
+            lines.append(f"| {r.label} | {r.error[:140]} |" + " |" * (len(head) - 2))
             continue
         rss = f"{r.rss_delta_mb:.0f} MiB" if r.rss_delta_mb is not None else "-"
         cells = [r.label, f"{r.build_s:.1f}", rss, _mib(r.kv_cache_bytes)]

@@ -55,15 +55,20 @@ def test_int8_kv_cache_perplexity_change_is_small():
     assert ratio == pytest.approx(64 / 20)
 
 
-def test_generation_grid_on_a_small_decoder():
+def _decoder():
+    """A 2-layer Llama-style decoder with random weights (4 / 2 heads of 16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ptool.generation import benchmark_generation, format_table
 
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def test_generation_grid_on_a_small_decoder():
+    from ptool.generation import benchmark_generation, format_table
+
+    model = _decoder()
     prompt = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(0))
     seen = []
     rows = benchmark_generation(model, prompt, contexts=(16, 32), new_tokens=4, chunk=16,
@@ -124,3 +129,28 @@ def test_cli_generate_errors_are_one_line(capsys, tmp_path, monkeypatch, argv, f
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ptool: error: "), err
     assert fragment in lines[0], lines[0]
+
+
+def test_a_variant_past_its_build_limit_is_a_row_saying_so(monkeypatch):
+    import time
+
+    from ptool import generation
+    from ptool.generation import benchmark_generation, format_table
+
+    def slow_build(*args, **kwargs):  # a build that spends 1 s of CPU time in Python, past the 0.05 s limit
+        start = time.process_time()
+        while time.process_time() - start < 1.0:
+            sum(range(1000))
+        raise AssertionError("the limit did not stop the build")
+
+    model = _decoder()
+    prompt = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(generation, "_build", slow_build)
+    rows = benchmark_generation(model, prompt, contexts=(16,), new_tokens=2, chunk=16, build_timeout_s=0.05,
+                                variants=[("torch", "int8", "float32")])
+    assert rows[0].error is None and rows[1].error.startswith("not built: ")
+    assert "did not build within" in rows[1].error and not rows[1].decode_ms
+    assert "| torch int8 | not built: " in format_table(rows, (16,), 2)
+    import signal
+
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)  # the timer is off again

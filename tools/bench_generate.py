@@ -92,7 +92,11 @@ def big_model(layers: int):
 SMALL_VARIANTS = ",".join([f"torch:{p}" for p in PRECISIONS] + [f"tvm:{p}" for p in PRECISIONS if p != "fp32"] +
                           [f"onnxruntime:{p}" for p in PRECISIONS] + ["tvm:fp32", "torch:fp32:int8",
                                                                       "onnxruntime:fp32:int8"])
-BIG_VARIANTS = "torch:fp32,torch:bf16,torch:int8,torch:int4,onnxruntime:fp32,onnxruntime:int8,onnxruntime:int4"
+#: The same grid on the 0.5B-class model, TVM last (its int8 / int4 builds take the most memory).
+BIG_VARIANTS = ",".join([f"torch:{p}" for p in PRECISIONS] + [f"onnxruntime:{p}" for p in PRECISIONS] +
+                        ["torch:fp32:int8", "onnxruntime:fp32:int8"] + [f"tvm:{p}" for p in PRECISIONS])
+#: Shape of the int4 kernel check: Qwen2-0.5B's MLP up-projection (896 in, 4864 out), groups of 32.
+KERNEL_SHAPE, KERNEL_GROUP, KERNEL_ROWS = (4864, 896), 32, (1, 64)
 
 
 def variants_arg(text: str) -> list[tuple[str, str, str]]:
@@ -164,12 +168,40 @@ def _complete(part: dict | None) -> bool:
     return bool(part) and len(part["rows"]) >= part.get("planned", 0)
 
 
+def int4_kernel_ms() -> dict[str, dict[str, float]]:
+    """Median ms of one int4 linear of :data:`KERNEL_SHAPE` per batch rows: ptool's reference op
+    (unpacks the weight to float32 per call), torch's packed int4 kernel (what the torch backend
+    runs) and the float32 matmul, interleaved."""
+    from ptool.benchmark import measure_interleaved
+    from ptool.ops import quant as q
+    from ptool.passes.quant import quantizers as qz
+
+    out_features, in_features = KERNEL_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=gen) * 0.02
+    levels, scales, zeros = qz.quantize_weight_asymmetric(w, 4, KERNEL_GROUP)
+    packed, zeros = q.pack_nibbles(levels), q.pack_nibbles(zeros)
+    weight, scales_and_zeros = q.pack_int4_for_cpu(packed, scales, zeros, in_features)
+    out = {}
+    for rows in KERNEL_ROWS:
+        x = torch.randn(rows, in_features, generator=gen)
+        timings = measure_interleaved({
+            "reference": lambda: torch.ops.ptool_quant.linear_int4(x, packed, scales, zeros, None, in_features),
+            "packed": lambda: q.int4_packed_linear(x, weight, scales_and_zeros, None, KERNEL_GROUP),
+            "float32": lambda: x @ w.T}, warmup=3, repeat=30)
+        out[str(rows)] = {k: t.median_ms for k, t in timings.items()}
+        log(f"int4 kernel, {rows} rows: " + ", ".join(f"{k} {v:.3f} ms" for k, v in out[str(rows)].items()))
+    return out
+
+
 def run_big(a, record: Recorder) -> None:
     start = time.perf_counter()
     big = dict(contexts=a.big_contexts, new_tokens=a.big_new_tokens, chunk=min(a.big_contexts))
+    kernel = int4_kernel_ms()
     model = big_model(a.big_layers)
     part = {"layers": a.big_layers, "parameters": sum(t.numel() for t in model.parameters()), "threads": a.threads,
-            **big, "planned": len(a.big_variants) + 1}
+            **big, "planned": len(a.big_variants) + 1, "int4_kernel_ms": kernel,
+            "build_limit_min": a.build_limit_min, "memory_limit_gib": a.memory_limit_gib}
     prompt = torch.randint(0, model.config.vocab_size, (1, max(big["contexts"])),
                            generator=torch.Generator().manual_seed(0))
 
@@ -178,7 +210,8 @@ def run_big(a, record: Recorder) -> None:
                     wall_s=time.perf_counter() - start, load_average=os.getloadavg()[0])
         record(lambda data: data.setdefault("big_runs", {}).__setitem__(str(a.big_layers), part))
 
-    benchmark_generation(model, prompt, variants=a.big_variants, log=log, on_row=keep, **big)
+    benchmark_generation(model, prompt, variants=a.big_variants, log=log, on_row=keep,
+                         build_timeout_s=a.build_limit_min * 60, **big)
 
 
 def main() -> None:
@@ -195,10 +228,21 @@ def main() -> None:
     p.add_argument("--big-new-tokens", type=int, default=8, help="its new tokens per prompt (default 8)")
     p.add_argument("--big-variants", type=variants_arg, default=variants_arg(BIG_VARIANTS),
                    help=f"its rows (default {BIG_VARIANTS})")
+    p.add_argument("--build-limit-min", type=float, default=20,
+                   help="a 0.5B-class variant still building after this many minutes of CPU time is recorded as "
+                        "not built (default 20)")
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="cap the process's address space (RLIMIT_AS): a build that needs more fails with an "
+                        "allocation error in its row instead of waking the OOM killer")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--render-only", action="store_true", help="rewrite the section from BENCHMARKS.json, measure nothing")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.memory_limit_gib:
+        import resource
+
+        limit = int(a.memory_limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))  # TVM's pool too: CPU time is then one thread's work
     record = Recorder(not a.no_write)
     if a.render_only:
@@ -235,8 +279,10 @@ def markdown(data: dict) -> str:
         "`OrtValue`s and updated in place. Weight variants: bf16 = `precision:dtype=bf16`, int8 = "
         "`quantize:mode=int8-dynamic`, int4 = `quantize:mode=int4-weight,group_size=32` (embeddings float). "
         "What the quantized layers run on: torch int8 = `torch._int_mm` (int8 x int8 -> int32, the activation "
-        "quantized per call); torch int4 = ptool's reference op, which unpacks the whole 4-bit weight to float32 "
-        "on every call and multiplies in float (ptool has no packed int4 kernel for torch); ONNX Runtime int8 = "
+        "quantized per call); torch int4 = torch's packed int4 CPU kernel (`aten._weight_int4pack_mm_for_cpu`; the "
+        "torch backend repacks each 4-bit weight once when it builds the step, the activation goes in and the "
+        "product comes out as bf16, the kernel's fast path; a layer whose shape it does not take stays on ptool's "
+        "reference op, which unpacks the whole weight to float32 on every call); ONNX Runtime int8 = "
         "`DynamicQuantizeLinear` + `MatMulInteger` (fused to `DynamicQuantizeMatMul`), int4 = "
         "`com.microsoft.MatMulNBits`; TVM has no integer kernels for them here: ptool hands it the quantized "
         "ops decomposed into float aten ops (dequantize, then a float matmul; constant folding may fold the "
@@ -256,7 +302,7 @@ def markdown(data: dict) -> str:
         recipe = small["meta"]["recipe"]
         lines += [f"### Trained byte-level decoder ({recipe['layers']} layers, hidden {recipe['hidden']}, "
                   f"{recipe['heads']}/{recipe['kv_heads']} heads, {small['meta']['parameters'] / 1e6:.2f} M parameters), "
-                  f"prompts from held-out text", "", _run_line(small), "", small["table"], ""]
+                  f"prompts from held-out text", "", _run_line(small) + _int4_note(small), "", small["table"], ""]
         previous = data.get("small_previous")
         if previous:
             lines += ["The previous complete run of this table (shown until the run above completes):", "",
@@ -265,11 +311,42 @@ def markdown(data: dict) -> str:
         cut = "" if big["layers"] == 24 else f" (**{big['layers']} of 24 layers**)"
         lines += [f"### Qwen2-0.5B-like config, random weights{cut}: hidden 896, 14/2 heads of 64, MLP 4864, "
                   f"vocabulary 151936, tied head, {big['parameters'] / 1e6:.0f} M parameters", "",
-                  _run_line(big) if "wall_s" in big else "1 thread.", "", big["table"], ""]
+                  (_run_line(big) if "wall_s" in big else "1 thread.") + _int4_note(big) + _limits(big), "",
+                  big["table"], ""]
+        lines += _kernel_lines(big)
     kv = data.get("kv")
     if kv and small:
         lines += _kv_lines(kv, small)
     return "\n".join(lines)
+
+
+def _int4_note(part: dict) -> str:
+    """Which int4 kernel the part's torch row ran: tables measured before the packed kernel say so."""
+    if "int4_kernel_ms" in part or not any(r["label"] == "torch int4" for r in part.get("rows", [])):
+        return ""
+    return (" Its torch int4 row was measured before the torch backend had the packed int4 kernel: it ran "
+            "ptool's reference op (the weight unpacked to float32 on every call).")
+
+
+def _limits(part: dict) -> str:
+    if not part.get("build_limit_min"):
+        return ""
+    memory = f" and an address-space limit of {part['memory_limit_gib']:g} GiB" if part.get("memory_limit_gib") else ""
+    return (f" Builds ran under a limit of {part['build_limit_min']:g} CPU minutes{memory}: a variant past either "
+            "is a row saying why it was not built.")
+
+
+def _kernel_lines(part: dict) -> list[str]:
+    """The int4 kernel check measured at the start of the part's run."""
+    kernel = part.get("int4_kernel_ms")
+    if not kernel:
+        return []
+    out_features, in_features = KERNEL_SHAPE
+    cells = [f"{rows} row{'s' if rows != '1' else ''}: reference op {ms['reference']:.3f} ms, packed kernel "
+             f"{ms['packed']:.3f} ms ({ms['reference'] / ms['packed']:.1f}x), float32 matmul {ms['float32']:.3f} ms"
+             for rows, ms in kernel.items()]
+    return [f"torch int4 kernel, same run, one linear of {in_features} -> {out_features} (this model's MLP "
+            f"up-projection, groups of {KERNEL_GROUP}), median wall ms, interleaved: " + "; ".join(cells) + ".", ""]
 
 
 def _kv_lines(kv: dict, small: dict) -> list[str]:

@@ -90,39 +90,84 @@ def compile_options(opts: Options) -> dict[str, Any]:
     return {"options": inductor, "dynamic": opts.dynamic}
 
 
-def with_traceable_kernels(module: Any, prepacked: bool = False) -> Any:
-    """``module`` with ptool's int8 linear ops swapped for their plain-torch integer kernels
-    (:func:`ptool.ops.quant.integer_kernels`) so ``torch.compile`` traces into them. ``prepacked``:
-    the linears on oneDNN's int8 matmul with weights reordered at build time (frozen graphs only).
+def with_torch_kernels(module: Any, traced: bool = True, prepacked: bool = False) -> Any:
+    """``module`` with ptool's quantized ops swapped for the torch kernels they run on the CPU: the
+    4-bit linears onto torch's packed int4 kernel (:func:`ptool.ops.quant.int4_packed_linear`; their
+    weights repacked here, once; a shape it does not take keeps the reference op) and, with
+    ``traced`` (for ``torch.compile``), the int8 ops onto their plain-torch integer kernels
+    (:func:`ptool.ops.quant.integer_kernels`) so Dynamo traces into them. ``prepacked``: the int8
+    linears on oneDNN's matmul with weights reordered at build time instead (frozen graphs only).
 
-    The graph is copied (the weights are shared, not copied): the user's module is not touched.
-    A module without those ops is returned as it is.
+    The graph is copied (the weights are shared, not copied; the packed ones are buffers of the
+    copy): the user's module is not touched. A module without those ops is returned as it is.
     """
     import torch.fx as fx
+
+    from ptool.ops.quant import integer_kernels
 
     gm = getattr(module, "graph_module", module)
     if not isinstance(gm, fx.GraphModule):
         return module
-    from ptool.ops import onednn_int8
-    from ptool.ops.quant import integer_kernels
+    kernels = integer_kernels() if traced else {}
+    if traced and prepacked:
+        from ptool.ops import onednn_int8
 
-    kernels = integer_kernels()
-    if prepacked:
         kernels.update(onednn_int8.prepacked_kernels())
-    if not any(n.op == "call_function" and n.target in kernels for n in gm.graph.nodes):
+    linear_int4 = torch.ops.ptool_quant.linear_int4.default
+    int4 = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is linear_int4 and _int4_packable(gm, n)]
+    if not int4 and not any(n.op == "call_function" and n.target in kernels for n in gm.graph.nodes):
         return module
     graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
+    copies: dict = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
     graph._codegen = gm.graph._codegen
     for node in graph.nodes:
         if node.op == "call_function" and node.target in kernels:
             node.target = kernels[node.target]
     copy = fx.GraphModule(gm, graph)
-    if copy is gm or gm is module:
+    for node in int4:
+        _pack_int4(copy, copies[node])
+    if int4:
+        copy.recompile()
+    if gm is module:
         return copy
     from ptool.transformed import TransformedModule
 
     return TransformedModule(copy, module.report, module.example_inputs, module.example_kwargs)
+
+
+def _int4_stored(gm: Any, node: Any) -> list[torch.Tensor] | None:
+    """The stored ``(packed, scales, zeros)`` a ``linear_int4`` node reads, if all are module attributes."""
+    from ptool.ir.graph import attr_tensor
+
+    stored = [attr_tensor(gm, a) for a in node.args[1:4]]
+    return None if any(t is None for t in stored) else stored
+
+
+def _int4_packable(gm: Any, node: Any) -> bool:
+    from ptool.ops.quant import int4_packable
+
+    stored = _int4_stored(gm, node)
+    return stored is not None and int4_packable(stored[0], stored[1], node.args[5])
+
+
+def _pack_int4(gm: Any, node: Any) -> None:
+    """Point ``node`` (a ``linear_int4``) at torch's packed int4 kernel, its weight repacked into
+    new buffers of ``gm``."""
+    from ptool.ir.graph import add_tensor
+    from ptool.ops.quant import int4_packed_linear, pack_int4_for_cpu
+
+    x, packed, scales, zeros, bias, in_features = node.args
+    weight, scales_and_zeros = pack_int4_for_cpu(*_int4_stored(gm, node), in_features)
+    group_size = in_features // scales_and_zeros.shape[0]
+    base = packed.target.replace(".", "_")
+    weight = add_tensor(gm, "", f"{base}_int4pack", weight, parameter=False, before=node)
+    scales_and_zeros = add_tensor(gm, "", f"{base}_int4pack_scales", scales_and_zeros, parameter=False, before=node)
+    node.target = int4_packed_linear
+    node.args = (x, weight, scales_and_zeros, bias, group_size)
+    for old in (packed, scales, zeros):
+        if not old.users:
+            gm.graph.erase_node(old)
 
 
 def _prepacked(opts: Options) -> bool:
@@ -169,9 +214,10 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Any = None
     """
     if opts.aot:
         return _compile_aot(module, example, opts, device)
-    fn = module
+    fn = with_torch_kernels(module, traced=False)
     if opts.compile:
-        fn = _frozen_calls(torch.compile(with_traceable_kernels(module, _prepacked(opts)), **compile_options(opts)), opts)
+        fn = _frozen_calls(torch.compile(with_torch_kernels(module, prepacked=_prepacked(opts)),
+                                         **compile_options(opts)), opts)
         try:
             with torch.no_grad():
                 fn(*example.args, **example.kwargs)  # compile now, so failures surface here
@@ -205,7 +251,7 @@ def _compile_aot(module: Any, example: ExampleCall, opts: Options, device: Any) 
     import torch._inductor as inductor
 
     flat_module, tensors = example.flat()
-    flat_module.inner = with_traceable_kernels(flat_module.inner)
+    flat_module.inner = with_torch_kernels(flat_module.inner)
     dynamic_shapes = None
     if opts.dynamic:
         dim = torch.export.Dim.AUTO

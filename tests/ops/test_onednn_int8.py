@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ptool
-from ptool.backends.torch_backend import with_traceable_kernels
+from ptool.backends.torch_backend import with_torch_kernels
 from ptool.ops import onednn_int8, quant
 
 pytestmark = pytest.mark.skipif(not onednn_int8.available(), reason="oneDNN's int8 linear needs an x86 torch")
@@ -64,7 +64,7 @@ def test_a_frozen_compile_reorders_the_weights_once_and_matches_eager(mode):
 def test_unless_asked_the_linears_stay_on_int_mm():
     model, args = _mlp()
     m2 = ptool.transform(model, ["quantize:activations=per-token"], args)
-    targets = {n.target for n in with_traceable_kernels(m2).graph_module.graph.nodes}
+    targets = {n.target for n in with_torch_kernels(m2).graph_module.graph.nodes}
     assert quant._int8_linear_token in targets and onednn_int8.linear_token_int8 not in targets
-    targets = {n.target for n in with_traceable_kernels(m2, prepacked=True).graph_module.graph.nodes}
+    targets = {n.target for n in with_torch_kernels(m2, prepacked=True).graph_module.graph.nodes}
     assert onednn_int8.linear_token_int8 in targets
