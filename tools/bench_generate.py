@@ -145,7 +145,7 @@ def run_small(a, record: Recorder) -> None:
     small = dict(contexts=(128, 512), new_tokens=16, chunk=128)
     prompt = held[: max(small["contexts"])].view(1, -1)
     part = {"meta": meta, "heldout_windows": heldout.shape[0], "threads": a.threads, **small,
-            "planned": len(a.variants) + 1}
+            "planned": len(a.variants) + 1, "torch_int4": "packed"}
 
     def update(data: dict) -> None:
         if data.get("small") is not part and _complete(data.get("small")):  # kept until this run is complete
@@ -322,7 +322,8 @@ def markdown(data: dict) -> str:
 
 def _int4_note(part: dict) -> str:
     """Which int4 kernel the part's torch row ran: tables measured before the packed kernel say so."""
-    if "int4_kernel_ms" in part or not any(r["label"] == "torch int4" for r in part.get("rows", [])):
+    if "int4_kernel_ms" in part or part.get("torch_int4") == "packed" or not any(
+            r["label"] == "torch int4" for r in part.get("rows", [])):
         return ""
     return (" Its torch int4 row was measured before the torch backend had the packed int4 kernel: it ran "
             "ptool's reference op (the weight unpacked to float32 on every call).")
