@@ -214,8 +214,9 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Any = None
     """
     if opts.aot:
         return _compile_aot(module, example, opts, device)
-    fn = with_torch_kernels(module, traced=False)
-    if opts.compile:
+    if not opts.compile:
+        fn = with_torch_kernels(module, traced=False)
+    else:
         fn = _frozen_calls(torch.compile(with_torch_kernels(module, prepacked=_prepacked(opts)),
                                          **compile_options(opts)), opts)
         try:

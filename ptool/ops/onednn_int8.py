@@ -22,7 +22,7 @@ import platform
 
 import torch
 
-from ptool.ops.quant import dynamic_quantize_uint8, token_quantize_int8
+from ptool.ops.quant import _rows, dynamic_quantize_uint8, token_quantize_int8
 
 
 @functools.cache
@@ -54,10 +54,6 @@ def _prepacked(weight_t: torch.Tensor) -> torch.Tensor:
 def _channel_scales(weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = weight_scale.reshape(-1).float()
     return scales, torch.zeros(scales.shape, dtype=torch.long)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).float()
 
 
 def linear_token_int8(x, weight_t, weight_scale, bias):
