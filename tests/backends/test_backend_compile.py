@@ -253,7 +253,37 @@ def test_freezing_without_compile_is_one_clear_error():
     opts = backend_options("torch", {"compile": True, "freezing": True, "mode": "max-autotune"})
     from ptool.backends.torch_backend import compile_options, inductor_configs
 
-    assert compile_options(opts) == {"options": {"freezing": True, "max_autotune": True, "triton.cudagraphs": True},
-                                     "dynamic": None}
-    assert inductor_configs(opts) == {"freezing": True, "max_autotune": True}  # AOTInductor: no CUDA graphs
+    assert compile_options(opts, cpu=False) == {
+        "options": {"freezing": True, "max_autotune": True, "triton.cudagraphs": True}, "dynamic": None}
+    # AOTInductor: no CUDA graphs; a frozen CPU graph stores reused pointwise values
+    assert inductor_configs(opts, cpu=False) == {"freezing": True, "max_autotune": True}
+    assert inductor_configs(opts) == {"freezing": True, "max_autotune": True, "realize_opcount_threshold": 16}
     assert inductor_configs(backend_options("torch", {"compile": True, "aot": True})) == {"freezing": False}
+
+
+def _gelu_sources() -> list[str]:
+    """The code Inductor writes for a frozen compile of a per-token int8 ``Linear -> GELU -> Linear``."""
+    from torch._inductor.utils import run_and_get_code
+
+    import ptool
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
+    args = (torch.randn(5, 64),)
+    m2 = ptool.transform(model, ["quantize:activations=per-token"], args)
+    _, sources = run_and_get_code(
+        lambda: ptool.compile(m2, backend="torch", example_inputs=args, compile=True, freezing=True))
+    return sources
+
+
+@pytest.mark.slow
+def test_a_frozen_cpu_graph_computes_gelu_once_before_quantizing_it(monkeypatch):
+    from ptool.backends import torch_backend
+
+    # GELU's output is read twice, by the per-row maximum and by the levels: ptool's configs store it
+    erf_calls = sum(code.count("erf(") for code in _gelu_sources())
+    assert erf_calls == 1
+    # Inductor's own default inlines it into both readers (what the config is for)
+    monkeypatch.setattr(torch_backend, "CPU_REALIZE_OPCOUNT", 30)
+    erf_default = sum(code.count("erf(") for code in _gelu_sources())
+    assert erf_default == 2
