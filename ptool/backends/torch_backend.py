@@ -182,7 +182,7 @@ def _pack_int4(gm: Any, node: Any) -> None:
             gm.graph.erase_node(old)
 
 
-def _prepacked(opts: Options) -> bool:
+def _onednn_int8_linears(opts: Options) -> bool:
     """Whether ``torch.compile`` runs the int8 linears on oneDNN's pre-packed matmul: with freezing,
     where this torch has it. Frozen, a traced ``torch._int_mm`` on constant weights is rewritten by
     Inductor's CPU passes into a kernel that ran 2,000x slower (16 s a call on one ViT-B/16 layer);
@@ -233,7 +233,7 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Any = None
     if not opts.compile:
         fn = with_torch_kernels(module, traced=False)
     else:
-        fn = _frozen_calls(torch.compile(with_torch_kernels(module, prepacked=_prepacked(opts)),
+        fn = _frozen_calls(torch.compile(with_torch_kernels(module, prepacked=_onednn_int8_linears(opts)),
                                          **compile_options(opts, cpu=not _is_cuda(device))), opts)
         try:
             with torch.no_grad():

@@ -362,8 +362,7 @@ def integer_kernels() -> dict:
     """The int8 linears as plain torch functions on ``torch._int_mm`` (and the quantized embedding
     gathers), for ``torch.compile``: traced through instead of called as opaque ops, so Inductor
     fuses the activation quantization, the rescale and the row gathers into the neighbouring
-    element-wise kernels (and, with freezing, folds the weights' column sums into constants).
-    """
+    element-wise kernels (and, with freezing, folds the weights' column sums into constants)."""
     ops = torch.ops.ptool_quant
 
     def dynamic(x, weight_t, weight_scale, bias):
