@@ -182,15 +182,16 @@ def _pack_int4(gm: Any, node: Any) -> None:
             gm.graph.erase_node(old)
 
 
-def _onednn_int8_linears(opts: Options) -> bool:
-    """Whether ``torch.compile`` runs the int8 linears on oneDNN's pre-packed matmul: with freezing,
-    where this torch has it. Frozen, a traced ``torch._int_mm`` on constant weights is rewritten by
-    Inductor's CPU passes into a kernel that ran 2,000x slower (16 s a call on one ViT-B/16 layer);
-    oneDNN's kernel with its reordered weights runs at ``_int_mm``'s unfrozen speed. AOTInductor keeps
-    ``_int_mm``: there it is not rewritten and measured as fast (BERT-base seq 512: 229 vs 233 ms)."""
+def _onednn_int8_linears(opts: Options, device: Any = None) -> bool:
+    """Whether a frozen CPU compile (``torch.compile`` or AOTInductor) runs the int8 linears on oneDNN's
+    pre-packed matmul, where this torch has it. Frozen, a traced ``torch._int_mm`` on constant weights
+    is rewritten by Inductor's CPU passes into a kernel that ran 2,000x slower (16 s a call on one
+    ViT-B/16 layer); oneDNN's kernel with its reordered weights runs at ``_int_mm``'s unfrozen speed
+    or better. AOTInductor folds the reorder into the library's constants too: there it beat
+    ``_int_mm`` on ViT-B/16 int8 by 5% (59.9 vs 63.0 ms) and matched it on BERT-base seq 512."""
     from ptool.ops import onednn_int8
 
-    return opts.freezing and onednn_int8.available()
+    return opts.freezing and not _is_cuda(device) and onednn_int8.available()
 
 
 def _frozen_calls(fn: Any, opts: Options) -> Any:
@@ -233,7 +234,7 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Any = None
     if not opts.compile:
         fn = with_torch_kernels(module, traced=False)
     else:
-        fn = _frozen_calls(torch.compile(with_torch_kernels(module, prepacked=_onednn_int8_linears(opts)),
+        fn = _frozen_calls(torch.compile(with_torch_kernels(module, prepacked=_onednn_int8_linears(opts, device)),
                                          **compile_options(opts, cpu=not _is_cuda(device))), opts)
         try:
             with torch.no_grad():
@@ -268,7 +269,7 @@ def _compile_aot(module: Any, example: ExampleCall, opts: Options, device: Any) 
     import torch._inductor as inductor
 
     flat_module, tensors = example.flat()
-    flat_module.inner = with_torch_kernels(flat_module.inner)
+    flat_module.inner = with_torch_kernels(flat_module.inner, prepacked=_onednn_int8_linears(opts, device))
     dynamic_shapes = None
     if opts.dynamic:
         dim = torch.export.Dim.AUTO
