@@ -65,6 +65,8 @@ PTOOL = {
     "ptool int8 per-token | AOTInductor+freezing": (["quantize:activations=per-token"], "torch", AOT),
     "ptool int8 per-token + int8 attention | AOTInductor+freezing": (
         ["quantize:activations=per-token,attention=int8"], "torch", AOT),
+    "ptool int8 per-token + bf16 attention | AOTInductor+freezing": (
+        ["quantize:activations=per-token,attention=bf16"], "torch", AOT),
     "ptool precision bf16 | AOTInductor+freezing": (["precision:dtype=bf16"], "torch", AOT),
     "ptool int8 per-token + bf16 | torch.compile+freezing": (
         ["quantize:activations=per-token", "precision:dtype=bf16"], "torch", COMPILED),

@@ -132,16 +132,15 @@ def precision_candidates(specs: Sequence[str], fp: DeviceFingerprint) -> tuple[l
     precisions, integer = [], []
     for spec in specs:
         p = parse_pass(spec)
-        feature = _number_format(p)
-        if feature is not None:
-            ok, why = fp.supports(feature)
-            if not ok:
-                left_out.append(((spec,), f"{feature} left out: {why}"))
-                continue
+        formats = _number_formats(p)
+        missing = [(f, why) for f, (ok, why) in ((f, fp.supports(f)) for f in formats) if not ok]
+        if missing:
+            left_out.append(((spec,), "; ".join(f"{f} left out: {why}" for f, why in missing)))
+            continue
         usable.append(spec)
         if p.name == "precision":
             precisions.append(spec)
-        elif feature == "int8":
+        elif "int8" in formats:
             integer.append(spec)
     candidates = [(s,) for s in usable] + [(q, p) for q in integer for p in precisions]
     return candidates, left_out
@@ -157,17 +156,21 @@ def backend_left_out(backend: str, specs: Sequence[str], options: dict[str, Any]
     declare = getattr(importlib.import_module(_MODULES[backend]), "tuning_left_out", None)
     if declare is None:
         return None
-    formats = {f for f in (_number_format(parse_pass(s)) for s in specs) if f is not None}
+    formats = {f for s in specs for f in _number_formats(parse_pass(s))}
     return declare(formats, options) if formats else None
 
 
-def _number_format(p: Any) -> str | None:
-    """The number format a pass computes its matmuls in, when the hardware decides its speed."""
+def _number_formats(p: Any) -> list[str]:
+    """The number formats a pass computes its matmuls in, where the hardware decides their speed
+    (``quantize:attention=bf16``: int8 linears, bf16 attention products)."""
     if p.name == "precision":
-        return p.dtype
+        return [p.dtype]
+    formats = []
     if p.name == "quantize" and p.mode.startswith("int8"):
-        return "int8"
-    return None
+        formats.append("int8")
+    if p.name == "quantize" and p.attention == "bf16":
+        formats.append("bf16")
+    return formats
 
 
 # -- backends ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ aten = torch.ops.aten
 _POSITIONAL = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
 
-def _arguments(node: fx.Node) -> dict:
+def attention_arguments(node: fx.Node) -> dict:
     """SDPA's arguments by name, positional or keyword."""
     named = dict(zip(_POSITIONAL, node.args))
     named.update(node.kwargs)
@@ -42,7 +42,7 @@ def _shape(node: object) -> tuple[int, ...] | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _unsupported(named: dict) -> str | None:
+def unsupported_attention(named: dict) -> str | None:
     if named.get("dropout_p", 0.0):
         return "kept float: attention with dropout"
     shapes = [_shape(named[k]) for k in ("query", "key", "value")]
@@ -59,8 +59,8 @@ def quantize_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -
     for node in list(gm.graph.nodes):
         if not is_op(node, aten.scaled_dot_product_attention):
             continue
-        named = _arguments(node)
-        reason = _unsupported(named)
+        named = attention_arguments(node)
+        reason = unsupported_attention(named)
         if reason:
             result.skip(f"attention ({module_path(node)})", reason)
             continue

@@ -42,7 +42,8 @@ Layers stay float when their module path or node name matches an ``exclude`` pat
 (``fnmatch``), or when ``keep_float=N`` and they are among the N layers whose own output suffers
 most from quantization, measured on the calibration data (relative output MSE of the layer
 alone). The report lists them with the reason. Convolutions are not quantized; attention's
-activation-by-activation products are with ``attention=int8`` (:mod:`.int8_attention`).
+activation-by-activation products are with ``attention=int8`` (:mod:`.int8_attention`), or run in
+bf16 with ``attention=bf16`` (:mod:`.bf16_attention`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from ptool.passes.quant._quant_sites import (
     replace_group,
 )
 from ptool.passes.quant._sites import exclude_pattern
+from ptool.passes.quant.bf16_attention import bf16_attention
 from ptool.passes.quant.gptq import Levels
 from ptool.passes.quant.int8_attention import quantize_attention
 from ptool.passes.quant.mixed import run_auto
@@ -111,14 +113,16 @@ class Quantize(Pass):
             most this, within ``budget``.
         choices: ``auto``: what each layer may become: ``float``, ``int8``, ``int4``.
         attention: ``int8`` also runs softmax attention's two activation products (``q k^T`` and
-            the probabilities times ``v``) on int8 kernels (:mod:`.int8_attention`); ``float``
-            (default) leaves attention as it is.
+            the probabilities times ``v``) on int8 kernels (:mod:`.int8_attention`); ``bf16`` on
+            bf16 operands, the softmax in float32 (:mod:`.bf16_attention`; faster on short
+            sequences, int8 on long ones); ``float`` (default) leaves attention as it is.
     """
 
     name: ClassVar[str] = "quantize"
     family: ClassVar[Family] = Family.QUANTIZATION
     numerics: ClassVar[Numerics] = Lossy("cosine", 0.97)
     tuning_candidates: ClassVar[tuple[str, ...]] = ("quantize", "quantize:activations=per-token",
+                                                    "quantize:activations=per-token,attention=bf16",
                                                     "quantize:mode=int4-weight", "quantize:mode=auto,budget=0.25",
                                                     "quantize:mode=auto,budget=0.5")
 
@@ -139,7 +143,7 @@ class Quantize(Pass):
     budget: float | None = None
     max_error: float | None = None
     choices: tuple[Choice, ...] = ("float", "int8", "int4")
-    attention: Literal["float", "int8"] = "float"
+    attention: Literal["float", "int8", "bf16"] = "float"
 
     def __post_init__(self) -> None:
         if self.group_size < 2 or self.group_size % 2:
@@ -189,6 +193,8 @@ class Quantize(Pass):
         result = self._quantize_layers(gm, ctx)
         if self.attention == "int8":
             quantize_attention(gm, result, self.name)
+        elif self.attention == "bf16":
+            bf16_attention(gm, result, self.name)
         return result
 
     def _quantize_layers(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
