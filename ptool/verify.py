@@ -125,6 +125,18 @@ class Lossy:
         ok = value <= self.bound if self.metric == "max_rel_error" else value >= self.bound
         return None if ok else f"{self.metric} {value:.4g} is past the bound {self.bound:g}"
 
+    def adds_within(self, before: Fidelity, after: Fidelity) -> bool:
+        """Whether the error vs the untransformed model grew by no more than this bound allows, from
+        ``before`` (the pass's input vs it) to ``after`` (its output vs it). For a pass that follows
+        other approximate passes: compared with its own input it also meets their noise (a bf16
+        rounding that flips an int8 activation level), which is not error it adds to the model.
+        Errors add as ``1 - cosine``, noise power (``10^(-sqnr/10)``) or ``max_rel_error``."""
+        if self.metric == "cosine":
+            return 1 - after.cosine <= (1 - before.cosine) + (1 - self.bound)
+        if self.metric == "sqnr_db":
+            return 10 ** (-after.sqnr_db / 10) <= 10 ** (-before.sqnr_db / 10) + 10 ** (-self.bound / 10)
+        return after.max_rel_error <= before.max_rel_error + self.bound
+
     def __str__(self) -> str:
         return f"approx({self.metric} bound {self.bound:g})"
 

@@ -105,6 +105,36 @@ def test_approximate_pass_past_its_bound_warns_and_says_how():
     assert m2.report.to_dict()["passes"][0]["violation"] == rec.violation
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Scale(Pass):
+    """Scales the first weight by ``factor`` under a cosine bound (an approximate toy)."""
+
+    name: ClassVar[str] = "scale-toy"
+    family: ClassVar[Family] = Family.ATTENTION_LINEAR
+    numerics: ClassVar = Lossy("cosine", 0.9999)
+    factor: float = 1.0
+
+    def run(self, gm, ctx):
+        _scale_first_weight(gm, self.factor)
+        r = PassResult()
+        r.hit()
+        return r
+
+
+def test_after_other_approximations_a_pass_is_judged_on_the_error_it_adds(recwarn):
+    x = torch.randn(3, 8)
+    # the second pass moves the outputs far from its input, but back onto the original model's
+    m2 = ptool.transform(_MLP(), [_Scale(factor=1.5), _Scale(factor=1 / 1.5)], (x,))
+    first, second = m2.report.records
+    assert first.within_contract is False  # judged alone: 1.5x is past 0.9999
+    assert second.fidelity.cosine < 0.9999 and second.within_contract is True
+    assert m2.report.total.cosine > 0.999999
+    # one that adds error of its own past its bound still misses it
+    m2 = ptool.transform(_MLP(), [_Scale(factor=1.5), _Scale(factor=1.5)], (x,))
+    assert m2.report.records[1].within_contract is False
+    assert [str(w.message).count("missed its declared bound") for w in recwarn] == [1, 1, 1]
+
+
 def test_calibration_batches_are_verified_too():
     x = torch.randn(3, 8)
     calib = [(torch.randn(3, 8),) for _ in range(6)]

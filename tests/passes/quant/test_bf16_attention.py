@@ -90,20 +90,20 @@ def test_every_attention_site_is_written_out_and_adds_little_to_int8_linears(mod
 
 
 @pytest.mark.slow
-def test_onnx_runtime_and_a_frozen_compile_match_torch():
+def test_the_backends_match_torch():
     fixture, m2 = _quantized("bert")
     args, kwargs = fixture.heldout(2)
     with torch.no_grad():
         want = m2(*args, **kwargs)
-    for backend, options, bound in (("torch", {"compile": True, "freezing": True}, 1e-4),
-                                    ("onnxruntime", {}, 0.999)):
+    for backend, options in (("torch", {"compile": True, "freezing": True}), ("onnxruntime", {}), ("tvm", {})):
         run = ptool.compile(m2, backend=backend, example_inputs=fixture.example_inputs,
                             example_kwargs=fixture.example_kwargs, **options)
         with torch.no_grad():
             cmp = compare(want, run(*args, **kwargs))
-        # torch.compile runs the same bf16 products; ONNX Runtime's CPU provider has no bf16 kernels
-        # and computes the products in float32 (nearer the float model), so within the cosine bound
-        assert (cmp.cosine > bound) if backend == "onnxruntime" else (cmp.max_abs_error < bound), backend
+        if backend == "torch":  # the same bf16 products
+            assert cmp.max_abs_error < 1e-4
+        else:  # no bf16 arithmetic there: the products in float32, nearer the float model
+            assert cmp.cosine > 0.9999, backend
 
 
 def test_the_tuner_leaves_it_out_where_the_cpu_has_no_bf16_units():
