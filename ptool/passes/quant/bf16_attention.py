@@ -20,14 +20,12 @@ the report: those :mod:`.int8_attention` leaves (dropout, grouped-query heads, o
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.fx as fx
 
-from ptool.ir.graph import is_op, module_path
+from ptool.ir.graph import module_path
 from ptool.passes.base import PassResult
-from ptool.passes.quant.int8_attention import attention_arguments, unsupported_attention
+from ptool.passes.quant.int8_attention import attention_sites
 
 aten = torch.ops.aten
 
@@ -57,28 +55,21 @@ def _written_out(graph: fx.Graph, named: dict, scale: float) -> fx.Node:
     return call(aten.to.dtype, call(aten.matmul.default, weights, v16), out_dtype)
 
 
+def _causal(named: dict) -> str | None:
+    if named.get("is_causal", False):
+        return "kept float: causal attention given as is_causal (attention=bf16 takes an explicit mask)"
+    return None
+
+
 def bf16_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -> None:
     """Write every supported SDPA node of ``gm`` out with bf16 products (counted in ``result``)."""
-    for node in list(gm.graph.nodes):
-        if not is_op(node, aten.scaled_dot_product_attention):
-            continue
-        named = attention_arguments(node)
-        reason = unsupported_attention(named)
-        if reason is None and named.get("is_causal", False):
-            reason = "kept float: causal attention given as is_causal (attention=bf16 takes an explicit mask)"
-        if reason:
-            result.skip(f"attention ({module_path(node)})", reason)
-            continue
-        scale = named.get("scale")
-        if scale is None:
-            scale = 1 / math.sqrt(_value(named["query"]).shape[-1])
+    for node, named, scale in attention_sites(gm, result, refuse=_causal):
         before = set(gm.graph.nodes)
         with gm.graph.inserting_before(node):
-            new = _written_out(gm.graph, named, float(scale))
+            new = _written_out(gm.graph, named, scale)
         for added in (n for n in gm.graph.nodes if n not in before):
             added.meta.update({"nn_module_stack": node.meta.get("nn_module_stack", {}), "ptool.from_pass": pass_name})
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         result.hit(1)
         result.notes.setdefault("bf16_attention", []).append(module_path(new))
-

@@ -18,6 +18,7 @@ Written-out attention (``matmul -> softmax -> matmul``) is not matched.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -54,20 +55,27 @@ def unsupported_attention(named: dict) -> str | None:
     return None
 
 
-def quantize_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -> None:
-    """Replace every supported SDPA node of ``gm`` by the int8 attention op (counted in ``result``)."""
+def attention_sites(gm: fx.GraphModule, result: PassResult,
+                    refuse: Callable[[dict], str | None] = lambda named: None) -> Iterator[tuple[fx.Node, dict, float]]:
+    """The SDPA nodes of ``gm`` an attention rewrite takes, with their arguments by name and their
+    scale; the others (those :func:`unsupported_attention` or ``refuse`` names a reason for) are
+    reported skipped in ``result``."""
     for node in list(gm.graph.nodes):
         if not is_op(node, aten.scaled_dot_product_attention):
             continue
         named = attention_arguments(node)
-        reason = unsupported_attention(named)
+        reason = unsupported_attention(named) or refuse(named)
         if reason:
             result.skip(f"attention ({module_path(node)})", reason)
             continue
         scale = named.get("scale")
-        if scale is None:
-            scale = 1 / math.sqrt(_shape(named["query"])[-1])
-        args = (named["query"], named["key"], named["value"], named.get("attn_mask"), float(scale),
+        yield node, named, float(1 / math.sqrt(_shape(named["query"])[-1]) if scale is None else scale)
+
+
+def quantize_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -> None:
+    """Replace every supported SDPA node of ``gm`` by the int8 attention op (counted in ``result``)."""
+    for node, named, scale in attention_sites(gm, result):
+        args = (named["query"], named["key"], named["value"], named.get("attn_mask"), scale,
                 bool(named.get("is_causal", False)))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.ptool_quant.attention_int8.default, args)
