@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from ptool.backends._common import CompiledModel, ExampleCall, cast_input, check_shape, first_line, options_dict
-from ptool.errors import BackendError
+from ptool.errors import BackendError, UsageError
 
 NAME = "torch"
 
@@ -215,6 +215,20 @@ def _frozen_calls(fn: Any, opts: Options) -> Any:
     return frozen
 
 
+def _traced_at_fixed_shapes(module: Any) -> bool:
+    """Whether ``module`` is a captured graph (``ptool.transform``'s result, an exported program's
+    module) whose inputs all have fixed shapes: its shape guards and specialized views refuse any
+    other shape, whatever a later compile is told."""
+    import torch.fx as fx
+
+    gm = getattr(module, "graph_module", module)
+    if not isinstance(gm, fx.GraphModule):
+        return False
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors = [v for v in inputs if isinstance(v, torch.Tensor)]
+    return bool(tensors) and all(isinstance(d, int) for t in tensors for d in t.shape)
+
+
 def _is_cuda(device: Any) -> bool:
     return device is not None and device.is_cuda
 
@@ -229,6 +243,9 @@ def compile(module: Any, example: ExampleCall, opts: Options, device: Any = None
     Raises:
         BackendError: ``torch.compile`` failed on the example call.
     """
+    if opts.dynamic and _traced_at_fixed_shapes(module):
+        raise UsageError("dynamic=true needs a model traced with dynamic shapes: this one was traced at the example's "
+                         "fixed shapes (give ptool.transform dynamic_shapes=, or compile without dynamic)")
     if opts.aot:
         return _compile_aot(module, example, opts, device)
     if not opts.compile:

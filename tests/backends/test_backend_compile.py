@@ -243,6 +243,23 @@ def test_torch_compile(cnn):
     assert run.verify().max_rel_error <= MAX_REL_ERROR
 
 
+def test_dynamic_compile_of_a_graph_traced_at_fixed_shapes_is_one_clear_error():
+    import ptool
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()).eval()
+    x = torch.randn(3, 8)
+    fixed = ptool.transform(model, ["dce"], (x,))
+    with pytest.raises(UsageError, match=r"dynamic=true needs a model traced with dynamic shapes.*dynamic_shapes="):
+        ptool.compile(fixed, backend="torch", compile=True, dynamic=True)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    free = ptool.transform(model, ["dce"], (x,), dynamic_shapes=({0: batch},))
+    run = ptool.compile(free, backend="torch", compile=True, dynamic=True)
+    y = torch.randn(7, 8)
+    with torch.no_grad():
+        assert compare(model(y), run(y)).max_abs_error < 1e-6
+
+
 def test_freezing_without_compile_is_one_clear_error():
     from ptool.backends import backend_options
 
