@@ -59,6 +59,9 @@ def quantize_refusal(pass_: Pass) -> str | None:
     if pass_.method != "rtn":
         return (f"quantize:method={pass_.method} needs the layer inputs ptool records on torch graphs; give ptool the "
                 "torch model, or use method=rtn on this ONNX model")
+    if pass_.attention != "float":
+        return (f"quantize:attention={pass_.attention} rewrites scaled_dot_product_attention in torch graphs; give "
+                "ptool the torch model, or leave attention out on this ONNX model")
     if pass_.mode == "int4-weight" and (pass_.group_size < 16 or pass_.group_size & (pass_.group_size - 1)):
         return (f"quantize:mode=int4-weight on ONNX lowers to MatMulNBits, whose group_size must be a power of 2 "
                 f">= 16, got {pass_.group_size}")

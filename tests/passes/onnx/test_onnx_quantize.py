@@ -119,7 +119,10 @@ def test_sites_left_float_say_why_and_options_that_need_torch_refuse():
     }
     assert row.rewritten == 0
     for spec, fragment in (("quantize:keep_float=1", "exclude="),
-                           ("quantize:mode=int4-weight,group_size=8", "power of 2 >= 16")):
+                           ("quantize:mode=int4-weight,group_size=8", "power of 2 >= 16"),
+                           ("quantize:attention=int8", "attention=int8 rewrites scaled_dot_product_attention in "
+                                                       "torch graphs"),
+                           ("quantize:attention=bf16", "give ptool the torch model")):
         with pytest.raises(PassError, match=fragment):
             ptool.transform(proto, [spec], example_inputs=feeds)
 
