@@ -133,9 +133,10 @@ def precision_candidates(specs: Sequence[str], fp: DeviceFingerprint) -> tuple[l
     for spec in specs:
         p = parse_pass(spec)
         formats = _number_formats(p)
-        missing = [(f, why) for f, (ok, why) in ((f, fp.supports(f)) for f in formats) if not ok]
+        verdicts = {f: fp.supports(f) for f in formats}
+        missing = [f"{f} left out: {why}" for f, (ok, why) in verdicts.items() if not ok]
         if missing:
-            left_out.append(((spec,), "; ".join(f"{f} left out: {why}" for f, why in missing)))
+            left_out.append(((spec,), "; ".join(missing)))
             continue
         usable.append(spec)
         if p.name == "precision":
@@ -165,12 +166,10 @@ def _number_formats(p: Any) -> list[str]:
     (``quantize:attention=bf16``: int8 linears, bf16 attention products)."""
     if p.name == "precision":
         return [p.dtype]
-    formats = []
-    if p.name == "quantize" and p.mode.startswith("int8"):
-        formats.append("int8")
-    if p.name == "quantize" and p.attention == "bf16":
-        formats.append("bf16")
-    return formats
+    if p.name != "quantize":
+        return []
+    formats = ["int8"] if p.mode.startswith("int8") else []
+    return formats + (["bf16"] if p.attention == "bf16" else [])
 
 
 # -- backends ----------------------------------------------------------------------------------------

@@ -35,11 +35,14 @@ def _value(node: object) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
-def _written_out(graph: fx.Graph, named: dict, scale: float) -> fx.Node:
-    """The math form of one SDPA call (module docstring), inserted at the graph's insertion point."""
+def _written_out(graph: fx.Graph, named: dict, scale: float) -> list[fx.Node]:
+    """The math form of one SDPA call (module docstring), inserted at the graph's insertion point:
+    the nodes it added, the output last."""
+    added: list[fx.Node] = []
 
     def call(op, *args):
-        return graph.call_function(op, args)
+        added.append(graph.call_function(op, args))
+        return added[-1]
 
     q, k, v, mask = named["query"], named["key"], named["value"], named.get("attn_mask")
     out_dtype = _value(q).dtype
@@ -52,7 +55,8 @@ def _written_out(graph: fx.Graph, named: dict, scale: float) -> fx.Node:
         else:
             scores = call(aten.add.Tensor, scores, call(aten.to.dtype, mask, torch.float32))
     weights = call(aten.to.dtype, call(aten.softmax.int, scores, -1), torch.bfloat16)
-    return call(aten.to.dtype, call(aten.matmul.default, weights, v16), out_dtype)
+    call(aten.to.dtype, call(aten.matmul.default, weights, v16), out_dtype)
+    return added
 
 
 def _causal(named: dict) -> str | None:
@@ -64,11 +68,11 @@ def _causal(named: dict) -> str | None:
 def bf16_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -> None:
     """Write every supported SDPA node of ``gm`` out with bf16 products (counted in ``result``)."""
     for node, named, scale in attention_sites(gm, result, refuse=_causal):
-        before = set(gm.graph.nodes)
         with gm.graph.inserting_before(node):
-            new = _written_out(gm.graph, named, scale)
-        for added in (n for n in gm.graph.nodes if n not in before):
-            added.meta.update({"nn_module_stack": node.meta.get("nn_module_stack", {}), "ptool.from_pass": pass_name})
+            added = _written_out(gm.graph, named, scale)
+        for n in added:
+            n.meta.update({"nn_module_stack": node.meta.get("nn_module_stack", {}), "ptool.from_pass": pass_name})
+        new = added[-1]
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         result.hit(1)
