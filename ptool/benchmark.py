@@ -288,6 +288,45 @@ def measure_interleaved(
     return {name: summarize(samples[name], memory[name]) for name in candidates}
 
 
+def measure_blocks(
+    candidates: Mapping[str, Callable[..., Any]],
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    rounds: int = 4,
+    warmup: int = DEFAULT_WARMUP,
+    repeat: int = 5,
+) -> dict[str, Timing]:
+    """Time several candidates in turns of whole blocks: per round, each candidate runs ``warmup``
+    untimed calls, then ``repeat`` timed ones, before the next candidate's block.
+
+    Use it where a runtime's worker threads keep spinning well past one call (ONNX Runtime with its
+    default thread spinning): round-robin with ``settle=1`` then still leaves them busy during the
+    next candidate's timed call (on 2 cores, ptool's int8 BERT-base at seq 128 timed 51.0 ms
+    round-robin beside a spinning ORT, 41-47 ms in blocks beside it in other runs that day; the
+    machine's own noise is of that order too). The rounds spread every candidate over the same
+    stretch of machine noise.
+
+    Returns:
+        name -> :class:`Timing` over all its timed calls, in the order of ``candidates``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    _check_counts(warmup, repeat, 0.0)
+    kwargs = dict(kwargs or {})
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    with _Quiet():
+        for _ in range(rounds):
+            for name, fn in candidates.items():
+                for _ in range(warmup):
+                    fn(*args, **kwargs)
+                for _ in range(repeat):
+                    t0 = time.perf_counter_ns()
+                    fn(*args, **kwargs)
+                    samples[name].append((time.perf_counter_ns() - t0) / 1e6)
+    return {name: summarize(samples[name], memory_snapshot()) for name in candidates}
+
+
 # ---------------------------------------------------------------------------------------------
 # Side-by-side comparison of candidates (backends, pipelines) against a baseline
 

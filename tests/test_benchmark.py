@@ -12,6 +12,7 @@ from ptool.benchmark import (
     Timing,
     compare_candidates,
     measure,
+    measure_blocks,
     measure_interleaved,
     memory_snapshot,
     plan_repeats,
@@ -160,3 +161,32 @@ def test_compare_candidates_rows():
     assert all(r.timing.runs == 3 for r in rows)
     d = rows[1].to_dict()
     assert d["build_seconds"] == 1.5 and d["memory_mb"] == 2.0 and d["note"] == "n" and d["runs"] == 3
+
+
+def test_blocks_run_each_candidate_in_whole_turns_with_warm_ups_untimed():
+    import time
+
+    order = []
+
+    def slow_after_switch(name):
+        def fn():
+            # the first two calls after another candidate are slow (its runtime's threads still spin)
+            recent = order[-2:]
+            time.sleep(0.02 if any(n != name for n in recent) or len(recent) < 2 else 0.0)
+            order.append(name)
+        return fn
+
+    fns = {name: slow_after_switch(name) for name in ("a", "b")}
+    result = measure_blocks(fns, rounds=2, warmup=2, repeat=3)
+    assert order == ["a"] * 5 + ["b"] * 5 + ["a"] * 5 + ["b"] * 5
+    assert [result[n].runs for n in "ab"] == [6, 6]
+    assert result["a"].median_ms < 10.0 and result["b"].median_ms < 10.0  # the warm-ups paid the switch
+    slow = measure_interleaved(fns, warmup=0, repeat=3, settle=1)
+    assert slow["a"].median_ms >= 15.0  # one settling call is not enough here
+
+
+def test_blocks_bad_counts_are_value_errors():
+    with pytest.raises(ValueError, match="rounds"):
+        measure_blocks({"a": lambda: None}, rounds=0)
+    with pytest.raises(ValueError, match="repeat"):
+        measure_blocks({"a": lambda: None}, repeat=0)

@@ -7,8 +7,8 @@ Per model (batch 1), every candidate is built, checked for fidelity, then all ar
 
 - baseline: eager torch, float32;
 - peers, as a user would run them: ``model.to(torch.bfloat16)`` in eager torch; ONNX Runtime
-  ``quantize_dynamic`` (per-channel, opset 23, ``op_types_to_quantize=[MatMul, Gather]``, 2 threads, ORT's default
-  thread spinning);
+  ``quantize_dynamic`` (per-channel, opset 23, ``op_types_to_quantize=[MatMul, Gather]``, 2 threads;
+  thread spinning off in the table, ORT's default spinning in the head-to-head);
   ``torch.compile`` (defaults);
 - ptool: ``precision`` (bf16 / fp16) and ``quantize`` (int8 on ``torch._int_mm``) on torch eager,
   ``torch.compile`` with Inductor freezing, AOTInductor (ahead of time, with freezing), ONNX Runtime
@@ -50,7 +50,7 @@ from _minilm import heldout_batches, log  # noqa: E402
 from _sections import write_section  # noqa: E402
 
 import ptool  # noqa: E402
-from ptool.benchmark import measure_interleaved  # noqa: E402
+from ptool.benchmark import measure_blocks, measure_interleaved  # noqa: E402
 from ptool.ir.flops import estimate_flops  # noqa: E402
 from ptool.tune.fingerprint import device_fingerprint  # noqa: E402
 
@@ -166,22 +166,25 @@ def _no_grad(fn: Callable) -> Callable:
     return run
 
 
-def ort_quantize_dynamic(case: Case, folder: pathlib.Path) -> Callable:
+def ort_quantize_dynamic(case: Case, folder: pathlib.Path, *, spinning: bool = False) -> Callable:
     """ONNX Runtime's own dynamic quantizer on the float32 export, as its docs show it.
 
-    The session keeps ORT's default thread spinning: its workers busy-wait after a run, which made
-    it 7-10% faster here (BERT-base seq 128: 49.0 vs 52.8 ms; ViT-B/16: 73 vs 80 ms). The spinning
-    steals the cores from whatever runs next, so the side-by-side timing gives every candidate one
-    untimed settling call before each timed one (``settle=1``), which absorbs it."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    fp32 = ptool.export_onnx(case.model, folder / "fp32.onnx", case.args, opset=23)
+    ``spinning``: ORT's default thread spinning (its workers busy-wait after a run: 7-10% faster
+    here, BERT-base seq 128 49.0 vs 52.8 ms). Off in the round-robin table, where the spinning
+    would slow every other candidate; on in the head-to-head, which times in blocks."""
     int8 = folder / "int8.onnx"
-    quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gather"])
+    if not int8.exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        fp32 = ptool.export_onnx(case.model, folder / "fp32.onnx", case.args, opset=23)
+        quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gather"])
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 2  # ORT's other defaults, thread spinning included, as a user runs it
+    so.intra_op_num_threads = 2
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(int8), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
@@ -191,13 +194,13 @@ def ort_quantize_dynamic(case: Case, folder: pathlib.Path) -> Callable:
     return run
 
 
-def peers(case: Case, folder: pathlib.Path) -> dict[str, Callable]:
+def peers(case: Case, folder: pathlib.Path, *, ort_spinning: bool = False) -> dict[str, Callable]:
     bf16 = copy.deepcopy(case.model).to(torch.bfloat16)
     compiled = torch.compile(case.model)
     _no_grad(compiled)(*case.args)
     return {
         "peer: model.to(torch.bfloat16) | eager": _no_grad(bf16),
-        "peer: ORT quantize_dynamic per-channel, opset 23": ort_quantize_dynamic(case, folder),
+        "peer: ORT quantize_dynamic per-channel, opset 23": ort_quantize_dynamic(case, folder, spinning=ort_spinning),
         "peer: torch.compile": _no_grad(compiled),
     }
 
@@ -282,28 +285,47 @@ def run_case(case: Case, *, repeat: int, tune: bool, tune_dir: pathlib.Path) -> 
             if label in flops:
                 row["gflops"] = round(flops[label] / 1e9, 2)
                 row["format"] = number_format(row["passes"])
-        head_to_head = _head_to_head(runs, timings, case, repeat)
+        best = _best(timings)
+        head_to_head = _head_to_head({k: fn for k, fn in runs.items() if k == best}, case, pathlib.Path(tmp),
+                                     repeat)
     return {"rows": rows, "baseline_ms": base, "best_peer_ms": peer_best, "head_to_head": head_to_head}
 
 
-def _head_to_head(runs: dict[str, Callable], timings: dict, case: Case, repeat: int) -> dict:
-    """The tuned winner (else the fastest ptool candidate) timed again beside the baseline and the peers only.
-
-    In the full table every runtime's threads share the cores with a dozen others between calls
-    (torch's OpenMP, TVM's and ONNX Runtime's pools spin after their calls), which can
-    slow a peer more than it would run alone; this smaller run is the comparison to quote.
-    """
+def _best(timings: dict) -> str:
+    """The tuned winner, else the fastest ptool candidate."""
     ours = [k for k in timings if not k.startswith(("peer", "baseline"))]
     winners = [k for k in ours if k.startswith("ptool tune winner")]
-    best = winners[0] if winners else min(ours, key=lambda k: timings[k].median_ms)
-    subset = {k: fn for k, fn in runs.items() if k.startswith(("peer", "baseline")) or k == best}
-    log(f"  head to head: {best} vs the peers")
-    again = measure_interleaved(subset, case.args, warmup=2, settle=1, repeat=repeat)
+    return winners[0] if winners else min(ours, key=lambda k: timings[k].median_ms)
+
+
+def _head_to_head(ours: dict[str, Callable], case: Case, folder: pathlib.Path, repeat: int) -> dict:
+    """ptool's best (one entry of ``ours``) timed again beside the baseline and the peers only, in blocks.
+
+    Each runtime as it would run alone: ONNX Runtime with its default thread spinning (7-10% faster
+    than without), every candidate timed in whole turns (:func:`ptool.benchmark.measure_blocks`:
+    per round 3 untimed calls, then ``repeat // 4`` timed ones) so no runtime's spinning threads
+    are still busy during another's timed calls. This is the comparison to quote.
+    """
+    [(best, fn)] = ours.items()
+    subset = {"baseline: torch eager fp32": _no_grad(case.model), **peers(case, folder, ort_spinning=True), best: fn}
+    log(f"  head to head (blocks): {best} vs the peers")
+    again = measure_blocks(subset, case.args, rounds=4, warmup=3, repeat=max(repeat // 4, 3))
     ms = {k: round(t.median_ms, 2) for k, t in again.items()}
     peer = min(v for k, v in ms.items() if k.startswith("peer"))
     fastest_peer = min((k for k in ms if k.startswith("peer")), key=ms.get)
     return {"candidate": best, "ms": ms, "vs_eager": round(ms["baseline: torch eager fp32"] / ms[best], 2),
-            "vs_best_peer": round(peer / ms[best], 2), "best_peer": fastest_peer}
+            "vs_best_peer": round(peer / ms[best], 2), "best_peer": fastest_peer, "timing": "blocks, ORT spinning"}
+
+
+def head_to_head_only(case: Case, previous: dict, repeat: int) -> dict:
+    """Re-run only the head-to-head of a model, with the candidate (passes, backend, options) of its last run."""
+    label = previous["head_to_head"]["candidate"]
+    row = previous["rows"][label]
+    log(f"  building {label}")
+    m2 = ptool.transform(case.model, row["passes"], case.args)
+    fn = ptool.compile(m2, backend=row["backend"], **row["options"])
+    with tempfile.TemporaryDirectory() as tmp:
+        return {**previous, "head_to_head": _head_to_head({label: fn}, case, pathlib.Path(tmp), repeat)}
 
 
 def render(results: dict, peaks: dict[str, float], fingerprint: str) -> str:
@@ -341,7 +363,7 @@ def render(results: dict, peaks: dict[str, float], fingerprint: str) -> str:
         h2h = result.get("head_to_head")
         if h2h:
             times = "; ".join(f"{k.removeprefix('peer: ')} {v:.2f} ms" for k, v in h2h["ms"].items())
-            out += [f"Head to head (the tune winner, else the fastest ptool row, timed again beside the baseline and the peers only): "
+            out += [f"Head to head (the tune winner, else the fastest ptool row, timed again beside the baseline and the peers only, in blocks, ONNX Runtime with its default thread spinning): "
                     f"**{h2h['vs_best_peer']:.2f}x** the fastest peer ({h2h['best_peer'].removeprefix('peer: ')}), "
                     f"{h2h['vs_eager']:.2f}x eager float32 — {times}.", ""]
     out.append("*limit*: the graph's matmul-class FLOPs over the GEMM peak of the candidate's number format "
@@ -357,24 +379,31 @@ def main() -> None:
     parser.add_argument("--models", default="minilm,bert128,bert512,vit")
     parser.add_argument("--tune", action="store_true", help="also run ptool.autotune on MiniLM")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--head-to-head-only", action="store_true",
+                        help="re-time only each model's head-to-head, with the candidate of its last run")
     args = parser.parse_args()
     torch.manual_seed(0)
     fp = device_fingerprint()
     log(f"device: {fp}")
     peaks = gemm_peaks()
     log("GEMM peaks: " + json.dumps({k: round(v) for k, v in peaks.items()}))
-    results = {}
-    for key in args.models.split(","):
-        case = CASES[key]()
-        log(f"{case.name}")
-        with tempfile.TemporaryDirectory() as tune_dir:
-            results[case.name] = run_case(case, repeat=args.repeat, tune=args.tune and key == "minilm",
-                                          tune_dir=pathlib.Path(tune_dir))
-        del case
     previous = {}
     json_path = ROOT / "BENCHMARKS.json"
     if json_path.exists():
         previous = json.loads(json_path.read_text()).get("precision", {}).get("models", {})
+    results = {}
+    for key in args.models.split(","):
+        case = CASES[key]()
+        log(f"{case.name}")
+        if args.head_to_head_only:
+            if case.name not in previous:
+                raise SystemExit(f"--head-to-head-only: no earlier run of {case.name} in BENCHMARKS.json")
+            results[case.name] = head_to_head_only(case, previous[case.name], args.repeat)
+            continue
+        with tempfile.TemporaryDirectory() as tune_dir:
+            results[case.name] = run_case(case, repeat=args.repeat, tune=args.tune and key == "minilm",
+                                          tune_dir=pathlib.Path(tune_dir))
+        del case
     merged = {**previous, **results}  # a run of some models keeps the others' last figures
     section = render(merged, peaks, str(fp))
     write_section("precision", section, {"fingerprint": fp.to_dict(), "gemm_peaks": peaks, "models": merged})
