@@ -333,7 +333,8 @@ def render(results: dict, peaks: dict[str, float], fingerprint: str) -> str:
         "## Precision and fast kernels (`tools/bench_precision.py`)",
         "",
         f"Device: {fingerprint}. Batch 1, 2 threads, every candidate of a model timed side by side in one run "
-        "(round-robin, medians). *vs eager* = float32 eager time / candidate time; *vs best peer* = the fastest "
+        "(round-robin, medians; ONNX Runtime with thread spinning off, which would slow the next candidate). "
+        "*vs eager* = float32 eager time / candidate time; *vs best peer* = the fastest "
         "of `model.to(torch.bfloat16)`, ORT `quantize_dynamic` and `torch.compile` / candidate time. Cosine: "
         "MiniLM = mean embedding cosine on the 64 held-out sentences; the others = output cosine on 4 random "
         "inputs (worst). GEMM peaks measured here (2048^3, both cores): "
