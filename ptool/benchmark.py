@@ -324,7 +324,8 @@ def measure_blocks(
                     t0 = time.perf_counter_ns()
                     fn(*args, **kwargs)
                     samples[name].append((time.perf_counter_ns() - t0) / 1e6)
-    return {name: summarize(samples[name], memory_snapshot()) for name in candidates}
+    memory = memory_snapshot()  # process-wide: one reading serves every candidate
+    return {name: summarize(samples[name], memory) for name in candidates}
 
 
 # ---------------------------------------------------------------------------------------------
