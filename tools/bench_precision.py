@@ -194,13 +194,17 @@ def ort_quantize_dynamic(case: Case, folder: pathlib.Path, *, spinning: bool = F
     return run
 
 
+BASELINE = "baseline: torch eager fp32"
+ORT_PEER = "peer: ORT quantize_dynamic per-channel, opset 23"
+
+
 def peers(case: Case, folder: pathlib.Path, *, ort_spinning: bool = False) -> dict[str, Callable]:
     bf16 = copy.deepcopy(case.model).to(torch.bfloat16)
     compiled = torch.compile(case.model)
     _no_grad(compiled)(*case.args)
     return {
         "peer: model.to(torch.bfloat16) | eager": _no_grad(bf16),
-        "peer: ORT quantize_dynamic per-channel, opset 23": ort_quantize_dynamic(case, folder, spinning=ort_spinning),
+        ORT_PEER: ort_quantize_dynamic(case, folder, spinning=ort_spinning),
         "peer: torch.compile": _no_grad(compiled),
     }
 
@@ -243,7 +247,7 @@ def number_format(passes: list[str]) -> str:
 
 def run_case(case: Case, *, repeat: int, tune: bool, tune_dir: pathlib.Path) -> dict:
     rows: dict[str, dict] = {}
-    runs: dict[str, Callable] = {"baseline: torch eager fp32": _no_grad(case.model)}
+    runs: dict[str, Callable] = {BASELINE: _no_grad(case.model)}
     flops: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, fn in peers(case, pathlib.Path(tmp)).items():
@@ -276,7 +280,7 @@ def run_case(case: Case, *, repeat: int, tune: bool, tune_dir: pathlib.Path) -> 
             rows.setdefault(label, {})["cosine"] = case.fidelity(fn)
         log(f"  timing {len(runs)} candidates side by side")
         timings = measure_interleaved(runs, case.args, warmup=2, settle=1, repeat=repeat)
-        base = timings["baseline: torch eager fp32"].median_ms
+        base = timings[BASELINE].median_ms
         peer_best = min(t.median_ms for k, t in timings.items() if k.startswith("peer"))
         for label, t in timings.items():
             row = rows[label]
@@ -286,8 +290,9 @@ def run_case(case: Case, *, repeat: int, tune: bool, tune_dir: pathlib.Path) -> 
                 row["gflops"] = round(flops[label] / 1e9, 2)
                 row["format"] = number_format(row["passes"])
         best = _best(timings)
-        head_to_head = _head_to_head({k: fn for k, fn in runs.items() if k == best}, case, pathlib.Path(tmp),
-                                     repeat)
+        table_peers = {k: fn for k, fn in runs.items() if k.startswith(("peer", "baseline"))}
+        spinning_ort = {ORT_PEER: ort_quantize_dynamic(case, pathlib.Path(tmp), spinning=True)}
+        head_to_head = _head_to_head({**table_peers, **spinning_ort, best: runs[best]}, best, case, repeat)
     return {"rows": rows, "baseline_ms": base, "best_peer_ms": peer_best, "head_to_head": head_to_head}
 
 
@@ -298,22 +303,20 @@ def _best(timings: dict) -> str:
     return winners[0] if winners else min(ours, key=lambda k: timings[k].median_ms)
 
 
-def _head_to_head(ours: dict[str, Callable], case: Case, folder: pathlib.Path, repeat: int) -> dict:
-    """ptool's best (one entry of ``ours``) timed again beside the baseline and the peers only, in blocks.
+def _head_to_head(subset: dict[str, Callable], best: str, case: Case, repeat: int) -> dict:
+    """ptool's ``best`` timed again beside the baseline and the peers only (``subset`` holds all of them), in blocks.
 
     Each runtime as it would run alone: ONNX Runtime with its default thread spinning (7-10% faster
     than without), every candidate timed in whole turns (:func:`ptool.benchmark.measure_blocks`:
     per round 3 untimed calls, then ``repeat // 4`` timed ones) so no runtime's spinning threads
     are still busy during another's timed calls. This is the comparison to quote.
     """
-    [(best, fn)] = ours.items()
-    subset = {"baseline: torch eager fp32": _no_grad(case.model), **peers(case, folder, ort_spinning=True), best: fn}
     log(f"  head to head (blocks): {best} vs the peers")
     again = measure_blocks(subset, case.args, rounds=4, warmup=3, repeat=max(repeat // 4, 3))
     ms = {k: round(t.median_ms, 2) for k, t in again.items()}
     peer = min(v for k, v in ms.items() if k.startswith("peer"))
     fastest_peer = min((k for k in ms if k.startswith("peer")), key=ms.get)
-    return {"candidate": best, "ms": ms, "vs_eager": round(ms["baseline: torch eager fp32"] / ms[best], 2),
+    return {"candidate": best, "ms": ms, "vs_eager": round(ms[BASELINE] / ms[best], 2),
             "vs_best_peer": round(peer / ms[best], 2), "best_peer": fastest_peer, "timing": "blocks, ORT spinning"}
 
 
@@ -325,7 +328,9 @@ def head_to_head_only(case: Case, previous: dict, repeat: int) -> dict:
     m2 = ptool.transform(case.model, row["passes"], case.args)
     fn = ptool.compile(m2, backend=row["backend"], **row["options"])
     with tempfile.TemporaryDirectory() as tmp:
-        return {**previous, "head_to_head": _head_to_head({label: fn}, case, pathlib.Path(tmp), repeat)}
+        subset = {BASELINE: _no_grad(case.model), **peers(case, pathlib.Path(tmp), ort_spinning=True),
+                  label: fn}
+        return {**previous, "head_to_head": _head_to_head(subset, label, case, repeat)}
 
 
 def render(results: dict, peaks: dict[str, float], fingerprint: str) -> str:

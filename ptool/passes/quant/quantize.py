@@ -253,7 +253,8 @@ class Quantize(Pass):
         groups: dict[object, list[LayerSite]] = {}
         for site in sites:
             fusable = self.fuse_shared_inputs and site.kind == "linear" and bias_tensor(gm, site) is not False
-            groups.setdefault(site.x if fusable else site.node, []).append(site)
+            # keyed by kind: an embedding's own node may be the input a linear after it reads
+            groups.setdefault(("input", site.x) if fusable else ("layer", site.node), []).append(site)
         return list(groups.values())
 
     def _calibrated_levels(self, gm: fx.GraphModule, ctx: PassContext, todo: list[LayerSite], result: PassResult

@@ -409,3 +409,17 @@ def test_torch_compile_runs_the_packed_int4_kernel():
     got, calls = _int4_calls(frozen, ids, kwargs)
     assert calls == {"aten::_weight_int4pack_mm_for_cpu": 2 * 4 + 1, "ptool_quant::linear_int4": 0}
     assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("spec", ["quantize", "quantize:activations=per-token"])
+def test_a_linear_reading_an_embedding_directly_is_quantized_on_its_own(spec):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 32), torch.nn.Linear(32, 64)).eval()
+    ids = torch.randint(0, 50, (1, 16))
+    m2 = ptool.transform(model, [spec], (ids,))
+    quantized = torch.ops.ptool_quant
+    targets = {n.target for n in m2.graph_module.graph.nodes if n.op == "call_function"}
+    assert quantized.embedding_int8.default in targets
+    assert targets & {quantized.linear_dynamic_int8.default, quantized.linear_token_int8.default}
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(model(ids).flatten(), m2(ids).flatten(), 0) > 0.999
