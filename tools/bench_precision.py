@@ -10,7 +10,8 @@ Per model (batch 1), every candidate is built, checked for fidelity, then all ar
   ``quantize_dynamic`` (per-channel, opset 23, ``op_types_to_quantize=[MatMul, Gather]``, 2 threads;
   thread spinning off in the table, ORT's default spinning in the head-to-head);
   ``torch.compile`` (defaults);
-- ptool: ``precision`` (bf16 / fp16) and ``quantize`` (int8 on ``torch._int_mm``) on torch eager,
+- ptool: ``precision`` (bf16 / fp16) and ``quantize`` (int8 on ``torch._int_mm``), each after the
+  exact cleanup the tuner runs first (``dce, cse, constant-fold, fold-bn``), on torch eager,
   ``torch.compile`` with Inductor freezing, AOTInductor (ahead of time, with freezing), ONNX Runtime
   and TVM; and, for MiniLM with ``--tune``,
   the winner of ``ptool.autotune(max_error=0.005)``.
@@ -52,6 +53,7 @@ from _sections import write_section  # noqa: E402
 import ptool  # noqa: E402
 from ptool.benchmark import measure_blocks, measure_interleaved  # noqa: E402
 from ptool.ir.flops import estimate_flops  # noqa: E402
+from ptool.passes.pipelines import default_pipeline  # noqa: E402
 from ptool.tune.fingerprint import device_fingerprint  # noqa: E402
 
 MAX_ERROR = 0.005
@@ -252,7 +254,8 @@ def run_case(case: Case, *, repeat: int, tune: bool, tune_dir: pathlib.Path) -> 
     with tempfile.TemporaryDirectory() as tmp:
         for label, fn in peers(case, pathlib.Path(tmp)).items():
             runs[label] = fn
-        for label, (passes, backend, options) in PTOOL.items():
+        for label, (approximate, backend, options) in PTOOL.items():
+            passes = default_pipeline() + approximate
             log(f"  building {label}")
             t0 = time.perf_counter()
             try:

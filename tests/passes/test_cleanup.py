@@ -9,6 +9,7 @@ import ptool
 from ptool.frontends.torch_export import capture
 from ptool.ir.graph import op_histogram
 from ptool.passes.base import PassContext
+from tests.models import zoo
 
 
 class _Redundant(torch.nn.Module):
@@ -138,3 +139,52 @@ def test_getitem_is_treated_as_pure():
     gm = _gm(Split(), torch.randn(4, 3))
     items = [n for n in gm.graph.nodes if n.target is operator.getitem]
     assert items and all(is_pure(n) for n in items)
+
+
+class _MaskedAttention(torch.nn.Module):
+    """SDPA with a stored mask (a buffer: constant at transform time)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+def _sdpa_masks(gm) -> list:
+    return [(n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")) for n in gm.graph.nodes
+            if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+
+
+@pytest.mark.parametrize("mask", [torch.ones(1, 1, 5, 5, dtype=torch.bool), torch.zeros(1, 1, 5, 5)],
+                         ids=["all-true", "all-zero-additive"])
+def test_constant_fold_drops_an_attention_mask_that_hides_nothing(mask):
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    model = _MaskedAttention(mask)
+    m2 = ptool.transform(model, ["constant-fold"], (q, k, v))
+    assert _sdpa_masks(m2.graph_module) == [None]
+    assert m2.report["constant-fold"].rewritten == 1
+    assert not any(b.shape == mask.shape for b in m2.buffers())  # the mask is gone from the model
+    torch.testing.assert_close(m2(q, k, v), model(q, k, v), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("hidden", [(0, 0, 1, 3), (0, 0, 4, 0)])
+def test_constant_fold_keeps_an_attention_mask_that_hides_a_key(hidden):
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    mask[hidden] = False
+    m2 = ptool.transform(_MaskedAttention(mask), ["constant-fold"], (q, k, v))
+    assert _sdpa_masks(m2.graph_module)[0] is not None
+    torch.testing.assert_close(m2(q, k, v), _MaskedAttention(mask)(q, k, v), rtol=0, atol=0)
+
+
+def test_constant_fold_drops_hugging_face_vits_always_true_mask_exactly():
+    fixture = zoo.vit()
+    assert all(m is not None for m in _sdpa_masks(_gm(fixture.model, *fixture.example_inputs)))
+    m2 = ptool.transform(fixture.model, ["constant-fold"], fixture.example_inputs)
+    masks = _sdpa_masks(m2.graph_module)
+    assert len(masks) == 2 and masks == [None, None]  # transformers builds an all-True mask from arange
+    with torch.no_grad():
+        want = fixture.model(*fixture.example_inputs).logits
+    torch.testing.assert_close(m2(*fixture.example_inputs).logits, want, rtol=0, atol=0)
