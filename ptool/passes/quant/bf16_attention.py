@@ -4,7 +4,7 @@ Every supported ``scaled_dot_product_attention`` node is written out as its math
 products in bf16 and the softmax's exponentials and sums in float32, normalised after the second
 product (as flash attention does)::
 
-    s = float32(bf16(q * scale) @ bf16(k)^T) (+ mask)
+    s = float32(bf16(q * scale) @ bf16(k)^T) (+ mask as float32: 0, or -inf where it hides a key)
     e = exp(s - max(s))
     out = float32(bf16(e) @ bf16(v)) / sum(e)          (in q's dtype)
 
@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from ptool.ir.graph import module_path
 from ptool.passes.base import PassResult
-from ptool.passes.quant.int8_attention import attention_sites
+from ptool.passes.quant.int8_attention import additive_mask, attention_sites
 
 aten = torch.ops.aten
 
@@ -40,9 +40,9 @@ def _value(node: object) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
-def _written_out(graph: fx.Graph, named: dict, scale: float) -> list[fx.Node]:
+def _written_out(graph: fx.Graph, named: dict, scale: float, biases: dict[fx.Node, fx.Node]) -> list[fx.Node]:
     """The math form of one SDPA call (module docstring), inserted at the graph's insertion point:
-    the nodes it added, the output last."""
+    the nodes it added, the output last (the shared mask term, :func:`.int8_attention.additive_mask`, is not among them)."""
     added: list[fx.Node] = []
 
     def call(op, *args):
@@ -55,10 +55,7 @@ def _written_out(graph: fx.Graph, named: dict, scale: float) -> list[fx.Node]:
     k16, v16 = (call(aten.to.dtype, x, torch.bfloat16) for x in (k, v))
     scores = call(aten.to.dtype, call(aten.matmul.default, q16, call(aten.transpose.int, k16, -2, -1)), torch.float32)
     if mask is not None:
-        if _value(mask).dtype == torch.bool:
-            scores = call(aten.masked_fill.Scalar, scores, call(aten.logical_not.default, mask), float("-inf"))
-        else:
-            scores = call(aten.add.Tensor, scores, call(aten.to.dtype, mask, torch.float32))
+        scores = call(aten.add.Tensor, scores, additive_mask(graph, mask, biases))
     exps = call(aten.exp.default, call(aten.sub.Tensor, scores, call(aten.amax.default, scores, [-1], True)))
     unnormalised = call(aten.to.dtype, call(aten.matmul.default, call(aten.to.dtype, exps, torch.bfloat16), v16),
                         torch.float32)
@@ -75,9 +72,10 @@ def _causal(named: dict) -> str | None:
 
 def bf16_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -> None:
     """Write every supported SDPA node of ``gm`` out with bf16 products (counted in ``result``)."""
+    biases: dict[fx.Node, fx.Node] = {}
     for node, named, scale in attention_sites(gm, result, refuse=_causal):
         with gm.graph.inserting_before(node):
-            added = _written_out(gm.graph, named, scale)
+            added = _written_out(gm.graph, named, scale, biases)
         for n in added:
             n.meta.update({"nn_module_stack": node.meta.get("nn_module_stack", {}), "ptool.from_pass": pass_name})
         new = added[-1]
@@ -85,3 +83,5 @@ def bf16_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -> No
         gm.graph.erase_node(node)
         result.hit(1)
         result.notes.setdefault("bf16_attention", []).append(module_path(new))
+    for bias in biases.values():
+        bias.meta["ptool.from_pass"] = pass_name

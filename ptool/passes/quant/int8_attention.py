@@ -72,11 +72,32 @@ def attention_sites(gm: fx.GraphModule, result: PassResult,
         yield node, named, float(1 / math.sqrt(_shape(named["query"])[-1]) if scale is None else scale)
 
 
+def additive_mask(graph: fx.Graph, mask: fx.Node, biases: dict[fx.Node, fx.Node]) -> fx.Node:
+    """``mask`` as one float32 term added to the scores (``-inf`` where a boolean mask hides a key),
+    made once, right after the mask, for every attention reading it (``biases`` keeps them): an
+    encoder's layers share one padding mask, and Inductor would otherwise fuse the mask's gathers and
+    logic into every layer's softmax (BERT-base seq 128, bf16 attention: 0.20 ms a layer instead of
+    0.08)."""
+    if mask not in biases:
+        with graph.inserting_after(mask):
+            as_float = graph.call_function(aten.to.dtype, (mask, torch.float32))
+        biases[mask] = as_float
+        if mask.meta["val"].dtype == torch.bool:
+            # log(1) = 0 and log(0) = -inf exactly; a log is also what makes Inductor store the
+            # term once instead of recomputing it in each reader (it does so for "heavy" ops)
+            with graph.inserting_after(as_float):
+                biases[mask] = graph.call_function(aten.log.default, (as_float,))
+    return biases[mask]
+
+
 def quantize_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -> None:
     """Replace every supported SDPA node of ``gm`` by the int8 attention op (counted in ``result``)."""
+    biases: dict[fx.Node, fx.Node] = {}
     for node, named, scale in attention_sites(gm, result):
-        args = (named["query"], named["key"], named["value"], named.get("attn_mask"), scale,
-                bool(named.get("is_causal", False)))
+        mask = named.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            mask = additive_mask(gm.graph, mask, biases)
+        args = (named["query"], named["key"], named["value"], mask, scale, bool(named.get("is_causal", False)))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.ptool_quant.attention_int8.default, args)
         new.meta = {**node.meta, "ptool.from_pass": pass_name}
@@ -84,3 +105,5 @@ def quantize_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -
         gm.graph.erase_node(node)
         result.hit(1)
         result.notes.setdefault("int8_attention", []).append(module_path(new))
+    for bias in biases.values():
+        bias.meta["ptool.from_pass"] = pass_name

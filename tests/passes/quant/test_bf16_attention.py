@@ -89,6 +89,18 @@ def test_every_attention_site_is_written_out_and_adds_little_to_int8_linears(mod
         assert compare(fixture.run((args, kwargs)), m2(*args, **kwargs)).cosine > 0.995
 
 
+def test_a_padding_mask_shared_by_the_layers_becomes_one_additive_term():
+    fixture, m2 = _quantized("bert")
+    graph = m2.graph_module.graph
+    [term] = [n for n in graph.nodes if n.target is torch.ops.aten.log.default]  # log(1) = 0, log(0) = -inf
+    assert len(term.users) == 2 and all(u.target is torch.ops.aten.add.Tensor for u in term.users)
+    assert not any(n.target is torch.ops.aten.masked_fill.Scalar for n in graph.nodes)
+    args, kwargs = fixture.heldout(2)
+    assert (args[1] == 0).any()  # the attention mask: the held-out batch pads some keys
+    with torch.no_grad():
+        assert compare(fixture.run((args, kwargs)), m2(*args, **kwargs)).cosine > 0.995
+
+
 @pytest.mark.slow
 def test_the_backends_match_torch():
     fixture, m2 = _quantized("bert")
