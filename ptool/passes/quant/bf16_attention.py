@@ -42,7 +42,7 @@ def _value(node: object) -> torch.Tensor | None:
 
 def _written_out(graph: fx.Graph, named: dict, scale: float, biases: dict[fx.Node, fx.Node]) -> list[fx.Node]:
     """The math form of one SDPA call (module docstring), inserted at the graph's insertion point:
-    the nodes it added, the output last (the shared mask term, :func:`.int8_attention.additive_mask`, is not among them)."""
+    the nodes it added, the output last (not the shared mask term, :func:`.int8_attention.additive_mask`)."""
     added: list[fx.Node] = []
 
     def call(op, *args):

@@ -52,6 +52,9 @@ def unsupported_attention(named: dict) -> str | None:
     q, k, v = shapes
     if named.get("enable_gqa", False) or not q[1] == k[1] == v[1]:
         return "kept float: grouped-query attention (key/value heads differ from the query's)"
+    mask = named.get("attn_mask")
+    if isinstance(mask, fx.Node) and not isinstance(mask.meta.get("val"), torch.Tensor):
+        return "kept float: the mask's dtype is unknown (boolean and additive masks are applied differently)"
     return None
 
 

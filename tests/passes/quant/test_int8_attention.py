@@ -152,3 +152,16 @@ def test_tvm_and_torch_compile_match_torch():
 def test_bad_attention_option_names_the_allowed_values():
     with pytest.raises(PassError, match="float.*int8"):
         ptool.passes.registry.parse_pass("quantize:attention=int4")
+
+
+def test_a_mask_of_unknown_dtype_is_left_alone_with_the_reason():
+    from ptool.passes.quant.int8_attention import unsupported_attention
+
+    graph = torch.fx.Graph()
+    q, k, v, mask = (graph.placeholder(name) for name in ("q", "k", "v", "mask"))
+    for node in (q, k, v):
+        node.meta["val"] = torch.empty(1, 2, 4, 8)
+    reason = unsupported_attention({"query": q, "key": k, "value": v, "attn_mask": mask})
+    assert reason is not None and "mask's dtype is unknown" in reason
+    mask.meta["val"] = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    assert unsupported_attention({"query": q, "key": k, "value": v, "attn_mask": mask}) is None
