@@ -36,6 +36,7 @@ from ptool.ir.graph import (
     op_name,
     owner_of,
 )
+from ptool.ir.noise import node_args
 from ptool.ir.purity import is_pure
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.verify import Close, Exact, Numerics
@@ -185,26 +186,21 @@ class ConstantFold(Pass):
         return result
 
 
-_MASK_POSITION = 3  # scaled_dot_product_attention(query, key, value, attn_mask, ...)
-
-
 def _drop_noop_mask(node: torch.fx.Node, values: dict) -> bool:
     """Drop the ``attn_mask`` of an SDPA node when its constant value hides no key (all ``True``
     when boolean, all zeros when additive); whether it did."""
     if not is_op(node, torch.ops.aten.scaled_dot_product_attention):
         return False
-    positional = len(node.args) > _MASK_POSITION
-    mask = node.args[_MASK_POSITION] if positional else node.kwargs.get("attn_mask")
-    value = values.get(mask) if isinstance(mask, torch.fx.Node) else None
+    args, index = node_args(node)
+    value = values.get(args[index["attn_mask"]])
     if not isinstance(value, torch.Tensor) or value.is_meta:
         return False
-    hides_nothing = bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
-    if not hides_nothing:
+    if not (bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())):
         return False
-    if positional:
-        node.args = (*node.args[:_MASK_POSITION], None, *node.args[_MASK_POSITION + 1:])
+    if index["attn_mask"] < len(node.args):
+        node.update_arg(index["attn_mask"], None)
     else:
-        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
+        node.update_kwarg("attn_mask", None)
     return True
 
 

@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from ptool.ir.graph import module_path
 from ptool.passes.base import PassResult
-from ptool.passes.quant.int8_attention import additive_mask, attention_sites
+from ptool.passes.quant.int8_attention import MaskTerms, attention_sites
 
 aten = torch.ops.aten
 
@@ -40,9 +40,9 @@ def _value(node: object) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
-def _written_out(graph: fx.Graph, named: dict, scale: float, biases: dict[fx.Node, fx.Node]) -> list[fx.Node]:
+def _written_out(graph: fx.Graph, named: dict, scale: float, mask_term: MaskTerms) -> list[fx.Node]:
     """The math form of one SDPA call (module docstring), inserted at the graph's insertion point:
-    the nodes it added, the output last (not the shared mask term, :func:`.int8_attention.additive_mask`)."""
+    the nodes it added, the output last (not the shared mask term, :class:`.int8_attention.MaskTerms`)."""
     added: list[fx.Node] = []
 
     def call(op, *args):
@@ -55,7 +55,7 @@ def _written_out(graph: fx.Graph, named: dict, scale: float, biases: dict[fx.Nod
     k16, v16 = (call(aten.to.dtype, x, torch.bfloat16) for x in (k, v))
     scores = call(aten.to.dtype, call(aten.matmul.default, q16, call(aten.transpose.int, k16, -2, -1)), torch.float32)
     if mask is not None:
-        scores = call(aten.add.Tensor, scores, additive_mask(graph, mask, biases))
+        scores = call(aten.add.Tensor, scores, mask_term(mask))
     exps = call(aten.exp.default, call(aten.sub.Tensor, scores, call(aten.amax.default, scores, [-1], True)))
     unnormalised = call(aten.to.dtype, call(aten.matmul.default, call(aten.to.dtype, exps, torch.bfloat16), v16),
                         torch.float32)
@@ -72,10 +72,10 @@ def _causal(named: dict) -> str | None:
 
 def bf16_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -> None:
     """Write every supported SDPA node of ``gm`` out with bf16 products (counted in ``result``)."""
-    biases: dict[fx.Node, fx.Node] = {}
+    mask_term = MaskTerms(gm.graph, pass_name)
     for node, named, scale in attention_sites(gm, result, refuse=_causal):
         with gm.graph.inserting_before(node):
-            added = _written_out(gm.graph, named, scale, biases)
+            added = _written_out(gm.graph, named, scale, mask_term)
         for n in added:
             n.meta.update({"nn_module_stack": node.meta.get("nn_module_stack", {}), "ptool.from_pass": pass_name})
         new = added[-1]
@@ -83,5 +83,3 @@ def bf16_attention(gm: fx.GraphModule, result: PassResult, pass_name: str) -> No
         gm.graph.erase_node(node)
         result.hit(1)
         result.notes.setdefault("bf16_attention", []).append(module_path(new))
-    for bias in biases.values():
-        bias.meta["ptool.from_pass"] = pass_name
