@@ -467,6 +467,7 @@ def backend_candidates(
     transformed: bool = True,
     backend_options: Mapping[str, Mapping[str, Any]] | None = None,
     status: Callable[[str], Any] | None = None,
+    device: str = "cpu",
 ) -> list[Candidate]:
     """The eager baseline plus one compiled candidate per backend, ready for :func:`compare_candidates`.
 
@@ -478,32 +479,46 @@ def backend_candidates(
         transformed: label the torch row as the transformed graph.
         backend_options: backend name -> options for ``ptool.compile``.
         status: ``status(text)`` returns a context manager shown while a backend builds.
+        device: ``cpu``, ``cuda`` or ``cuda:N``. On a GPU the baseline is a copy of ``original``
+            moved there (it must be a ``torch.nn.Module``), every backend builds for the GPU, and
+            every call is timed up to ``torch.cuda.synchronize()`` (a GPU call returns before its
+            work is done).
 
     Each candidate's ``build_seconds`` covers compiling plus the first call (lazy session / VM
     set-up), and ``memory_mb`` the process RSS growth over the same span.
+
+    Raises:
+        UsageError: an unknown or unavailable device, or a GPU asked for with a baseline that is
+            not a module.
     """
     import contextlib
 
     import torch
 
     import ptool
+    from ptool.backends.device import check_available, parse_device
 
     kwargs = dict(kwargs or {})
     status = status or (lambda text: contextlib.nullcontext())
+    target = parse_device(device)
+    check_available(target)
+    if target.is_cuda:
+        original = _on_gpu(original, target.torch)
 
     def eager(*a: Any, **k: Any) -> Any:
         with torch.no_grad():
             return original(*a, **k)
 
-    candidates = [Candidate(BASELINE, eager)]
+    synchronized = gpu_synchronized if target.is_cuda else (lambda fn: fn)
+    candidates = [Candidate(BASELINE, synchronized(eager))]
     for backend in backends:
         options = dict((backend_options or {}).get(backend, {}))
         before = memory_snapshot().rss_mb
         start = time.perf_counter()
         label = "building the TVM module (can take minutes)" if backend == "tvm" else f"compiling for {backend}"
         with status(label):
-            run = ptool.compile(compiled_source, backend=backend, example_inputs=tuple(args), example_kwargs=kwargs,
-                                **options)
+            run = synchronized(ptool.compile(compiled_source, backend=backend, example_inputs=tuple(args),
+                                             example_kwargs=kwargs, device=str(target), **options))
             with torch.no_grad():
                 run(*args, **kwargs)
         seconds = time.perf_counter() - start
@@ -512,3 +527,36 @@ def backend_candidates(
         candidates.append(Candidate(backend_label(backend, transformed=transformed), run, seconds, memory,
                                     TVM_NOTE if backend == "tvm" else ""))
     return candidates
+
+
+def _on_gpu(original: Any, gpu: Any) -> Callable[..., Any]:
+    """A copy of the module ``original`` on ``gpu``, called with its tensor inputs moved there."""
+    import copy
+
+    import torch
+    import torch.utils._pytree as pytree
+
+    from ptool.errors import UsageError
+
+    if not isinstance(original, torch.nn.Module):
+        raise UsageError(f"a GPU benchmark moves the model to the GPU for its eager baseline; "
+                         f"this one is a {type(original).__name__}, not a torch.nn.Module")
+    moved = copy.deepcopy(original).to(gpu)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(gpu), (args, kwargs))
+        return moved(*args, **kwargs)
+
+    return call
+
+
+def gpu_synchronized(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` returning only once the GPU has done its work, so a timed call measures the work."""
+    import torch
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    return call

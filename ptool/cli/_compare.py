@@ -35,16 +35,17 @@ def parse_backends(values: Sequence[str] | None, default: Sequence[str]) -> list
 
 
 def build_candidates(original: Any, compiled_source: Any, backends: Sequence[str], args: tuple, kwargs: dict,
-                     ui, *, transformed: bool, onnx_path: str | None = None) -> list:
+                     ui, *, transformed: bool, onnx_path: str | None = None, device: str = "cpu") -> list:
     """The eager baseline plus one candidate per backend (see :func:`ptool.benchmark.backend_candidates`).
 
-    ``onnx_path``: for onnxruntime, keep its ONNX file there (the demo's ``out/minilm.onnx``).
+    ``onnx_path``: for onnxruntime, keep its ONNX file there (the demo's ``out/minilm.onnx``);
+    ``device``: where every row runs.
     """
     from ptool.benchmark import backend_candidates
 
     options = {"onnxruntime": {"onnx_path": onnx_path}} if onnx_path else {}
     return backend_candidates(original, compiled_source, backends, args, kwargs, transformed=transformed,
-                              backend_options=options, status=ui.status)
+                              backend_options=options, status=ui.status, device=device)
 
 
 def _err(x: float | None) -> str:

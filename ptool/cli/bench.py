@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--passes", "--pass", dest="passes", action="append", metavar="PASSES",
                    help="passes to apply first, comma-separated or repeated ('none' for no pass; "
                         "default: dce,cse,constant-fold,fold-bn)")
+    p.add_argument("--device", default="cpu",
+                   help="where every row runs: cpu (default), cuda or cuda:N (the baseline is the model moved there)")
     p.add_argument("--repeat", type=int, default=20, metavar="N", help="timed calls per backend (default 20)")
     p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls per backend first (default 3)")
     p.add_argument("--max-seconds", type=float, default=30.0, metavar="S",
@@ -54,6 +56,7 @@ def check_counts(repeat: int, warmup: int, max_seconds: float | None) -> None:
 
 def run(args: argparse.Namespace, ui) -> int:
     import ptool
+    from ptool.backends.device import check_available, parse_device
     from ptool.benchmark import BASELINE, Candidate, compare_candidates
     from ptool.cli._compare import build_candidates, format_rows, notes, parse_backends
     from ptool.cli._model import resolve_from_args
@@ -62,7 +65,11 @@ def run(args: argparse.Namespace, ui) -> int:
     from ptool.passes.registry import parse_pipeline
 
     check_counts(args.repeat, args.warmup, args.max_seconds)
+    device = parse_device(args.device)
+    check_available(device)
     if args.generate:
+        if device.is_cuda:
+            raise UsageError("--generate measures on the CPU; drop --device")
         return run_generate(args, ui)
     backends = parse_backends(args.backends, ("torch", "onnxruntime", "tvm"))
     specs = pipeline_specs(args.passes)
@@ -78,19 +85,22 @@ def run(args: argparse.Namespace, ui) -> int:
         m2 = ptool.transform(src.obj, specs, example_inputs=src.args or None, example_kwargs=src.kwargs or None,
                              calibration=src.calibration_items())
     call_args, call_kwargs = src.args, src.kwargs
-    if src.is_onnx:
+    if src.is_onnx and device.is_cuda:
+        candidates = [Candidate(name, _on_device(model, call_args, call_kwargs, device))
+                      for name, model in (("onnxruntime (original ONNX)", src.eager()), ("onnxruntime (transformed)", m2))]
+    elif src.is_onnx:
         candidates = [Candidate("onnxruntime (original ONNX)", src.eager()),
                       Candidate("onnxruntime (transformed)", m2)]
     else:
         candidates = build_candidates(src.eager(), m2, backends, call_args, call_kwargs, ui,
-                                      transformed=bool(specs))
+                                      transformed=bool(specs), device=str(device))
     with ui.progress("timing (interleaved)", args.repeat) as update:
         rows = compare_candidates(candidates, call_args, call_kwargs, check_inputs=src.calibration[:4],
                                   warmup=args.warmup, repeat=args.repeat, max_seconds=args.max_seconds,
                                   on_round=update)
 
     ui.out(f"model: {src.label}")
-    ui.out(f"inputs: {src.input_summary()}")
+    ui.out(f"inputs: {src.input_summary()}; device: {device}")
     ui.out(f"pipeline: {' '.join(specs) or '(none)'}; fidelity checked on {1 + len(src.calibration[:4])} input(s)")
     ui.out("")
     ui.out(format_rows(rows, speedup_header="speedup vs original" if src.is_onnx else "speedup vs eager"))
@@ -102,6 +112,15 @@ def run(args: argparse.Namespace, ui) -> int:
     if args.json:
         write_json(args.json, src, specs, rows)
     return 0
+
+
+def _on_device(model, args: tuple, kwargs: dict, device):
+    """An ONNX model on ONNX Runtime for ``device`` (its GPU provider), timed up to the GPU's synchronization."""
+    import ptool
+    from ptool.benchmark import gpu_synchronized
+
+    return gpu_synchronized(ptool.compile(model, backend="onnxruntime", example_inputs=args, example_kwargs=kwargs,
+                                       device=str(device)))
 
 
 def write_json(path: str, src, specs: list[str], rows: list) -> None:

@@ -21,8 +21,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from ptool.cli import main
+
+_HAS_CUDA = torch.cuda.is_available()
 
 FIXTURE_MODULE = "ptool_cli_fixture_models"
 
@@ -314,6 +317,22 @@ def test_bench_table(capsys, tmp_path, fixture_module):
     assert all(r["runs"] == 3 and r["cosine"] > 0.9999 for r in rows)
 
 
+@pytest.mark.skipif(_HAS_CUDA, reason="a machine with CUDA runs test_bench_table_on_the_gpu instead")
+def test_bench_device_cuda_without_cuda_is_refused_in_one_line(capsys, fixture_module):
+    """--device cuda on a machine without CUDA: one line naming what it allows, before any model work."""
+    code, out, err = _run(capsys, "bench", _spec(fixture_module, "conv_bn"), "--device", "cuda")
+    assert code == 2 and not out
+    assert "device 'cuda' is not available" in _assert_one_line_error(err) and "allowed here: cpu" in err
+
+
+@pytest.mark.gpu
+def test_bench_table_on_the_gpu(capsys, fixture_module):
+    code, out, err = _run(capsys, "bench", _spec(fixture_module, "conv_bn"), "--backend", "torch,onnxruntime",
+                          "--device", "cuda", "--repeat", "3", "--warmup", "1")
+    assert code == 0, err
+    assert "device: cuda" in out and "onnxruntime" in out and "torch (transformed graph)" in out
+
+
 # ---------------------------------------------------------------------------------------------
 # the error contract
 
@@ -426,6 +445,8 @@ def test_failed_conversion_keeps_existing_output(capsys, tmp_path, fixture_modul
     (["convert", "x:y", "-o", "model.txt"], "must end in .onnx"),
     (["bench", "x:y", "--backend", "onnxrt"], "did you mean 'onnxruntime'"),
     (["bench", "x:y", "--repeat", "0"], "--repeat"),
+    (["bench", "x:y", "--device", "gpu"], "did you mean 'cuda'"),
+    (["bench", "--generate", "--device", "cuda:0"], "--device" if _HAS_CUDA else "is not available"),
     (["inspect", "--top", "many"], "invalid int value"),
     (["convert"], "-o/--output"),
     (["frobnicate"], "invalid choice"),
