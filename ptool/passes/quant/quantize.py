@@ -41,7 +41,9 @@ embedding table becomes an int8/int4 gather. Modes:
 Layers stay float when their module path or node name matches an ``exclude`` pattern
 (``fnmatch``), or when ``keep_float=N`` and they are among the N layers whose own output suffers
 most from quantization, measured on the calibration data (relative output MSE of the layer
-alone). The report lists them with the reason. Convolutions are not quantized; attention's
+alone). The report lists them with the reason. In the int8 modes a convolution whose kernel equals
+its stride (a vision transformer's patch embedding) is quantized as the Linear over patches it is
+(:mod:`.patch_conv`); other convolutions are not quantized. Attention's
 activation-by-activation products are with ``attention=int8`` (:mod:`.int8_attention`), or run in
 bf16 with ``attention=bf16`` (:mod:`.bf16_attention`).
 """
@@ -75,6 +77,7 @@ from ptool.passes.quant.bf16_attention import bf16_attention
 from ptool.passes.quant.gptq import Levels
 from ptool.passes.quant.int8_attention import quantize_attention
 from ptool.passes.quant.mixed import run_auto
+from ptool.passes.quant.patch_conv import linearize_patch_convolutions
 from ptool.progress import steps as progress
 from ptool.verify import Lossy, Numerics
 
@@ -203,6 +206,10 @@ class Quantize(Pass):
         if self.method != "rtn":
             ctx.require_calibration(f"{self.name}:method={self.method}")
         result = PassResult()
+        if self.mode != "int4-weight":  # int8: a patch embedding's conv is a Linear over patches
+            convs = linearize_patch_convolutions(gm, self.name, lambda n: exclude_pattern(n, self.exclude) is not None)
+            if convs:
+                result.notes["patch_convolutions"] = convs
         sites = [s for s in find_sites(gm) if s.kind == "linear" or self.embeddings]
         if not sites:
             return result
