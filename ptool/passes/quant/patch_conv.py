@@ -5,7 +5,7 @@ pixel once: it is a Linear applied to each ``C x k x k`` patch. A vision transfo
 embedding is one (ViT-B/16: 3 x 16 x 16 -> 768 on 196 patches, 116 M multiply-adds); ``quantize``
 matches Linears only, so it ran in float32 beside an int8 encoder. Rewritten, exactly::
 
-    patches = x.view(B, C, H/k, k, W/k, k).permute(0, 2, 4, 1, 3, 5).reshape(B, H/k * W/k, C k k)
+    patches = x.reshape(B, C, H/k, k, W/k, k).permute(0, 2, 4, 1, 3, 5).reshape(B, H/k * W/k, C k k)
     y       = linear(patches, W.reshape(O, C k k), b)                      # (B, patches, O)
     out     = y.view(B, H/k, W/k, O).permute(0, 3, 1, 2)                    # the conv's (B, O, H/k, W/k)
 
@@ -27,10 +27,14 @@ from ptool.ir.noise import node_args
 aten = torch.ops.aten
 
 
-def _patch_geometry(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, int, tuple[int, ...]] | None:
-    """``(weight, k, input shape)`` of a kernel == stride conv2d ``node`` this rewrite takes, else None."""
+def _conv_arguments(node: fx.Node) -> dict:
     values, index = node_args(node)
-    named = {name: values[i] for name, i in index.items()}
+    return {name: values[i] for name, i in index.items()}
+
+
+def _patch_geometry(gm: fx.GraphModule, named: dict) -> tuple[torch.Tensor, int, tuple[int, ...]] | None:
+    """``(weight, k, input shape)`` of a kernel == stride conv2d (arguments ``named``) this rewrite
+    takes, else None."""
     weight = attr_tensor(gm, named["weight"])
     val = named["input"].meta.get("val") if isinstance(named["input"], fx.Node) else None
     if weight is None or weight.dim() != 4 or not isinstance(val, torch.Tensor) or val.dim() != 4:
@@ -39,9 +43,7 @@ def _patch_geometry(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, in
     k = weight.shape[-1]
     square = weight.shape[-2] == k and list(named["stride"]) in ([k, k], [k])
     plain = all(p == 0 for p in named["padding"]) and all(d == 1 for d in named["dilation"]) and named["groups"] == 1
-    if not (square and plain and all(isinstance(s, int) for s in shape)):
-        return None
-    if shape[2] % k or shape[3] % k:
+    if not (square and plain and all(isinstance(s, int) for s in shape)) or shape[2] % k or shape[3] % k:
         return None
     return weight, k, shape
 
@@ -54,27 +56,31 @@ def linearize_patch_convolutions(gm: fx.GraphModule, pass_name: str,
     for node in list(gm.graph.nodes):
         if not is_op(node, aten.conv2d) or keep(node):
             continue
-        geometry = _patch_geometry(gm, node)
+        named = _conv_arguments(node)
+        geometry = _patch_geometry(gm, named)
         if geometry is None:
             continue
         weight, k, (batch, channels, height, width) = geometry
-        x, weight_node, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
         rows, cols, out = height // k, width // k, weight.shape[0]
-        flat = add_tensor(gm, owner_of(weight_node.target), "patch_weight",
+        flat = add_tensor(gm, owner_of(named["weight"].target), "patch_weight",
                           weight.detach().reshape(out, channels * k * k), parameter=False, before=node)
-        graph = gm.graph
-        with graph.inserting_before(node):
-            patches = graph.call_function(aten.view.default, (x, [batch, channels, rows, k, cols, k]))
-            patches = graph.call_function(aten.permute.default, (patches, [0, 2, 4, 1, 3, 5]))
-            patches = graph.call_function(aten.reshape.default, (patches, [batch, rows * cols, channels * k * k]))
-            linear = graph.call_function(aten.linear.default, (patches, flat, bias))
-            grid = graph.call_function(aten.view.default, (linear, [batch, rows, cols, out]))
-            result = graph.call_function(aten.permute.default, (grid, [0, 3, 1, 2]))
-        for new in (patches.args[0].args[0], patches.args[0], patches, linear, grid, result):
+        added: list[fx.Node] = []
+
+        def call(op, *args):
+            added.append(gm.graph.call_function(op, args))
+            return added[-1]
+
+        with gm.graph.inserting_before(node):
+            grid = call(aten.reshape.default, named["input"], [batch, channels, rows, k, cols, k])
+            patches = call(aten.reshape.default, call(aten.permute.default, grid, [0, 2, 4, 1, 3, 5]),
+                           [batch, rows * cols, channels * k * k])
+            linear = call(aten.linear.default, patches, flat, named["bias"])
+            call(aten.permute.default, call(aten.view.default, linear, [batch, rows, cols, out]), [0, 3, 1, 2])
+        for new in added:
             new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
             mark(new, pass_name)
-        node.replace_all_uses_with(result)
-        graph.erase_node(node)
+        node.replace_all_uses_with(added[-1])
+        gm.graph.erase_node(node)
         done.append(module_path(linear))
     if done:
         gm.recompile()
