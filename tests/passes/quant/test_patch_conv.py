@@ -50,6 +50,9 @@ def test_only_non_overlapping_convs_become_linears_and_the_outputs_stay_the_same
     for w, g in zip(want, got):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # an image in channels-last memory order: the patches are gathered by reshape
+        for w, g in zip(want, gm(x.contiguous(memory_format=torch.channels_last))):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_a_kept_conv_is_left_alone():
