@@ -34,7 +34,7 @@ from typing import Any
 
 __all__ = [
     "BASELINE", "Candidate", "ComparisonRow", "MemorySnapshot", "Timing", "backend_candidates", "compare_candidates",
-    "measure", "measure_interleaved", "memory_snapshot", "plan_repeats", "summarize",
+    "gpu_synchronized", "measure", "measure_interleaved", "memory_snapshot", "plan_repeats", "summarize",
 ]
 
 #: Defaults shared by every caller (the CLI exposes them as flags).
@@ -480,7 +480,7 @@ def backend_candidates(
         backend_options: backend name -> options for ``ptool.compile``.
         status: ``status(text)`` returns a context manager shown while a backend builds.
         device: ``cpu``, ``cuda`` or ``cuda:N``. On a GPU the baseline is a copy of ``original``
-            moved there (it must be a ``torch.nn.Module``), every backend builds for the GPU, and
+            moved there (the torch backend, uncompiled), every backend builds for the GPU, and
             every call is timed up to ``torch.cuda.synchronize()`` (a GPU call returns before its
             work is done).
 
@@ -488,8 +488,7 @@ def backend_candidates(
     set-up), and ``memory_mb`` the process RSS growth over the same span.
 
     Raises:
-        UsageError: an unknown or unavailable device, or a GPU asked for with a baseline that is
-            not a module.
+        UsageError: an unknown or unavailable device.
     """
     import contextlib
 
@@ -502,8 +501,9 @@ def backend_candidates(
     status = status or (lambda text: contextlib.nullcontext())
     target = parse_device(device)
     check_available(target)
-    if target.is_cuda:
-        original = _on_gpu(original, target.torch)
+    if target.is_cuda:  # the torch backend uncompiled: a copy of the model on the GPU, inputs moved there
+        original = ptool.compile(original, backend="torch", example_inputs=tuple(args), example_kwargs=kwargs,
+                                 device=str(target))
 
     def eager(*a: Any, **k: Any) -> Any:
         with torch.no_grad():
@@ -527,27 +527,6 @@ def backend_candidates(
         candidates.append(Candidate(backend_label(backend, transformed=transformed), run, seconds, memory,
                                     TVM_NOTE if backend == "tvm" else ""))
     return candidates
-
-
-def _on_gpu(original: Any, gpu: Any) -> Callable[..., Any]:
-    """A copy of the module ``original`` on ``gpu``, called with its tensor inputs moved there."""
-    import copy
-
-    import torch
-    import torch.utils._pytree as pytree
-
-    from ptool.errors import UsageError
-
-    if not isinstance(original, torch.nn.Module):
-        raise UsageError(f"a GPU benchmark moves the model to the GPU for its eager baseline; "
-                         f"this one is a {type(original).__name__}, not a torch.nn.Module")
-    moved = copy.deepcopy(original).to(gpu)
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(gpu), (args, kwargs))
-        return moved(*args, **kwargs)
-
-    return call
 
 
 def gpu_synchronized(fn: Callable[..., Any]) -> Callable[..., Any]:
