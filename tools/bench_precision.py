@@ -320,7 +320,14 @@ def _head_to_head(subset: dict[str, Callable], best: str, case: Case, repeat: in
     peer = min(v for k, v in ms.items() if k.startswith("peer"))
     fastest_peer = min((k for k in ms if k.startswith("peer")), key=ms.get)
     return {"candidate": best, "ms": ms, "vs_eager": round(ms[BASELINE] / ms[best], 2),
-            "vs_best_peer": round(peer / ms[best], 2), "best_peer": fastest_peer, "timing": "blocks, ORT spinning"}
+            "vs_best_peer": round(peer / ms[best], 2), "best_peer": fastest_peer, "timing": "blocks, ORT spinning",
+            "measured": _today()}
+
+
+def _today() -> str:
+    import datetime
+
+    return datetime.date.today().isoformat()
 
 
 def head_to_head_only(case: Case, previous: dict, repeat: int) -> dict:
@@ -345,12 +352,17 @@ def render(results: dict, peaks: dict[str, float], fingerprint: str) -> str:
         "*vs eager* = float32 eager time / candidate time; *vs best peer* = the fastest "
         "of `model.to(torch.bfloat16)`, ORT `quantize_dynamic` and `torch.compile` / candidate time. Cosine: "
         "MiniLM = mean embedding cosine on the 64 held-out sentences; the others = output cosine on 4 random "
-        "inputs (worst). GEMM peaks measured here (2048^3, both cores): "
-        + ", ".join(f"{k} {v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in peaks.items()) + ".",
+        "inputs (worst). Each table carries the day it was measured and the GEMM peaks (2048^3, both cores) "
+        "measured with it, which its *limit* column uses: this shared VM's speed moves from day to day, so "
+        "compare ratios within a table.",
         "",
     ]
     for name, result in results.items():
-        out += [f"### {name}", "", "| candidate | median ms | vs eager | vs best peer | cosine | limit | notes |",
+        table_peaks = result.get("gemm_peaks", peaks)
+        measured = f"measured {result['measured']}, " if "measured" in result else ""
+        out += [f"### {name}", "", f"Table {measured}GEMM peaks "
+                + ", ".join(f"{k} {v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in table_peaks.items()) + ".",
+                "", "| candidate | median ms | vs eager | vs best peer | cosine | limit | notes |",
                 "|---|---:|---:|---:|---:|---:|---|"]
         rows = sorted(result["rows"].items(), key=lambda kv: kv[1].get("median_ms", 1e9))
         for label, row in rows:
@@ -359,7 +371,7 @@ def render(results: dict, peaks: dict[str, float], fingerprint: str) -> str:
                 continue
             limit = ""
             if "gflops" in row:
-                ideal_ms = row["gflops"] / peaks[row["format"]] * 1e3
+                ideal_ms = row["gflops"] / table_peaks[row["format"]] * 1e3
                 limit = f"{ideal_ms:.1f} ms ({100 * ideal_ms / row['median_ms']:.0f}%)"
             notes = []
             if "build_s" in row:
@@ -372,7 +384,8 @@ def render(results: dict, peaks: dict[str, float], fingerprint: str) -> str:
         h2h = result.get("head_to_head")
         if h2h:
             times = "; ".join(f"{k.removeprefix('peer: ')} {v:.2f} ms" for k, v in h2h["ms"].items())
-            out += [f"Head to head (the tune winner, else the fastest ptool row, timed again beside the baseline and the peers only, in blocks, ONNX Runtime with its default thread spinning): "
+            when = f", measured {h2h['measured']}" if "measured" in h2h else ""
+            out += [f"Head to head (the tune winner, else the fastest ptool row, timed again beside the baseline and the peers only, in blocks, ONNX Runtime with its default thread spinning{when}): "
                     f"**{h2h['vs_best_peer']:.2f}x** the fastest peer ({h2h['best_peer'].removeprefix('peer: ')}), "
                     f"{h2h['vs_eager']:.2f}x eager float32 — {times}.", ""]
     out.append("*limit*: the graph's matmul-class FLOPs over the GEMM peak of the candidate's number format "
@@ -410,8 +423,8 @@ def main() -> None:
             results[case.name] = head_to_head_only(case, previous[case.name], args.repeat)
             continue
         with tempfile.TemporaryDirectory() as tune_dir:
-            results[case.name] = run_case(case, repeat=args.repeat, tune=args.tune and key == "minilm",
-                                          tune_dir=pathlib.Path(tune_dir))
+            results[case.name] = {**run_case(case, repeat=args.repeat, tune=args.tune and key == "minilm",
+                                             tune_dir=pathlib.Path(tune_dir)), "gemm_peaks": peaks, "measured": _today()}
         del case
     merged = {**previous, **results}  # a run of some models keeps the others' last figures
     section = render(merged, peaks, str(fp))
