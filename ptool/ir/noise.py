@@ -163,5 +163,11 @@ def node_args(node: fx.Node) -> tuple[list, dict[str, int]]:
     return values, index
 
 
+def named_args(node: fx.Node) -> dict[str, Any]:
+    """``node``'s arguments by schema name (:func:`node_args`): positional, keyword or default."""
+    values, index = node_args(node)
+    return {name: values[i] for name, i in index.items()}
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -60,7 +60,7 @@ from ptool.ir.graph import (
     replace_tensor,
     rounded_storage,
 )
-from ptool.ir.noise import IDENTITY_OPS, is_noise, node_args
+from ptool.ir.noise import IDENTITY_OPS, is_noise, named_args
 from ptool.passes.base import Family, Pass, PassContext, PassResult
 from ptool.passes.fold_bn import as_batch_norm
 from ptool.verify import Close, Numerics
@@ -137,8 +137,7 @@ def _as_layer(gm: torch.fx.GraphModule, node: object) -> _Layer | str | None:
         kind, n = "conv", len(node.args[3])
     else:
         return None
-    values, index = node_args(node)
-    a = {name: values[i] for name, i in index.items()}
+    a = named_args(node)
     if a.get("transposed"):
         return f"{node.name} is a transposed convolution (not merged)"
     weight = attr_tensor(gm, a["weight"])

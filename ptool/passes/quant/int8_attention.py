@@ -24,16 +24,10 @@ import torch
 import torch.fx as fx
 
 from ptool.ir.graph import is_op, module_path
-from ptool.ir.noise import node_args
+from ptool.ir.noise import named_args
 from ptool.passes.base import PassResult
 
 aten = torch.ops.aten
-
-
-def attention_arguments(node: fx.Node) -> dict:
-    """SDPA's arguments by name, positional, keyword or default."""
-    values, index = node_args(node)
-    return {name: values[i] for name, i in index.items()}
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
@@ -64,7 +58,7 @@ def attention_sites(gm: fx.GraphModule, result: PassResult,
     for node in list(gm.graph.nodes):
         if not is_op(node, aten.scaled_dot_product_attention):
             continue
-        named = attention_arguments(node)
+        named = named_args(node)
         reason = unsupported_attention(named) or refuse(named)
         if reason:
             result.skip(f"attention ({module_path(node)})", reason)

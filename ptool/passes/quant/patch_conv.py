@@ -22,14 +22,9 @@ import torch
 import torch.fx as fx
 
 from ptool.ir.graph import add_tensor, attr_tensor, is_op, mark, module_path, owner_of, refresh_meta
-from ptool.ir.noise import node_args
+from ptool.ir.noise import named_args
 
 aten = torch.ops.aten
-
-
-def _conv_arguments(node: fx.Node) -> dict:
-    values, index = node_args(node)
-    return {name: values[i] for name, i in index.items()}
 
 
 def _patch_geometry(gm: fx.GraphModule, named: dict) -> tuple[torch.Tensor, int, tuple[int, ...]] | None:
@@ -56,7 +51,7 @@ def linearize_patch_convolutions(gm: fx.GraphModule, pass_name: str,
     for node in list(gm.graph.nodes):
         if not is_op(node, aten.conv2d) or keep(node):
             continue
-        named = _conv_arguments(node)
+        named = named_args(node)
         geometry = _patch_geometry(gm, named)
         if geometry is None:
             continue
